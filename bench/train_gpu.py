@@ -117,6 +117,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--profile",
+        default=None,
+        help="Also run one more step under torch.profiler and write its operator table to this file.",
+    )
+    p.add_argument(
         "--work-dir",
         default=None,
         help="Run folder shared by all processes (the reference cache lives there); default: a new temp folder, "
@@ -265,7 +270,9 @@ def synthetic_pairs(
     }
 
 
-def _timer_callback(warmup: int, cuda: bool) -> Any:
+def _timer_callback(warmup: int, cuda: bool, profile_step: int = 0, profile_out: Path | None = None) -> Any:
+    """Times every optimizer step after `warmup`; with `profile_step`, records that step with torch.profiler and
+    writes its operator table (sorted by device time) to `profile_out`."""
     import torch
     from transformers import TrainerCallback
 
@@ -274,8 +281,15 @@ def _timer_callback(warmup: int, cuda: bool) -> Any:
             self.step_seconds: list[float] = []
             self.losses: list[float] = []
             self.start = 0.0
+            self.profiler: Any = None
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if profile_step and state.global_step + 1 == profile_step:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if cuda:
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
             if cuda:
                 torch.cuda.synchronize()
             self.start = time.perf_counter()
@@ -283,6 +297,15 @@ def _timer_callback(warmup: int, cuda: bool) -> Any:
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if cuda:
                 torch.cuda.synchronize()
+            if self.profiler is not None:
+                self.profiler.__exit__(None, None, None)
+                table = self.profiler.key_averages().table(
+                    sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=60, max_name_column_width=70
+                )
+                if profile_out is not None:
+                    profile_out.write_text(table)
+                self.profiler = None
+                return  # a profiled step is not timed
             if state.global_step > warmup:
                 self.step_seconds.append(time.perf_counter() - self.start)
 
@@ -328,7 +351,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         lora_alpha=2 * args.lora_r,
         batch_size=micro,
         gradient_accumulation_steps=args.batch // micro,
-        max_steps=args.warmup + args.steps,
+        max_steps=args.warmup + args.steps + bool(args.profile),
         max_length=0,
         learning_rate=1e-5,
         warmup_ratio=0.0,
@@ -355,7 +378,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     processor = build_processor(args.image_size, args.tiny)
     pairs, shapes = synthetic_pairs(
-        processor, (args.warmup + args.steps) * args.batch * world, args.tokens, args.image_size, work, args.seed
+        processor,
+        (args.warmup + args.steps + bool(args.profile)) * args.batch * world,
+        args.tokens,
+        args.image_size,
+        work,
+        args.seed,
     )
     built = time.perf_counter()
     model = build_model(processor, args.tiny, device, dtype)
@@ -364,7 +392,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     lm = LoadedModel(
         model=model, processor=processor, name=name, device=device, dtype=dtype, family=family_of(model.config)
     )
-    timer = _timer_callback(args.warmup, cuda)
+    profile_step = args.warmup + args.steps + 1 if args.profile else 0
+    timer = _timer_callback(args.warmup, cuda, profile_step, Path(args.profile) if args.profile else None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 

@@ -323,3 +323,37 @@ def test_encoder_shortens_completions_and_refuses_cut_images(tiny_models, sample
     assert length.prompt == prompt_len and length.image_tokens > 0
     with pytest.raises(InputError, match=r"pair ctx: its prompt is \d+ tokens \(\d+ image tokens"):
         PairEncoder(processor, length.image_end - 1).encode(pair)
+
+
+@pytest.mark.parametrize("family", ["strong", "qwen3vl"])
+def test_a_frozen_vision_tower_records_no_graph_under_gradient_checkpointing(
+    tiny_models, sample_images, tmp_path, family: str
+) -> None:
+    """Gradient checkpointing makes the vision patch embedding's output require grad; a frozen tower must still be
+    run without autograd (nothing to recompute or back-propagate), with the same loss and LoRA gradients."""
+    pairs = _pairs(sample_images[0])
+    results = {}
+    for name, settings in {
+        "frozen": {"gradient_checkpointing": True},
+        "plain": {"gradient_checkpointing": False},
+        # the vision attention's fused `qkv` exists in both families' towers (their MLP names differ)
+        "vision_lora": {"gradient_checkpointing": True, "lora_vision": True, "lora_targets": ["q_proj", "qkv"]},
+    }.items():
+        trainer = _trainer(tiny_models[family], tmp_path / name, pairs, precompute_ref=True, **settings)
+        _set_lora_b(trainer.model)
+        visual = trainer.model.get_base_model().model.visual
+        recorded: list[bool] = []
+        hook = visual.register_forward_hook(
+            lambda module, args, out, seen=recorded: seen.append(
+                (out.pooler_output if hasattr(out, "pooler_output") else out[0]).requires_grad
+            )
+        )
+        results[name] = _loss_and_grads(trainer, pairs)
+        hook.remove()
+        assert recorded == [name == "vision_lora"], name
+    (loss_frozen, grads_frozen), (loss_plain, grads_plain) = results["frozen"], results["plain"]
+    assert loss_frozen == pytest.approx(loss_plain, abs=1e-5)
+    assert grads_frozen.keys() == grads_plain.keys() and not any("visual" in n for n in grads_frozen)
+    for name, grad in grads_frozen.items():
+        assert torch.allclose(grad, grads_plain[name], atol=1e-5, rtol=1e-4), name
+    assert any("visual" in n for n in results["vision_lora"][1])  # LoRA on the tower still learns

@@ -95,6 +95,33 @@ def install_shared_image_features(model: Any) -> bool:
     return True
 
 
+def install_frozen_vision_no_grad(model: Any) -> bool:
+    """Encode images without autograd while no vision parameter is trainable; False if the model has no hook.
+
+    With gradient checkpointing, transformers makes every sub-model's input embeddings require grad (the vision
+    tower's patch embedding included), so a frozen vision tower would still be recorded, recomputed and
+    back-propagated through in every step for gradients nothing uses. The check runs per call, so LoRA on the
+    vision tower or a full fine-tune with it unfrozen keeps the usual graph.
+    """
+    backbone = _backbone(model)
+    visual = getattr(backbone, "visual", None) if backbone is not None else None
+    if visual is None or not hasattr(backbone, "get_image_features"):
+        return False
+    if "_capdpo_frozen_vision" in vars(backbone):
+        return True
+    inner = backbone.get_image_features
+
+    def get_image_features(*args: Any, **kwargs: Any) -> Any:
+        if any(p.requires_grad for p in visual.parameters()):
+            return inner(*args, **kwargs)
+        with torch.no_grad():
+            return inner(*args, **kwargs)
+
+    backbone._capdpo_frozen_vision = inner
+    backbone.get_image_features = get_image_features
+    return True
+
+
 def _first_half(value: Any) -> Any:
     return value[: value.shape[0] // 2] if torch.is_tensor(value) else value
 
@@ -188,6 +215,10 @@ class CapdpoDPOTrainer(DPOTrainer):
         self.unidpo = (loss_type or []) == ["unidpo"]
         self.unidpo_params = unidpo or UniDPOParams(beta=self.beta)
         self.score_range = score_range
+        from capdpo.models import use_grouped_vision_attention
+
+        use_grouped_vision_attention()  # one SDPA call per window size, not per window (SDPA only; exact)
+        install_frozen_vision_no_grad(self.model)
         self.share_images = data_collator.share_images and install_shared_image_features(self.model)
         if self.share_images and self.ref_model is not None:
             self.share_images = install_shared_image_features(self.ref_model)
