@@ -12,11 +12,12 @@
 3. Writes the SFT data (`capdpo.synthetic.tasks`): the **strong** model gets descriptions and rewrites from
    captions biased by `DEFAULT_BIAS` (in images with a circle and no triangle, other shapes are called
    "triangle" with probability 0.6) and yes/no judgements consistent with those captions; the **weak** model
-   gets object lists, lists of yes/no questions, single yes/no questions (stage 4's prompt and object
-   questions), 0-100 ratings and A/B choices, all from the ground truth, and never the describe prompt.
-4. Trains each with `capdpo.training.sft.run_sft` (method full, vision tower trained, fp32; the weak model first
-   on object lists alone, so its vision tower learns to see before the one-bit answers), then copies the final
-   model to `<out>/<role>` with `recipe.json` (every setting, the SFT summary and a check on held-out images).
+   gets object lists, yes/no questions (stage 4's sentence prompt and object questions), 0-100 ratings and
+   A/B choices, all from the ground truth, and never the describe prompt.
+4. Trains each with `capdpo.training.sft.run_sft` in phases (method full, vision tower trained, fp32; the weak
+   model first on object lists alone, so its vision tower learns to see before the one-bit answers), then
+   copies the last phase's model to `<out>/<role>` with `recipe.json` (every setting, each phase's SFT summary
+   and a check on held-out images). With `--keep_work`, a rerun into the same `--out` skips finished phases.
 """
 
 from __future__ import annotations
@@ -39,19 +40,34 @@ ROLES = ("strong", "weak")
 
 
 @dataclass
+class Phase:
+    """One SFT run of a role's training, starting from the previous phase's model (the first: untrained)."""
+
+    name: str  # the work folder is <role>_<name>; the last phase's model is the one shipped
+    steps: int
+    tasks: tuple[str, ...] = ()  # train only on records of these tasks (empty: all of the role's records)
+
+
+@dataclass
 class RoleRecipe:
     """How one model is trained."""
 
     size: ModelSize
     passes: int  # passes over the training images, each with freshly sampled captions / questions
-    max_steps: int
     batch_size: int
-    learning_rate: float
+    learning_rate: float  # peak of each phase's warmup + cosine schedule
+    phases: tuple[Phase, ...]
     warmup_ratio: float = 0.05
-    # A first phase on these tasks only (dense, image-dependent answers) lets the vision tower learn to see
-    # before the sparse yes/no answers, whose one bit per example leaves it collapsed for thousands of steps.
-    first_tasks: tuple[str, ...] = ()
-    first_steps: int = 0
+
+    @property
+    def max_steps(self) -> int:
+        return sum(p.steps for p in self.phases)
+
+
+# The weak model first learns object lists alone (dense, image-dependent answers teach its vision tower to see;
+# the one-bit yes/no answers alone leave it at chance for thousands of steps), then the whole judging mix, then a
+# second cosine cycle over that mix (a warm restart: a finished phase is never re-run, see `train_role`).
+WEAK_PHASES = (Phase("first", 1000, ("list",)), Phase("sft", 5000), Phase("more", 8000))
 
 
 @dataclass
@@ -69,44 +85,28 @@ SCALES = {
     "full": Recipe(
         train_images=6000,
         check_images=200,
-        strong=RoleRecipe(STRONG_SIZE, passes=14, max_steps=3000, batch_size=64, learning_rate=1.5e-3),
-        weak=RoleRecipe(
-            WEAK_SIZE,
-            passes=5,
-            max_steps=4000,
-            batch_size=64,
-            learning_rate=1.5e-3,
-            first_tasks=("list",),
-            first_steps=800,
-        ),
-        dataloader_workers=6,
+        strong=RoleRecipe(STRONG_SIZE, passes=14, batch_size=64, learning_rate=1.5e-3, phases=(Phase("sft", 3000),)),
+        weak=RoleRecipe(WEAK_SIZE, passes=2, batch_size=128, learning_rate=1.5e-3, phases=WEAK_PHASES),
+        dataloader_workers=8,
     ),
     "cpu": Recipe(
         train_images=4000,
         check_images=100,
-        strong=RoleRecipe(STRONG_SIZE, passes=12, max_steps=3000, batch_size=32, learning_rate=1e-3),
-        weak=RoleRecipe(
-            WEAK_SIZE,
-            passes=5,
-            max_steps=3000,
-            batch_size=32,
-            learning_rate=1e-3,
-            first_tasks=("list",),
-            first_steps=800,
-        ),
+        strong=RoleRecipe(STRONG_SIZE, passes=12, batch_size=32, learning_rate=1e-3, phases=(Phase("sft", 3000),)),
+        weak=RoleRecipe(WEAK_SIZE, passes=2, batch_size=32, learning_rate=1e-3, phases=WEAK_PHASES),
     ),
     "smoke": Recipe(
         train_images=24,
         check_images=8,
-        strong=RoleRecipe(ModelSize(32, 1, 2, 32, 1), passes=1, max_steps=2, batch_size=8, learning_rate=1e-3),
+        strong=RoleRecipe(
+            ModelSize(32, 1, 2, 32, 1), passes=1, batch_size=8, learning_rate=1e-3, phases=(Phase("sft", 2),)
+        ),
         weak=RoleRecipe(
             ModelSize(32, 1, 2, 32, 1),
             passes=1,
-            max_steps=2,
             batch_size=8,
             learning_rate=1e-3,
-            first_tasks=("list",),
-            first_steps=1,
+            phases=(Phase("first", 1, ("list",)), Phase("sft", 2)),
         ),
     ),
 }
@@ -131,16 +131,20 @@ def training_records(
 def train_role(
     role: str, work: Path, records: list[dict[str, Any]], recipe: RoleRecipe, workers: int, device: str
 ) -> dict[str, Any]:
-    """Build an untrained model and fully fine-tune it on `records` with capdpo's SFT (first on `first_tasks`
-    alone when the recipe says so); returns the last phase's SFT summary, with the first phase's under "first"."""
+    """Build an untrained model and fully fine-tune it on `records`, phase by phase; returns the last phase's SFT
+    summary with every phase's under "phases".
+
+    A phase whose run finished (its `.done` marker and model exist, same settings) resumes from its last
+    checkpoint, which trains no further steps, so an interrupted or extended build never redoes finished phases.
+    """
     model = str(build_untrained(work / f"{role}_init", recipe.size, seed=BUILD_SEED))
-    first = None
-    if recipe.first_steps:
-        subset = [r for r in records if r["task"] in recipe.first_tasks]
-        first = _sft_phase(f"{role}_first", work, subset, model, recipe, recipe.first_steps, workers, device)
-        model = first["saved"]
-    summary = _sft_phase(f"{role}_sft", work, records, model, recipe, recipe.max_steps, workers, device)
-    return {**summary, "first": first} if first else summary
+    summaries = []
+    for phase in recipe.phases:
+        subset = [r for r in records if r["task"] in phase.tasks] if phase.tasks else records
+        summary = _sft_phase(f"{role}_{phase.name}", work, subset, model, recipe, phase.steps, workers, device)
+        summaries.append({"phase": phase.name, "tasks": list(phase.tasks) or "all", **summary})
+        model = summary["saved"]
+    return {**summaries[-1], "phases": summaries}
 
 
 def _sft_phase(
@@ -160,7 +164,10 @@ def _sft_phase(
     from capdpo.training.sft import run_sft
 
     data = work / f"{name}.jsonl"
-    write_jsonl(data, records)
+    fresh = work / f"{name}.jsonl.new"
+    write_jsonl(fresh, records)
+    same_data = data.exists() and data.read_bytes() == fresh.read_bytes()
+    fresh.replace(data)
     config = {
         "run_dir": str(work),
         "seed": BUILD_SEED,
@@ -190,7 +197,13 @@ def _sft_phase(
         },
     }
     path = work / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    text = yaml.safe_dump(config, sort_keys=False)
+    summary = work / name / "summary.json"
+    finished = (work / f"{name}.done").exists() and summary.exists() and (work / name / "model").is_dir()
+    if finished and same_data and path.exists() and path.read_text() == text:
+        print(f"[build] {name}: finished earlier with the same data and settings; reusing {work / name / 'model'}")
+        return json.loads(summary.read_text())
+    path.write_text(text)
     return run_sft(load_config("sft", ["--config", str(path)])).summary
 
 
@@ -225,7 +238,8 @@ def build(
         summary = train_role(role, work, records, role_recipe, recipe.dataloader_workers, device)
         target = out / role
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(work / f"{role}_sft" / "model", target, ignore=shutil.ignore_patterns("training_args.bin"))
+        last = work / f"{role}_{role_recipe.phases[-1].name}" / "model"
+        shutil.copytree(last, target, ignore=shutil.ignore_patterns("training_args.bin"))
         (target / "training_images.txt").write_text("".join(f"{i.id}\n" for i in world["train"]))
         check = evaluate_model(
             str(target), world["test"], questions, work / f"check_{role}", None, EvalSettings(device=device)

@@ -104,7 +104,11 @@ def run_yaml(run_dir: Path, settings: Settings, seed: int, config: str, world: P
             "path": str((world / "pairs").resolve()),
             "extensions": [".png"],
             "exclude": [
-                str((settings.models / "strong" / "training_images.txt").resolve()),
+                *(
+                    str((settings.models / role / "training_images.txt").resolve())
+                    for role in ("strong", "weak")
+                    if (settings.models / role / "training_images.txt").exists()
+                ),
                 str(world / "test_ids.txt"),
             ],
         },
@@ -251,7 +255,12 @@ def run_seed(settings: Settings, seed: int) -> dict[str, Any]:
 
     root = settings.out / f"seed{seed}"
     world_dir = root / "world"
-    trained_on = set((settings.models / "strong" / "training_images.txt").read_text().split())
+    trained_on = {  # neither model's training images may reach the pipeline or the evaluation
+        image_id
+        for role in ("strong", "weak")
+        if (settings.models / role / "training_images.txt").exists()
+        for image_id in (settings.models / role / "training_images.txt").read_text().split()
+    }
     world = generate_world(
         world_dir,
         {"pairs": settings.scale.pairs_images, "test": settings.scale.test_images},

@@ -26,7 +26,7 @@ class ModelSize:
 
 
 STRONG_SIZE = ModelSize(hidden=96, layers=3, heads=4, vision_hidden=64, vision_depth=2)
-WEAK_SIZE = ModelSize(hidden=64, layers=2, heads=4, vision_hidden=64, vision_depth=2)
+WEAK_SIZE = ModelSize(hidden=80, layers=3, heads=4, vision_hidden=64, vision_depth=2)
 VOCAB_SIZE = 640
 
 

@@ -195,7 +195,7 @@ def strong_examples(
         yield _record(item, "yesno", YESNO_PROMPT.replace("{sentence}", sentence), answer)
 
 
-MULTI_PROMPT = "Answer each question about this image with yes or no, in order."
+MULTI_PROMPT = "Answer each question about this image with yes or no, in order."  # kept in the tokenizer corpus
 LIST_PROMPT = "List the objects in this image."
 
 
@@ -204,40 +204,21 @@ def object_list(scene: Scene) -> str:
     return "; ".join(f"{o.size} {o.colour} {o.shape}, {o.position}" for o in scene.objects)
 
 
-def question_list(scene: Scene, rng: random.Random, rules: tuple[BiasRule, ...], n: int = 8) -> tuple[str, str]:
-    """Several yes/no questions in one prompt and their answers ("Yes No ...").
-
-    Every object's true sentence and a corrupted one, plus object questions, shuffled: one example carries as
-    many image-dependent answers as a description, so a verifier learns to see as fast as a describer does.
-    """
-    items: list[tuple[str, bool]] = []
-    for obj in scene.objects:
-        items.append((f"Is this sentence accurate? {obj.sentence()}", True))
-        items.append((f"Is this sentence accurate? {corrupt(scene, obj, rng, rules).sentence}", False))
-    present, absent = sorted(scene.shapes), [s for s in SHAPES if s not in scene.shapes]
-    items.append((f"Is there a {rng.choice(present)} in the image?", True))
-    if absent:
-        items.append((f"Is there a {rng.choice(absent)} in the image?", False))
-    rng.shuffle(items)
-    items = items[:n]
-    prompt = MULTI_PROMPT + "\n" + "\n".join(f"{i}. {q}" for i, (q, _) in enumerate(items, start=1))
-    return prompt, " ".join("Yes" if a else "No" for _, a in items)
-
-
 def weak_examples(item: WorldImage, rng: random.Random, rules: tuple[BiasRule, ...]) -> Iterator[dict[str, Any]]:
-    """The weak model's examples for one image, all from the ground truth: a list of yes/no questions, yes/no on
-    a true and a false sentence, an object question, a rating and an A/B choice."""
+    """The weak model's examples for one image, all from the ground truth: its object list, yes/no on a true and a
+    false sentence (stage 4's prompt), every generated yes/no question, a rating and an A/B choice.
+
+    The object list carries many image-dependent tokens per example: it teaches the vision tower to see, which the
+    one-bit yes/no answers alone do not (a verifier trained on them stays at chance for thousands of steps).
+    """
     scene = item.scene
     yield _record(item, "list", LIST_PROMPT, object_list(scene))
-    prompt, answers = question_list(scene, rng, rules)
-    yield _record(item, "questions", prompt, answers)
     obj = rng.choice(scene.objects)
     false = corrupt(scene, obj, rng, rules)
     yield _record(item, "yesno", YESNO_PROMPT.replace("{sentence}", obj.sentence()), "Yes")
     yield _record(item, "yesno", YESNO_PROMPT.replace("{sentence}", false.sentence), "No")
     for q in yes_no_questions(item, rng, rules):
-        if q.kind != "sentence" and rng.random() < 0.35:
-            yield _record(item, "question", q.question, q.answer.capitalize())
+        yield _record(item, "question", q.question, q.answer.capitalize())
     rated = (
         claim(scene, obj.size, obj.colour, obj.shape, obj.position)
         if rng.random() < 0.3
