@@ -187,6 +187,28 @@ def load_vlm(
     )
 
 
+def load_checkpoint_weights(model: Any, checkpoint: str | Path) -> bool:
+    """Copy the weights of a `save_pretrained` checkpoint folder into `model`; False if it holds no full weights.
+
+    transformers' Trainer resumes a full fine-tune by loading the checkpoint's state dict non-strictly under its
+    literal keys, but vision-language checkpoints are saved under the hub's key names (`model.embed_tokens...`,
+    `visual...`), which differ from the in-memory ones (`model.language_model...`, `model.visual...`): nothing
+    matches and training silently restarts from the original weights. Loading through `from_pretrained` applies
+    the key mapping; the copy is strict, so a checkpoint of another shape fails loudly.
+    """
+    import torch
+
+    folder = Path(checkpoint)
+    if not any((folder / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
+        return False
+    dtype = next(model.parameters()).dtype
+    saved = type(model).from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    with torch.no_grad():
+        model.load_state_dict(saved.state_dict(), strict=True)
+    del saved
+    return True
+
+
 # Linear layers of the language model; the vision tower's MLP reuses some of these names (gate_proj, up_proj,
 # down_proj in Qwen2.5-VL), so targets are given as a regex anchored on the language model's module path.
 LANGUAGE_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -314,3 +314,37 @@ def test_bad_input_gives_one_line_errors(tiny_models, sample_images, tmp_path, c
     assert "image tokens" in message and "max_length is 20" in message
     assert "qlora needs a CUDA GPU" in error("--method", "qlora")
     assert not (tmp_path / "run" / "sft" / "adapter").exists()
+
+
+def test_a_resumed_full_fine_tune_continues_from_the_checkpoint_weights(tiny_models, sample_images, tmp_path) -> None:
+    """Full fine-tuning (vision tower included) stopped at a checkpoint and resumed gives the losses and weights of
+    an uninterrupted run: the checkpoint's weights are loaded, not the starting model's."""
+    from safetensors.torch import load_file
+
+    from capdpo.config import load_config
+    from capdpo.training.sft import run_sft
+
+    strong = tiny_models["strong"]
+    data = write_data(tmp_path / "sft.jsonl", sample_images)
+    settings = {"max_steps": 4, "save_steps": 2, "method": "full", "freeze_vision": False, "learning_rate": 1e-3}
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    run_sft(load_config("sft", ["--config", str(write_config(straight, strong, data, **settings))]))
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    config = str(write_config(resumed, strong, data, **settings))
+    run_sft(load_config("sft", ["--config", config, "--max_steps", "2"]))
+    outcome = run_sft(load_config("sft", ["--config", config]))
+    assert outcome.summary["resumed_from"].endswith("checkpoint-2")
+    a, b = losses(straight / "run" / "sft"), losses(resumed / "run" / "sft")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-6), step
+    w_a = load_file(straight / "run" / "sft" / "model" / "model.safetensors")
+    w_b = load_file(resumed / "run" / "sft" / "model" / "model.safetensors")
+    start = load_file(strong / "model.safetensors")
+    assert w_a.keys() == w_b.keys()
+    for key in w_a:
+        assert torch.allclose(w_a[key], w_b[key], atol=1e-5), key
+    assert any(not torch.equal(w_b[k], start[k]) for k in w_b if k.startswith("visual"))

@@ -450,6 +450,11 @@ def run_training(cfg: LoadedConfig) -> TrainOutcome:
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
+    if resume_from and settings.method == "full":
+        from capdpo.models import load_checkpoint_weights
+
+        # after the trainer exists, so a reference copied from the policy holds the starting weights
+        load_checkpoint_weights(trainer.model, resume_from)  # the Trainer's own load misses VLM key names
     if resume_from and is_main:
         print(f"[train] resuming from {resume_from}", flush=True)
     started = time.time()

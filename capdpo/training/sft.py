@@ -566,6 +566,10 @@ def run_sft(cfg: LoadedConfig) -> SftOutcome:
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
+    if resume_from and settings.method == "full":
+        from capdpo.models import load_checkpoint_weights
+
+        load_checkpoint_weights(trainer.model, resume_from)  # the Trainer's own load misses VLM key names
     if resume_from and is_main:
         print(f"[sft] resuming from {resume_from}", flush=True)
     started = time.time()

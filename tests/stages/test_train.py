@@ -324,3 +324,31 @@ def test_bad_input_gives_one_line_errors(tiny_models, sample_images, tmp_path, c
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error:") and "gone.png not found" in done.stderr
+
+
+@pytest.mark.parametrize("precompute_ref", [True, False])
+def test_a_resumed_full_fine_tune_continues_from_the_checkpoint_weights(
+    tiny_models, sample_images, tmp_path, precompute_ref: bool
+) -> None:
+    """Full DPO stopped after a checkpoint and resumed logs the losses of an uninterrupted run: the policy restarts
+    from the checkpoint's weights and the reference (precomputed, or copied from the policy) from the start's."""
+    from capdpo.config import load_config
+    from capdpo.stages.train import run_training
+
+    strong = tiny_models["strong"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for run_dir in (straight, resumed):
+        write_pairs(run_dir, sample_images)
+    settings = {"max_steps": 4, "method": "full", "precompute_ref": precompute_ref, "lr_scheduler": "constant"}
+    run_training(
+        load_config("train", ["--config", str(write_config(tmp_path / "a.yaml", straight, strong, **settings))])
+    )
+    config = str(write_config(tmp_path / "b.yaml", resumed, strong, **settings))
+    run_training(load_config("train", ["--config", config, "--max_steps", "2"]))
+    run_training(load_config("train", ["--config", config]))
+    summary = json.loads((resumed / "06_train" / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-2")
+    a, b = train_losses(straight), train_losses(resumed)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-4, abs=1e-6), step
