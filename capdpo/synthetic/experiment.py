@@ -61,7 +61,7 @@ class Scale:
     dpo_epochs: float = 3.0
     dpo_max_steps: int = 0
     dpo_batch_size: int = 8
-    dpo_learning_rate: float = 1e-3
+    dpo_learning_rate: float = 2e-4  # 1e-3 and 5e-4 raised CHAIR_i on the cpu scale (LoRA r16, 3 epochs)
     lora_r: int = 16
     batch_size: int = 64  # generation / scoring batch
     min_gap: float = 0.2
