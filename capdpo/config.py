@@ -212,6 +212,11 @@ class PairsConfig:
         "'context': full descriptions differing in one sentence; 'sentence': single sentences.", "context"
     )
     min_gap: float = _help("Minimum score gap between chosen and rejected.", 0.1)
+    min_chosen_score: float = _help(
+        "The chosen sentence must score at least this (0..1; 0: off). Pairs whose best candidate the validator "
+        "still judges wrong teach one error over another; e.g. 0.5 keeps pairs whose chosen side `yesno` accepts.",
+        0.0,
+    )
     max_pairs_per_image: int = _help("Keep at most this many pairs per image (largest gaps first); 0: no limit.", 8)
     min_words: int = _help("Candidates with fewer words are fragments and never used.", 3)
     max_length_ratio: float = _help(
@@ -233,6 +238,8 @@ class PairsConfig:
             raise ConfigError("pairs.val_fraction: must be in [0, 1)")
         if self.max_length_ratio and self.max_length_ratio < 1:
             raise ConfigError("pairs.max_length_ratio: must be 0 (off) or >= 1")
+        if not 0 <= self.min_chosen_score <= 1:
+            raise ConfigError("pairs.min_chosen_score: must be in [0, 1] (scores are 0..1)")
         unknown = [e for e in self.exports if e not in ("trl", "llamafactory", "unidpo")]
         if unknown:
             raise ConfigError(f"pairs.exports: unknown format(s) {unknown}; choose from trl, llamafactory, unidpo")

@@ -20,7 +20,8 @@ From each scored sentence at most one pair is made:
    sentences.
 
 Then, in this order, each counted in the stats: pairs whose two sentences are the same text up to case,
-whitespace and trailing punctuation; pairs whose score gap is below `min_gap` (or zero); with `max_length_ratio`,
+whitespace and trailing punctuation; pairs whose score gap is below `min_gap` (or zero); pairs whose chosen
+sentence scores below `min_chosen_score`; with `max_length_ratio`,
 pairs whose longer completion has more than ratio x the words of the shorter; duplicates (same image, prompt,
 prefix, chosen and rejected: the one with the larger gap stays); beyond `max_pairs_per_image`, the pairs of an
 image with the smallest gaps (ties: lower pair id stays). Images, never single pairs, go to the validation split:
@@ -55,6 +56,7 @@ REMOVALS = (
     "sentences_without_two_candidates",
     "same_text_pairs",
     "small_gap_pairs",
+    "low_chosen_score_pairs",
     "unbalanced_length_pairs",
     "duplicate_pairs",
     "over_image_cap_pairs",
@@ -189,6 +191,8 @@ def build_pairs(
             removed["same_text_pairs"] += 1
         elif gap <= 0 or gap < cfg.min_gap:
             removed["small_gap_pairs"] += 1
+        elif pair.score_chosen < cfg.min_chosen_score:
+            removed["low_chosen_score_pairs"] += 1
         elif cfg.max_length_ratio and _length_ratio(pair.chosen, pair.rejected) > cfg.max_length_ratio:
             removed["unbalanced_length_pairs"] += 1
         else:
@@ -278,7 +282,8 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
         f"{stats['mean_gap']:.3f}). Removed: {removed['fragment_candidates']} fragment candidates, "
         f"{removed['sentences_without_two_candidates']} sentences without two usable candidates, "
         f"{removed['same_text_pairs']} same-text pairs, {removed['small_gap_pairs']} pairs with a gap below "
-        f"{sec.min_gap}, {removed['unbalanced_length_pairs']} length-unbalanced, {removed['duplicate_pairs']} "
+        f"{sec.min_gap}, {removed['low_chosen_score_pairs']} with a chosen score below {sec.min_chosen_score}, "
+        f"{removed['unbalanced_length_pairs']} length-unbalanced, {removed['duplicate_pairs']} "
         f"duplicates, {removed['over_image_cap_pairs']} over the cap of {sec.max_pairs_per_image} per image."
         + (f" Exports ({', '.join(sec.exports)}) in {stage.run_dir / EXPORT_DIR}." if sec.exports else "")
         + (" The input stage had not finished (--allow_partial)." if partial else "")

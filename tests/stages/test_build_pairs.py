@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from capdpo.config import load_config
-from capdpo.errors import InputError
+from capdpo.errors import ConfigError, InputError
 from capdpo.exports import import_llamafactory, import_trl, import_unidpo
 from capdpo.jsonl import read_json, read_jsonl, stable_id
 from capdpo.records import PairRecord
@@ -206,6 +206,7 @@ def test_each_filter_removes_exactly_its_pairs(tmp_path: Path) -> None:
         "sentences_without_two_candidates": 1,
         "same_text_pairs": 1,
         "small_gap_pairs": 2,
+        "low_chosen_score_pairs": 0,
         "unbalanced_length_pairs": 1,
         "duplicate_pairs": 0,
         "over_image_cap_pairs": 0,
@@ -440,3 +441,21 @@ def test_missing_input_names_the_stage_to_run(tmp_path: Path) -> None:
     config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "empty")}))
     with pytest.raises(InputError, match="4_validate_sentences.py"):
         run(load_config("pairs", ["--config", str(config)]))
+
+
+def test_min_chosen_score_drops_pairs_whose_best_candidate_is_still_judged_wrong(tmp_path: Path) -> None:
+    records = [
+        score_record(
+            "accepted", 0, [("A red ball lies on grass.", 0.8, True), ("A blue ball lies on grass.", 0.1, False)]
+        ),
+        score_record("both_wrong", 0, [("A cat sits on a mat.", 0.4, True), ("A dog sits on a mat.", 0.05, False)]),
+    ]
+    pairs, stats = build(tmp_path, records, min_gap=0.1)
+    assert (
+        sorted(p.image_id for p in pairs) == ["accepted", "both_wrong"]
+        and not stats["removed"]["low_chosen_score_pairs"]
+    )
+    pairs, stats = build(tmp_path, records, "--min_chosen_score", "0.5", min_gap=0.1)
+    assert [p.image_id for p in pairs] == ["accepted"] and stats["removed"]["low_chosen_score_pairs"] == 1
+    with pytest.raises(ConfigError, match="min_chosen_score"):
+        build(tmp_path, records, "--min_chosen_score", "1.5")
