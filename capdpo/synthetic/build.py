@@ -65,9 +65,15 @@ class RoleRecipe:
 
 
 # The weak model first learns object lists alone (dense, image-dependent answers teach its vision tower to see;
-# the one-bit yes/no answers alone leave it at chance for thousands of steps), then the whole judging mix, then a
-# second cosine cycle over that mix (a warm restart: a finished phase is never re-run, see `train_role`).
-WEAK_PHASES = (Phase("first", 1000, ("list",)), Phase("sft", 5000), Phase("more", 6000))
+# the one-bit yes/no answers alone leave it at chance for thousands of steps), then the whole mix, then a second
+# cosine cycle over it, then the judging tasks alone (no lists: held-out sentence yes/no rose from 72.5% to 81.5%).
+# A finished phase is never re-run (see `train_role`).
+WEAK_PHASES = (
+    Phase("first", 1000, ("list",)),
+    Phase("sft", 5000),
+    Phase("more", 6000),
+    Phase("judge", 4000, ("yesno", "question", "rating", "pairwise")),
+)
 
 
 @dataclass
