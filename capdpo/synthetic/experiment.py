@@ -65,6 +65,7 @@ class Scale:
     lora_r: int = 16
     batch_size: int = 64  # generation / scoring batch
     min_gap: float = 0.2
+    min_chosen_score: float = 0.8  # stage 5: pair only where the verifier accepts the chosen side (0.0 raised CHAIR_i)
 
 
 SCALES = {
@@ -132,6 +133,7 @@ def run_yaml(run_dir: Path, settings: Settings, seed: int, config: str, world: P
         "pairs": {
             "mode": "context",
             "min_gap": scale.min_gap,
+            "min_chosen_score": scale.min_chosen_score,
             "max_pairs_per_image": 8,
             "val_fraction": 0.1,
             "exports": [],
