@@ -178,13 +178,13 @@ def test_full_finetuning_from_scratch_trains_the_vision_tower(tiny_models, sampl
     assert all(not torch.equal(original[n], trained[n]) for n in vision + language)
 
 
-def test_resumed_run_logs_the_same_losses(tiny_models, sample_images, tmp_path) -> None:
+def _straight_and_resumed(strong: Path, sample_images, tmp_path: Path, settings: dict) -> tuple[Path, Path, str]:
+    """One uninterrupted SFT run and one stopped after checkpoint-2, then resumed; their output folders and the
+    resumed run's config."""
     from capdpo.config import load_config
     from capdpo.training.sft import run_sft
 
-    strong = tiny_models["strong"]
     data = write_data(tmp_path / "sft.jsonl", sample_images)
-    settings = {"max_steps": 4, "save_steps": 2, "lora_dropout": 0.0}
     straight = tmp_path / "straight"
     straight.mkdir()
     run_sft(load_config("sft", ["--config", str(write_config(straight, strong, data, **settings))]))
@@ -195,7 +195,17 @@ def test_resumed_run_logs_the_same_losses(tiny_models, sample_images, tmp_path) 
     run_sft(load_config("sft", ["--config", config, "--max_steps", "2"]))  # stops after checkpoint-2
     outcome = run_sft(load_config("sft", ["--config", config]))
     assert outcome.summary["resumed_from"].endswith("checkpoint-2")
-    a, b = losses(straight / "run" / "sft"), losses(resumed / "run" / "sft")
+    return straight / "run" / "sft", resumed / "run" / "sft", config
+
+
+def test_resumed_run_logs_the_same_losses(tiny_models, sample_images, tmp_path) -> None:
+    from capdpo.config import load_config
+    from capdpo.training.sft import run_sft
+
+    straight, resumed, config = _straight_and_resumed(
+        tiny_models["strong"], sample_images, tmp_path, {"max_steps": 4, "save_steps": 2, "lora_dropout": 0.0}
+    )
+    a, b = losses(straight), losses(resumed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
@@ -321,28 +331,15 @@ def test_a_resumed_full_fine_tune_continues_from_the_checkpoint_weights(tiny_mod
     an uninterrupted run: the checkpoint's weights are loaded, not the starting model's."""
     from safetensors.torch import load_file
 
-    from capdpo.config import load_config
-    from capdpo.training.sft import run_sft
-
     strong = tiny_models["strong"]
-    data = write_data(tmp_path / "sft.jsonl", sample_images)
     settings = {"max_steps": 4, "save_steps": 2, "method": "full", "freeze_vision": False, "learning_rate": 1e-3}
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    run_sft(load_config("sft", ["--config", str(write_config(straight, strong, data, **settings))]))
-
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    config = str(write_config(resumed, strong, data, **settings))
-    run_sft(load_config("sft", ["--config", config, "--max_steps", "2"]))
-    outcome = run_sft(load_config("sft", ["--config", config]))
-    assert outcome.summary["resumed_from"].endswith("checkpoint-2")
-    a, b = losses(straight / "run" / "sft"), losses(resumed / "run" / "sft")
+    straight, resumed, _ = _straight_and_resumed(strong, sample_images, tmp_path, settings)
+    a, b = losses(straight), losses(resumed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-6), step
-    w_a = load_file(straight / "run" / "sft" / "model" / "model.safetensors")
-    w_b = load_file(resumed / "run" / "sft" / "model" / "model.safetensors")
+    w_a = load_file(straight / "model" / "model.safetensors")
+    w_b = load_file(resumed / "model" / "model.safetensors")
     start = load_file(strong / "model.safetensors")
     assert w_a.keys() == w_b.keys()
     for key in w_a:

@@ -140,8 +140,9 @@ def train_role(
     """Build an untrained model and fully fine-tune it on `records`, phase by phase; returns the last phase's SFT
     summary with every phase's under "phases".
 
-    A phase whose run finished (its `.done` marker and model exist, same settings) resumes from its last
-    checkpoint, which trains no further steps, so an interrupted or extended build never redoes finished phases.
+    A phase that finished earlier with the same data and settings is reused without running (see `_sft_phase`),
+    so an extended build (`--keep_work`, same `--out`) trains only its new phases; an interrupted phase resumes
+    from its last checkpoint.
     """
     model = str(build_untrained(work / f"{role}_init", recipe.size, seed=BUILD_SEED))
     summaries = []

@@ -91,6 +91,11 @@ class Settings:
     scale_name: str = "full"
 
 
+def training_image_lists(models: Path) -> list[Path]:
+    """The `training_images.txt` files of the strong and weak models (those that have one)."""
+    return [p for p in (models / role / "training_images.txt" for role in ("strong", "weak")) if p.exists()]
+
+
 def run_yaml(run_dir: Path, settings: Settings, seed: int, config: str, world: Path) -> Path:
     """The run YAML of one configuration (what a user would write), saved in its run directory."""
     import yaml
@@ -105,11 +110,7 @@ def run_yaml(run_dir: Path, settings: Settings, seed: int, config: str, world: P
             "path": str((world / "pairs").resolve()),
             "extensions": [".png"],
             "exclude": [
-                *(
-                    str((settings.models / role / "training_images.txt").resolve())
-                    for role in ("strong", "weak")
-                    if (settings.models / role / "training_images.txt").exists()
-                ),
+                *(str(p.resolve()) for p in training_image_lists(settings.models)),
                 str(world / "test_ids.txt"),
             ],
         },
@@ -257,12 +258,8 @@ def run_seed(settings: Settings, seed: int) -> dict[str, Any]:
 
     root = settings.out / f"seed{seed}"
     world_dir = root / "world"
-    trained_on = {  # neither model's training images may reach the pipeline or the evaluation
-        image_id
-        for role in ("strong", "weak")
-        if (settings.models / role / "training_images.txt").exists()
-        for image_id in (settings.models / role / "training_images.txt").read_text().split()
-    }
+    # neither model's training images may reach the pipeline or the evaluation
+    trained_on = {image_id for path in training_image_lists(settings.models) for image_id in path.read_text().split()}
     world = generate_world(
         world_dir,
         {"pairs": settings.scale.pairs_images, "test": settings.scale.test_images},
