@@ -178,9 +178,9 @@ def load_vlm(
         model = model.merge_and_unload()  # inference only: merged weights are as fast as the base
     if attn == "sdpa":
         use_grouped_vision_attention()
-    if dev.type == "cuda":
-        split_linear_bias(model)
     model.to(dev).eval()
+    if dev.type == "cuda":
+        tune_for_cuda_inference(model)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return LoadedModel(
         model=model, processor=processor, name=name_or_path, device=dev, dtype=torch_dtype, family=family_of(config)
@@ -406,7 +406,7 @@ def _grouped_vision_attention(original: Any, apply_rotary: Any) -> Any:
         seq_length = hidden_states.shape[0]
         q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = position_embeddings
-        q, k = apply_rotary(q, k, cos, sin)
+        q, k = getattr(self, "capdpo_rotary", apply_rotary)(q, k, cos, sin)
         bounds = cu_seqlens.tolist()
         chunks: dict[int, list[int]] = {}
         for start, end in zip(bounds[:-1], bounds[1:]):
@@ -440,29 +440,202 @@ def use_grouped_vision_attention() -> None:
             cls.forward = _grouped_vision_attention(cls.forward, module.apply_rotary_pos_emb_vision)
 
 
-class _LinearSplitBias:
-    """`forward` for an `nn.Linear` with bias: matmul, then add the bias.
+class _LinearPatchEmbed:
+    """`forward` for a Qwen-VL patch embedding: its Conv3d (kernel = stride, no padding) as one matmul.
 
-    On Hopper GPUs, bf16 `addmm` (matmul with a fused bias) dispatches to older cuBLASLt kernels that run the
-    vision tower's large matmuls about 3× slower than plain `mm`; one extra elementwise add is far cheaper.
+    Each patch is one flattened [channels, frames, height, width] vector and the convolution sees each patch
+    exactly once, so it is `x @ weight.reshape(out, -1).T` (+ bias) with the same flattening order; cuDNN's
+    3-D convolution on 100k+ tiny volumes is far slower than that matmul.
     """
 
-    def __call__(self, module: Any, x: Any) -> Any:
+    def __call__(self, module: Any, hidden_states: Any) -> Any:
         import torch.nn.functional as F
 
-        return F.linear(x, module.weight) + module.bias
+        weight = module.proj.weight
+        flat = hidden_states.to(weight.dtype).reshape(-1, weight[0].numel())
+        return F.linear(flat, weight.reshape(weight.shape[0], -1), module.proj.bias)
 
 
-def split_linear_bias(model: Any, min_features: int = 1024) -> int:
-    """Make the large biased linear layers of `model` run as matmul + add (CUDA only); returns how many."""
+def linear_patch_embedding(model: Any) -> int:
+    """Run the Qwen-VL patch embeddings of `model` (Conv3d with kernel = stride) as matmuls; returns how many."""
     import types
 
     import torch
 
     count = 0
-    forward = _LinearSplitBias()
+    forward = _LinearPatchEmbed()
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.bias is not None and module.in_features >= min_features:
+        proj = getattr(module, "proj", None)
+        if (
+            type(module).__name__.endswith("PatchEmbed")
+            and isinstance(proj, torch.nn.Conv3d)
+            and tuple(proj.stride) == tuple(proj.kernel_size)
+            and tuple(proj.padding) == (0, 0, 0)
+            and proj.groups == 1
+        ):
             module.forward = types.MethodType(forward, module)
             count += 1
     return count
+
+
+def pad_vision_mlp(model: Any, multiple: int = 128) -> int:
+    """Zero-pad the intermediate size of the Qwen2.5-VL vision MLPs to a multiple of `multiple`; returns how many.
+
+    The vision tower's MLP width (3,420) is not a multiple of 8, so its rows are not 16-byte aligned and cuBLAS
+    falls back to Ampere-era kernels that run those matmuls ~3x slower on Hopper. Extra gate/up rows of zeros
+    give act(0) * 0 = 0, and the matching zero columns of the down projection add nothing: the output is the
+    same. For inference only (a padded model must not be saved).
+    """
+    import torch
+
+    count = 0
+    for module in _vision_tower(model).modules():
+        gate, up, down = (getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
+        if not all(isinstance(m, torch.nn.Linear) for m in (gate, up, down)):
+            continue
+        width = gate.out_features
+        pad = -width % multiple
+        if pad == 0 or up.out_features != width or down.in_features != width:
+            continue
+        with torch.no_grad():
+            for linear in (gate, up):
+                w = linear.weight
+                linear.weight = torch.nn.Parameter(torch.cat([w, w.new_zeros(pad, w.shape[1])]), requires_grad=False)
+                if linear.bias is not None:
+                    b = linear.bias
+                    linear.bias = torch.nn.Parameter(torch.cat([b, b.new_zeros(pad)]), requires_grad=False)
+                linear.out_features = width + pad
+            w = down.weight
+            down.weight = torch.nn.Parameter(torch.cat([w, w.new_zeros(w.shape[0], pad)], 1), requires_grad=False)
+            down.in_features = width + pad
+        if hasattr(module, "intermediate_size"):
+            module.intermediate_size = width + pad
+        count += 1
+    return count
+
+
+def _vision_tower(model: Any) -> Any:
+    for path in ("model.visual", "visual", "model.vision_tower", "vision_tower"):
+        module = model
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if module is not None:
+            return module
+    import torch
+
+    return torch.nn.Module()  # no vision tower: nothing to change
+
+
+def _rotary_vision(q: Any, k: Any, cos: Any, sin: Any) -> Any:
+    # transformers' apply_rotary_pos_emb_vision (float32 rotation, results in the input dtype), written so that
+    # torch.compile turns it into one kernel per tensor instead of ~14 full passes over [tokens, heads, dim]
+    import torch
+
+    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+
+    def rotate(x: Any) -> Any:
+        x32 = x.float()
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
+        return (x32 * cos + rotated * sin).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def _rms_norm(x: Any, weight: Any, eps: float) -> Any:
+    # transformers' Qwen2.5-VL RMSNorm, as a function of its inputs
+    import torch
+
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _silu_mul(gate: Any, up: Any) -> Any:
+    import torch.nn.functional as F
+
+    return F.silu(gate) * up
+
+
+class _CompiledOrEager:
+    """`fn` compiled with dynamic shapes; if the compiler fails (e.g. no working Triton), `fn` itself from then on."""
+
+    def __init__(self, fn: Any, backend: str) -> None:
+        import torch
+
+        self.fn = fn
+        self.compiled = torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is None:
+            return self.fn(*args)
+        try:
+            return self.compiled(*args)
+        except Exception as err:  # noqa: BLE001 - only compiler failures are caught, see below
+            from torch._dynamo.exc import BackendCompilerFailed, TorchRuntimeError
+
+            if not isinstance(err, (BackendCompilerFailed, TorchRuntimeError)):
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"capdpo: torch.compile failed for {self.fn.__name__}, running it eagerly ({first})", flush=True)
+            self.compiled = None
+            return self.fn(*args)
+
+
+_COMPILED: dict[tuple[str, str], _CompiledOrEager] = {}
+
+
+def _compiled(fn: Any, backend: str) -> _CompiledOrEager:
+    key = (fn.__name__, backend)
+    if key not in _COMPILED:
+        _COMPILED[key] = _CompiledOrEager(fn, backend)
+    return _COMPILED[key]
+
+
+def fuse_vision_elementwise(model: Any, backend: str = "inductor") -> int:
+    """Run the vision tower's rotary embedding, RMSNorms and SiLU gating as compiled elementwise kernels.
+
+    At batch 256 the tower spends about half its time in elementwise passes over [262k tokens, 1280] tensors
+    (the rotary embedding alone is ~14 passes in float32 per layer). Each function is compiled once with dynamic
+    shapes (the matmuls and attention stay eager), so any batch or image size reuses it. Returns how many modules
+    were changed.
+    """
+    import types
+
+    rotary, norm, gating = (_compiled(fn, backend) for fn in (_rotary_vision, _rms_norm, _silu_mul))
+
+    def norm_forward(self: Any, x: Any) -> Any:
+        return norm(x, self.weight, self.variance_epsilon)
+
+    def mlp_forward(self: Any, x: Any) -> Any:
+        return self.down_proj(gating(self.gate_proj(x), self.up_proj(x)))
+
+    count = 0
+    for module in _vision_tower(model).modules():
+        name = type(module).__name__
+        if name.endswith("VisionAttention"):
+            module.capdpo_rotary = rotary
+        elif name.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(norm_forward, module)
+        elif hasattr(module, "gate_proj") and getattr(getattr(module, "config", None), "hidden_act", "silu") == "silu":
+            if type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"):
+                module.forward = types.MethodType(mlp_forward, module)
+            else:
+                continue
+        else:
+            continue
+        count += 1
+    return count
+
+
+def tune_for_cuda_inference(model: Any) -> None:
+    """capdpo's inference-only speed-ups on CUDA, each computing the same function as the module it replaces
+    (measured by bench/breakdown.py). CAPDPO_NO_COMPILE=1 leaves out the compiled parts."""
+    import os
+
+    from torch.utils._triton import has_triton
+
+    linear_patch_embedding(model)
+    pad_vision_mlp(model)
+    if has_triton() and os.environ.get("CAPDPO_NO_COMPILE", "0") != "1":
+        fuse_vision_elementwise(model)
