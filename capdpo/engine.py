@@ -244,14 +244,15 @@ def plan_batches(
 class Engine:
     """`generate(requests)` and `forward_logprobs(requests)` on one loaded VLM."""
 
-    def __init__(self, lm: LoadedModel, decoder: str = "static") -> None:
-        """`decoder`: "static" (capdpo's static-cache loop, CUDA graphs on GPU) or "hf" (`model.generate`)."""
+    def __init__(self, lm: LoadedModel, decoder: str = "static", prefill_rows: int = 0) -> None:
+        """`decoder`: "static" (capdpo's static-cache loop, CUDA graphs on GPU) or "hf" (`model.generate`).
+        `prefill_rows`: rows per prefill forward of the static decoder (0: the whole batch at once)."""
         from capdpo.fastgen import StaticDecoder
 
         self.lm = lm
         self.batcher = Batcher(lm)
         self.eos_ids = lm.end_of_turn_ids()
-        self.static = StaticDecoder(lm) if decoder == "static" else None
+        self.static = StaticDecoder(lm, prefill_rows=prefill_rows) if decoder == "static" else None
 
     def _length(self, request: Request) -> int:
         text = " ".join(

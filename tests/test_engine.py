@@ -116,10 +116,17 @@ def test_out_of_memory_halves_the_batch():
         run_halving([1, 2], lambda b: (_ for _ in ()).throw(ValueError("not memory")))
 
 
+@pytest.mark.parametrize("prefill_rows", [0, 1, 3])
 @pytest.mark.parametrize("arch", ["strong", "qwen3vl", "llava"])
-def test_static_decoder_is_token_identical_to_generate(tiny_models, sample_images, arch):
+def test_static_decoder_is_token_identical_to_generate(tiny_models, sample_images, arch, prefill_rows, monkeypatch):
+    """Also with the prefill in chunks of rows (images of different sizes, prompts of different lengths)."""
+    import capdpo.fastgen as fastgen
+
+    chunks = []
+    original = fastgen._cache_rows
+    monkeypatch.setattr(fastgen, "_cache_rows", lambda *a: chunks.append(a[1:3]) or original(*a))
     lm = load_vlm(str(tiny_models[arch]))
-    fast, plain = Engine(lm, decoder="static"), Engine(lm, decoder="hf")
+    fast, plain = Engine(lm, decoder="static", prefill_rows=prefill_rows), Engine(lm, decoder="hf")
     requests = _requests(sample_images, 4)
     for gen in (
         Generation(max_new_tokens=20),
@@ -128,6 +135,9 @@ def test_static_decoder_is_token_identical_to_generate(tiny_models, sample_image
         ours, theirs = fast.generate(requests, gen), plain.generate(requests, gen)
         assert [o.token_ids for o in ours] == [o.token_ids for o in theirs]
         assert [o.finish_reason for o in ours] == [o.finish_reason for o in theirs]
+    if prefill_rows and arch != "llava":  # Qwen-VL prefills chunk by chunk; LLaVA's inputs prefill whole
+        expected = [(0, 1), (1, 2), (2, 3), (3, 4)] if prefill_rows == 1 else [(0, 3), (3, 4)]
+        assert chunks == expected * 2
 
 
 @pytest.mark.parametrize("arch", ["strong", "llava"])
@@ -138,8 +148,9 @@ def test_static_decoder_handles_text_only_padded_batches(tiny_models, arch):
         for i in range(3)
     ]
     gen = Generation(max_new_tokens=12)
-    fast, plain = (
+    fast, chunked, plain = (
         Engine(lm, decoder="static").generate(requests, gen),
+        Engine(lm, decoder="static", prefill_rows=2).generate(requests, gen),
         Engine(lm, decoder="hf").generate(requests, gen),
     )
-    assert [o.token_ids for o in fast] == [o.token_ids for o in plain]
+    assert [o.token_ids for o in fast] == [o.token_ids for o in plain] == [o.token_ids for o in chunked]

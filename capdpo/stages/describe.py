@@ -70,7 +70,7 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
         return records
 
     if len(out.ids) < len(planned):  # load the model only when there is work left
-        engine = Engine(load_role(cfg.common, "strong"))
+        engine = Engine(load_role(cfg.common, "strong"), prefill_rows=sec.prefill_batch_size)
         units = engine.plan([p[0] for p in planned.values()], sec.batch_size)
         run_units(units, out, lambda u: [r.key for r in u], describe, "describe")
     out.close()

@@ -93,7 +93,7 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
         return records
 
     if len(out.ids) < len(sentences):
-        engine = Engine(load_role(cfg.common, "strong"))
+        engine = Engine(load_role(cfg.common, "strong"), prefill_rows=sec.prefill_batch_size)
         per_unit = max(1, sec.batch_size // sec.k)
         order = sorted(
             sentences,
