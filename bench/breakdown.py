@@ -47,14 +47,12 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--only", choices=["captioning", "validation"], default=None)
     args = parser.parse_args()
 
     import torch
 
-    from capdpo.engine import Generation
-    from capdpo.fastgen import StaticDecoder
     from capdpo.models import use_grouped_vision_attention
-    from capdpo.prefix import PrefixGroup, SharedPrefixScorer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = Shapes(image_side=56) if args.tiny else Shapes()
@@ -63,10 +61,45 @@ def main() -> None:
     use_grouped_vision_attention()
     result = {"env": environment(device), "batch": batch}
 
+    if args.only != "validation":
+        captioning(result, size7, shapes, batch, device)
+    if args.only != "captioning":
+        validation(result, size3, shapes, device)
+    write_result(args.out, {k: v for k, v in result.items() if not k.endswith("top_ops")})
+
+
+def captioning(result: dict, size7: str, shapes: Shapes, batch: int, device: str) -> None:
+    import torch
+
+    from capdpo import models
+    from capdpo.engine import Generation
+    from capdpo.fastgen import StaticDecoder
+
     model = build_model(size7, device)
     inputs = synthetic_batch(batch, shapes, device, seed=1)
+
+    def run_vision():
+        return model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+
+    # capdpo's CUDA inference tunings (models.tune_for_cuda_inference), timed one at a time
+    steps = [("none", None), ("linear_patch_embedding", models.linear_patch_embedding),
+             ("pad_vision_mlp", models.pad_vision_mlp), ("fuse_vision_elementwise", models.fuse_vision_elementwise)]  # fmt: skip
     with torch.inference_mode():
-        vision = timed(lambda: model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]), device)
+        reference = run_vision()
+        reference = getattr(reference, "pooler_output", reference)
+        for name, tune in steps:
+            if tune is not None and device == "cuda":
+                tune(model)
+            seconds = timed(run_vision, device)
+            full = timed(lambda: model(**inputs, use_cache=False, logits_to_keep=1), device)
+            result.setdefault("vision_tunings_s", {})[name] = seconds
+            result.setdefault("prefill_tunings_s", {})[name] = full
+            out = getattr(run_vision(), "pooler_output", None)
+            out = run_vision() if out is None else out
+            diff = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
+            print(f"after {name}: vision {seconds:.3f} s, full prefill {full:.3f} s "
+                  f"(relative difference of the vision features vs untuned: {diff:.1e})", flush=True)  # fmt: skip
+        vision = timed(run_vision, device)
         prefill = timed(lambda: model(**inputs, use_cache=False, logits_to_keep=1), device)
         rope = timed(
             lambda: model.model.get_rope_index(
@@ -77,25 +110,67 @@ def main() -> None:
             ),  # fmt: skip
             device,
         )
-    decoder = StaticDecoder(SimpleNamespace(model=model, device=torch.device(device)))
-    run = {}
-    for tokens in (1, 33):
-        gen = Generation(max_new_tokens=tokens)
-        run[tokens] = timed(lambda g=gen: decoder.generate(inputs, g, list(range(batch)), [], ENDOFTEXT), device, 1)
-    step_ms = (run[33] - run[1]) / 32 * 1000
+    lm = SimpleNamespace(model=model, device=torch.device(device))
+    steps = {}
+    for graph in (True, False):
+        decoder = StaticDecoder(lm, use_cuda_graph=graph and device == "cuda")
+        run = {}
+        for tokens in (1, 33):
+            gen = Generation(max_new_tokens=tokens)
+            run[tokens] = timed(
+                lambda g=gen, d=decoder: d.generate(inputs, g, list(range(batch)), [], ENDOFTEXT), device, 1
+            )
+        steps[graph] = (run[33] - run[1]) / 32 * 1000
     result["captioning"] = {
-        "vision_s": vision, "prefill_s": prefill, "get_rope_index_s": rope, "decode_step_ms": step_ms,
-        "prefill_plus_1_token_s": run[1],
+        "vision_s": vision, "prefill_s": prefill, "get_rope_index_s": rope, "decode_step_ms": steps[True],
+        "decode_step_eager_ms": steps[False], "prefill_plus_1_token_s": run[1],
     }  # fmt: skip
     print(f"captioning 7B, batch {batch}: vision {vision:.3f} s, full prefill {prefill:.3f} s "
-          f"(get_rope_index {rope:.3f} s), decode step {step_ms:.1f} ms")  # fmt: skip
+          f"(get_rope_index {rope:.3f} s), decode step {steps[True]:.1f} ms ({steps[False]:.1f} ms eager)")  # fmt: skip
     with torch.inference_mode():
-        tables = top_ops(lambda: model(**inputs, use_cache=False, logits_to_keep=1), device)
-    print("--- prefill, by device time ---\n" + tables[0] + "\n--- prefill, by CPU time ---\n" + tables[1])
-    result["prefill_top_ops"] = tables
-    decoder.model = decoder.decoder = None  # free the 7B model before building the 3B one
-    model = inputs = None
-    torch.cuda.empty_cache() if device == "cuda" else None
+        sections = {
+            "vision": lambda: model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]),
+            "prefill": lambda: model(**inputs, use_cache=False, logits_to_keep=1),
+            "decode (eager, 9 tokens)": lambda: decoder.generate(
+                inputs, Generation(max_new_tokens=9), list(range(batch)), [], ENDOFTEXT
+            ),
+        }
+        sections["decode steps only (eager, 4 steps)"] = decode_steps(model, inputs, device)
+        for name, fn in sections.items():
+            tables = top_ops(fn, device)
+            print(f"--- {name}, by device time ---\n" + tables[0] + f"\n--- {name}, by CPU time ---\n" + tables[1])
+            result[f"{name}_top_ops"] = tables
+
+
+def decode_steps(model, inputs: dict, device: str):
+    """A function running 4 bare decode steps (text decoder + head on a filled static cache), for profiling."""
+    import torch
+    from transformers import StaticCache
+
+    batch, prompt = inputs["input_ids"].shape
+    cache = StaticCache(config=model.config, max_cache_len=prompt + 8)
+    model.model.rope_deltas = None
+    model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    mask = torch.ones(batch, prompt + 8, dtype=inputs["attention_mask"].dtype, device=device)
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    position = torch.full((3, batch, 1), prompt, dtype=torch.long, device=device)
+    cache_position = torch.tensor([prompt], device=device)
+
+    def run():
+        for _ in range(4):
+            hidden = model.model.language_model(
+                inputs_embeds=model.get_input_embeddings()(token), position_ids=position, attention_mask=mask,
+                past_key_values=cache, cache_position=cache_position, use_cache=True,
+            ).last_hidden_state  # fmt: skip
+            model.lm_head(hidden[:, -1]).float()
+
+    return run
+
+
+def validation(result: dict, size3: str, shapes: Shapes, device: str) -> None:
+    import torch
+
+    from capdpo.prefix import PrefixGroup, SharedPrefixScorer
 
     model = build_model(size3, device)
     lm = SimpleNamespace(model=model, device=torch.device(device), tokenizer=SimpleNamespace(pad_token_id=ENDOFTEXT),
@@ -116,7 +191,6 @@ def main() -> None:
     with torch.inference_mode():
         tables = top_ops(lambda: scorer.score_groups(groups, 256), device)
     print("--- validation, by device time ---\n" + tables[0] + "\n--- by CPU time ---\n" + tables[1])
-    write_result(args.out, {k: v for k, v in result.items() if not k.endswith("top_ops")})
 
 
 if __name__ == "__main__":

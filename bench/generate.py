@@ -70,7 +70,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--images", type=int, default=512, help="images per measured configuration (per GPU)")
     parser.add_argument("--baseline-batch", type=int, default=64)
-    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 512], help="capdpo batch sizes to try")
+    parser.add_argument("--batches", type=int, nargs="+", default=[256, 512, 1024], help="capdpo batch sizes to try")
+    parser.add_argument(
+        "--prefill-rows", type=int, default=256, help="capdpo's rows per prefill forward (describe.prefill_batch_size)"
+    )
     parser.add_argument(
         "--sampled", action="store_true", help="also time capdpo with top-p sampling at its best batch"
     )
@@ -87,12 +90,13 @@ def main() -> None:
 
     from capdpo.engine import Generation
     from capdpo.fastgen import StaticDecoder
-    from capdpo.models import split_linear_bias, use_grouped_vision_attention
+    from capdpo.models import tune_for_cuda_inference, use_grouped_vision_attention
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if args.tiny:
         args.size, args.new_tokens, args.images, args.baseline_batch, args.batches = "tiny", 8, 8, 4, [4, 8]
+        args.prefill_rows = 4
         shapes = Shapes(image_side=56)
     else:
         shapes = Shapes()
@@ -127,7 +131,7 @@ def main() -> None:
                 model.generate(**inputs, max_new_tokens=T, min_new_tokens=T, do_sample=False)
 
         time_batches(plain, warm + warm, device)  # two full warm-up calls
-        data = batches_of(b, min(args.images, 2 * b), seed=0)
+        data = batches_of(b, min(args.images, 4 * b), seed=0)  # >= 4 batches: the baseline's speed varies
         barrier()
         seconds = time_batches(plain, data, device)
         barrier()
@@ -141,10 +145,11 @@ def main() -> None:
 
     # -- capdpo: static cache, explicit positions, CUDA-graph decode -------------------------------------
     lm = SimpleNamespace(model=model, device=torch.device(device))
-    decoder = StaticDecoder(lm)
+    decoder = StaticDecoder(lm, prefill_rows=args.prefill_rows)
     use_grouped_vision_attention()  # what capdpo's model loading applies; the baseline above ran without
     if device.startswith("cuda"):
-        split_linear_bias(model)
+        tune_for_cuda_inference(model)
+    result["prefill_rows"] = args.prefill_rows
     best = None
     for b in args.batches:
         gen = Generation(max_new_tokens=T)

@@ -47,7 +47,7 @@ def main() -> None:
 
     import torch
 
-    from capdpo.models import split_linear_bias, use_grouped_vision_attention
+    from capdpo.models import tune_for_cuda_inference, use_grouped_vision_attention
     from capdpo.prefix import PrefixGroup, SharedPrefixScorer, shared_prefix_length
 
     if args.tiny:
@@ -90,7 +90,8 @@ def main() -> None:
 
     # -- capdpo yes/no: one full forward per candidate ----------------------------------------------------
     use_grouped_vision_attention()  # capdpo's model loading applies these; the baseline above ran without
-    split_linear_bias(model) if device == "cuda" else None
+    if device == "cuda":
+        tune_for_cuda_inference(model)
     head, suffix = 15, 40
     yesno_shapes = Shapes(shapes.image_side, shapes.text_before, head + suffix)
 
