@@ -5,6 +5,8 @@ logits processors, stopping checks, position bookkeeping). Here a decode step is
 a static cache with explicit positions, a constant attention mask and the sampler; every tensor has a fixed shape,
 so on CUDA the step can be captured once as a CUDA graph and replayed. Greedy outputs are token-identical to
 `generate` (checked in fp32 by the tests); sampling uses the same per-row Gumbel noise as `SeededSampler`.
+Qwen-VL's 3-D rope positions for the prefill come from `capdpo.rope` (batched on the device) instead of the
+model's per-row loop.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from capdpo.engine import Generation, gumbel_noise
+from capdpo.rope import mrope_positions
 
 
 def _filter(scores: Any, gen: Generation) -> Any:
@@ -72,12 +75,18 @@ class StaticDecoder:
         with torch.inference_mode():
             if self.mrope:
                 self.model.model.rope_deltas = None
-            extra = {}
+            extra, deltas = {}, None
             if not self.mrope or "pixel_values" not in inputs:
-                # like generate: positions count real tokens, so left padding does not shift them (Qwen-VL
-                # computes its own 3-D positions when an image is present)
+                # like generate: positions count real tokens, so left padding does not shift them
                 extra["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-            logits, deltas = self._prefill(inputs, extra, cache, total)
+            else:
+                # Qwen-VL's 3-D positions for the whole batch at once (the model's own get_rope_index loops over
+                # rows on the host); None leaves them to the model
+                rope = mrope_positions(self.model, inputs)
+                if rope is not None:
+                    extra["position_ids"], deltas = rope
+            logits, model_deltas = self._prefill(inputs, extra, cache, total)
+            deltas = model_deltas if deltas is None else deltas
             real_len = mask.sum(-1)
             deltas = deltas.view(batch) if deltas is not None else torch.zeros_like(real_len)
             state = {
@@ -155,7 +164,8 @@ class StaticDecoder:
         for (start, end), part in chunks:
             if self.mrope:
                 self.model.model.rope_deltas = None
-            part_extra = {k: v[start:end] for k, v in extra.items()}
+            # position ids are [B, L], or [3, B, L] for Qwen-VL's 3-D positions
+            part_extra = {k: v[start:end] if v.dim() == 2 else v[:, start:end] for k, v in extra.items()}
             view = _cache_rows(cache, start, end, batch, total, self.model.config)
             out = self.model(**part, **part_extra, past_key_values=view, use_cache=True, logits_to_keep=1)
             logits.append(out.logits[:, -1].float())
