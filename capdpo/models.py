@@ -602,30 +602,81 @@ def fuse_vision_elementwise(model: Any, backend: str = "inductor") -> int:
     """
     import types
 
-    rotary, norm, gating = (_compiled(fn, backend) for fn in (_rotary_vision, _rms_norm, _silu_mul))
-
-    def norm_forward(self: Any, x: Any) -> Any:
-        return norm(x, self.weight, self.variance_epsilon)
-
-    def mlp_forward(self: Any, x: Any) -> Any:
-        return self.down_proj(gating(self.gate_proj(x), self.up_proj(x)))
-
+    rotary = _compiled(_rotary_vision, backend)
     count = 0
     for module in _vision_tower(model).modules():
         name = type(module).__name__
         if name.endswith("VisionAttention"):
             module.capdpo_rotary = rotary
         elif name.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
-            module.forward = types.MethodType(norm_forward, module)
+            module.forward = types.MethodType(_fused_norm_forward(backend), module)
         elif hasattr(module, "gate_proj") and getattr(getattr(module, "config", None), "hidden_act", "silu") == "silu":
             if type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"):
-                module.forward = types.MethodType(mlp_forward, module)
+                module.forward = types.MethodType(_fused_mlp_forward(backend), module)
             else:
                 continue
         else:
             continue
         count += 1
     return count
+
+
+# language-model modules whose forward is exactly `_rms_norm` or `down(silu(gate(x)) * up(x))` (transformers 5.23)
+_TEXT_NORMS = {"Qwen2_5_VLRMSNorm", "Qwen2VLRMSNorm", "Qwen3VLTextRMSNorm", "LlamaRMSNorm"}
+_TEXT_MLPS = {"Qwen2MLP", "Qwen3VLTextMLP", "LlamaMLP"}
+
+
+def fuse_text_elementwise(model: Any, backend: str = "inductor") -> int:
+    """Run the language model's RMSNorms and SiLU gating as compiled elementwise kernels; returns how many modules.
+
+    A prefill of 256 captions is ~74k tokens: each RMSNorm makes ~8 float32 passes over [74k, 3584] and each MLP
+    3 passes over [74k, 18944] for its gating, where one fused kernel reads and writes each tensor once. In decode
+    steps the same kernels replace ~500 small launches per step. Shapes are dynamic; a new shape (e.g. the first
+    one-token decode step) compiles on its first, eager call, so a CUDA graph capture never compiles.
+    """
+    import types
+
+    count = 0
+    for module in _language_model(model).modules():
+        name = type(module).__name__
+        if name in _TEXT_NORMS and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_fused_norm_forward(backend), module)
+        elif name in _TEXT_MLPS and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"):
+            module.forward = types.MethodType(_fused_mlp_forward(backend), module)
+        else:
+            continue
+        count += 1
+    return count
+
+
+def _fused_norm_forward(backend: str) -> Any:
+    norm = _compiled(_rms_norm, backend)
+
+    def forward(self: Any, x: Any) -> Any:
+        return norm(x, self.weight, self.variance_epsilon)
+
+    return forward
+
+
+def _fused_mlp_forward(backend: str) -> Any:
+    gating = _compiled(_silu_mul, backend)
+
+    def forward(self: Any, x: Any) -> Any:
+        return self.down_proj(gating(self.gate_proj(x), self.up_proj(x)))
+
+    return forward
+
+
+def _language_model(model: Any) -> Any:
+    for path in ("model.language_model", "language_model"):
+        module = model
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if module is not None:
+            return module
+    import torch
+
+    return torch.nn.Module()  # not a VLM of a known layout: nothing to change
 
 
 def tune_for_cuda_inference(model: Any) -> None:
@@ -639,3 +690,4 @@ def tune_for_cuda_inference(model: Any) -> None:
     pad_vision_mlp(model)
     if has_triton() and os.environ.get("CAPDPO_NO_COMPILE", "0") != "1":
         fuse_vision_elementwise(model)
+        fuse_text_elementwise(model)

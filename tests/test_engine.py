@@ -122,9 +122,16 @@ def test_static_decoder_is_token_identical_to_generate(tiny_models, sample_image
     """Also with the prefill in chunks of rows (images of different sizes, prompts of different lengths)."""
     import capdpo.fastgen as fastgen
 
-    chunks = []
-    original = fastgen._cache_rows
+    chunks, batched_positions = [], []
+    original, original_rope = fastgen._cache_rows, fastgen.mrope_positions
     monkeypatch.setattr(fastgen, "_cache_rows", lambda *a: chunks.append(a[1:3]) or original(*a))
+
+    def rope(*args):
+        out = original_rope(*args)
+        batched_positions.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fastgen, "mrope_positions", rope)
     lm = load_vlm(str(tiny_models[arch]))
     fast, plain = Engine(lm, decoder="static", prefill_rows=prefill_rows), Engine(lm, decoder="hf")
     requests = _requests(sample_images, 4)
@@ -135,6 +142,7 @@ def test_static_decoder_is_token_identical_to_generate(tiny_models, sample_image
         ours, theirs = fast.generate(requests, gen), plain.generate(requests, gen)
         assert [o.token_ids for o in ours] == [o.token_ids for o in theirs]
         assert [o.finish_reason for o in ours] == [o.finish_reason for o in theirs]
+    assert batched_positions == ([] if arch == "llava" else [True, True])  # Qwen-VL: positions from capdpo.rope
     if prefill_rows and arch != "llava":  # Qwen-VL prefills chunk by chunk; LLaVA's inputs prefill whole
         expected = [(0, 1), (1, 2), (2, 3), (3, 4)] if prefill_rows == 1 else [(0, 3), (3, 4)]
         assert chunks == expected * 2
@@ -154,3 +162,18 @@ def test_static_decoder_handles_text_only_padded_batches(tiny_models, arch):
         Engine(lm, decoder="hf").generate(requests, gen),
     )
     assert [o.token_ids for o in fast] == [o.token_ids for o in plain] == [o.token_ids for o in chunked]
+
+
+@pytest.mark.parametrize("arch", ["strong", "qwen3vl", "llava"])
+def test_static_decoder_with_fused_text_elementwise_is_token_identical(tiny_models, sample_images, arch):
+    """The language model's norms and gating as (here: eagerly) compiled functions give the same tokens."""
+    from capdpo.models import fuse_text_elementwise
+
+    lm = load_vlm(str(tiny_models[arch]))
+    requests, gen = _requests(sample_images, 3), Generation(max_new_tokens=12)
+    plain = Engine(lm, decoder="hf").generate(requests, gen)
+    layers = lm.model.config.get_text_config().num_hidden_layers
+    per_layer = 5 if arch == "qwen3vl" else 3  # 2 norms and an MLP per layer, Qwen3 also normalises q and k
+    assert fuse_text_elementwise(lm.model, backend="eager") == per_layer * layers + 1
+    fused = Engine(lm, decoder="static", prefill_rows=2).generate(requests, gen)
+    assert [o.token_ids for o in fused] == [o.token_ids for o in plain]
