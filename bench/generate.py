@@ -70,7 +70,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--images", type=int, default=512, help="images per measured configuration (per GPU)")
     parser.add_argument("--baseline-batch", type=int, default=64)
-    parser.add_argument("--batches", type=int, nargs="+", default=[256, 512, 1024], help="capdpo batch sizes to try")
+    parser.add_argument(
+        "--batches", type=int, nargs="+", default=[256, 512, 1024, 2048], help="capdpo batch sizes to try"
+    )
     parser.add_argument(
         "--prefill-rows", type=int, default=256, help="capdpo's rows per prefill forward (describe.prefill_batch_size)"
     )

@@ -23,3 +23,16 @@ def test_benchmark_tiny_mode_runs_and_reports_ratios(tmp_path, script):
     data = json.loads(out.read_text())
     assert data["speedup"] > 0 and data["env"]["torch"]
     assert "vs baseline" in result.stdout or "capdpo / baseline" in result.stdout
+
+
+def test_levers_tiny_mode_measures_every_part():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench/levers.py"), "--tiny"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "rope equal: True True" in result.stdout
+    assert result.stdout.count("decode") == 4 and "fused 7 text modules" in result.stdout
