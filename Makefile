@@ -1,4 +1,4 @@
-# make demo: the whole pipeline offline on bundled photos and tiny models.  make test: the test suite + lint.
+# make demo: the whole pipeline offline on bundled synthetic images and tiny trained models.  make test: the test suite + lint.
 # Both create .venv and install requirements*.txt on first use; nothing else is needed beyond Python 3.10+.
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +8,7 @@ TINY := models/tiny
 # pytest workers: both cores by default; PYTEST_WORKERS=0 runs in one process
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test lint format tiny clean-demo
+.PHONY: demo demo-photos test lint format tiny clean-demo
 
 $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,12 +27,20 @@ $(TINY)/.built: $(STAMP) capdpo/tiny.py
 
 tiny: $(TINY)/.built
 
-demo: $(STAMP) $(TINY)/.built
-	@echo "capdpo demo: bundled photos + TINY RANDOM-WEIGHT models. Their captions, scores and pairs are"
-	@echo "meaningless by design: the demo shows the pipeline's mechanics and files, not quality."
+demo: $(STAMP)
+	@echo "capdpo demo: the synthetic world (bundled images of coloured shapes whose content is known) and two tiny"
+	@echo "models trained on it (models/synthetic/): a strong describer with a planted bias, a weak verifier."
+	bash scripts/run_all.sh configs/synthetic_demo.yaml
+	$(BIN)/python -m capdpo.data_report --run_dir runs/synthetic_demo
+	$(BIN)/python -m capdpo.synthetic.truth_report --run_dir runs/synthetic_demo
+	@echo "Demo done: outputs in runs/synthetic_demo/ (open runs/synthetic_demo/05_report.html)."
+
+# The same pipeline on the bundled photos with tiny RANDOM-weight models: the files and mechanics of a run on real
+# photos; the text is meaningless by design.
+demo-photos: $(STAMP) $(TINY)/.built
 	bash scripts/run_all.sh configs/demo.yaml
 	$(BIN)/python -m capdpo.data_report --run_dir runs/demo
-	@echo "Demo done: outputs in runs/demo/ (open runs/demo/05_report.html). Reminder: random tiny models, meaningless text."
+	@echo "Done: outputs in runs/demo/ (open runs/demo/05_report.html). Random tiny models: meaningless text."
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -48,4 +56,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean-demo:
-	rm -rf runs/demo
+	rm -rf runs/demo runs/synthetic_demo

@@ -30,6 +30,7 @@ class EvalSettings:
     dtype: str = "float32"  # the synthetic models are trained in fp32; bf16 would change greedy outputs
     describe: bool = True
     questions: bool = True
+    rules: tuple[BiasRule, ...] = DEFAULT_BIAS  # the strong model's planted bias, counted as `planted`
 
 
 def test_questions(
@@ -88,7 +89,7 @@ def evaluate_model(
     """Describe the test images and answer the questions; write descriptions, answers and metrics to `out`."""
     from capdpo.jsonl import write_json, write_jsonl
     from capdpo.models import load_vlm
-    from capdpo.synthetic.scoring import score_answers, score_descriptions
+    from capdpo.synthetic.scoring import planted_hallucinations, score_answers, score_descriptions
 
     settings = settings or EvalSettings()
     out = Path(out)
@@ -105,6 +106,9 @@ def evaluate_model(
             ],
         )
         metrics["generative"] = score_descriptions((i.scene, t) for i, t in zip(items, texts))
+        metrics["generative"]["planted"] = planted_hallucinations(
+            ((i.scene, t) for i, t in zip(items, texts)), settings.rules
+        )
     if settings.questions and questions:
         rows = answer(lm, questions, settings)
         write_jsonl(out / "answers.jsonl", rows)

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from capdpo.synthetic.world import COLOURS, POSITIONS, SHAPES, SIZES, Scene
+from capdpo.synthetic.world import COLOURS, POSITIONS, SHAPES, SIZES, BiasRule, Scene
 
 _SHAPE_WORD = re.compile(r"\b(" + "|".join(SHAPES) + r")(?:e?s)?\b", re.IGNORECASE)
 _CLAIM = re.compile(
@@ -83,6 +83,20 @@ def score_descriptions(items: Iterable[tuple[Scene, str]]) -> dict[str, Any]:
         "hallucinated_words": dict(hallucinated_words.most_common()),
         "counts": dict(counts),
     }
+
+
+def planted_hallucinations(items: Iterable[tuple[Scene, str]], rules: Iterable[BiasRule]) -> dict[str, Any]:
+    """How often a description names a rule's `substitute` in images where the rule can fire (its trigger present,
+    the substitute absent): the co-occurrence hallucination the strong model was trained into."""
+    rules = tuple(rules)
+    images = mentions = 0
+    for scene, text in items:
+        firing = [r for r in rules if r.trigger in scene.shapes and r.substitute not in scene.shapes]
+        if firing:
+            images += 1
+            named = object_mentions(text)
+            mentions += sum(named.count(r.substitute) for r in firing)
+    return {"images": images, "mentions": mentions, "per_100_images": _percent(mentions, images)}
 
 
 def score_answers(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:

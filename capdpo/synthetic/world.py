@@ -297,13 +297,16 @@ def read_split(path: str | Path) -> list[WorldImage]:
     return [WorldImage.from_dict(r) for r in iter_jsonl(path)]
 
 
-def write_demo_images(folder: str | Path, n: int = 12) -> list[Path]:
+def write_demo_images(folder: str | Path, n: int = 32) -> list[Path]:
     """The demo's images (`configs/synthetic_demo.yaml`): seeded scenes, the first half each with a circle (so the
-    strong model's circle -> triangle bias shows), plus a README listing their ground truth."""
+    strong model's circle -> triangle bias shows), with their ground truth in `truth.jsonl` (`WorldImage` records,
+    image paths relative to `folder`) and a README listing it."""
+    from capdpo.jsonl import write_jsonl
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random("capdpo-synthetic-demo")
-    paths, rows = [], []
+    paths, rows, truth = [], [], []
     while len(paths) < n:
         scene = sample_scene(rng)
         if len(paths) < n // 2 and "circle" not in scene.shapes:
@@ -313,10 +316,12 @@ def write_demo_images(folder: str | Path, n: int = 12) -> list[Path]:
         image.save(path, optimize=True)
         paths.append(path)
         rows.append(f"| {path.name} | {scene.description()} |")
+        image_id = hashlib.sha256(path.read_bytes()).hexdigest()[:20]
+        truth.append(WorldImage(id=image_id, split="demo", image=path.name, scene=scene).to_dict())
+    write_jsonl(folder / "truth.jsonl", truth)
     (folder / "README.md").write_text(
         "Synthetic images for `configs/synthetic_demo.yaml`, drawn by `capdpo.synthetic.world.write_demo_images` "
-        "(seeded: the same call redraws the same files). Ground truth:\n\n| file | description |\n|---|---|\n"
-        + "\n".join(rows)
-        + "\n"
+        "(seeded: the same call redraws the same files). Ground truth (also in `truth.jsonl`, which "
+        "`capdpo.synthetic.truth_report` reads):\n\n| file | description |\n|---|---|\n" + "\n".join(rows) + "\n"
     )
     return paths
