@@ -15,9 +15,11 @@ Configurations (one change each from `main` = weak model, yesno, context pairs, 
   sentence           stage 5 pair mode
   unidpo             stage 6 loss
   rpo                stage 6 loss: DPO plus the SFT loss on the chosen side (weights 1 and 1)
+  apo                stage 6 loss: APO-zero (raises the chosen side's likelihood, lowers the rejected side's)
   shuffled           control: each pair's chosen and rejected swapped with probability 1/2 before training
   unfiltered         stage 5 without the chosen-score filter (min_chosen_score 0)
   unfiltered_shuffled  the shuffled control of `unfiltered`
+  unfiltered_rpo     `unfiltered` with the `rpo` loss
 
 Outputs in `--out`: `seed<N>/<config>/` (run directories with every stage's files), `seed<N>/eval/<config>/`
 (descriptions, answers, metrics), `results.json` (every number), `results.md` (mean ± std over seeds, pair
@@ -46,9 +48,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "sentence": {"pairs": {"mode": "sentence"}},
     "unidpo": {"train": {"loss_type": ["unidpo"]}},
     "rpo": {"train": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]}},
+    "apo": {"train": {"loss_type": ["apo_zero"]}},
     "shuffled": {"shuffle": True},
     "unfiltered": {"pairs": {"min_chosen_score": 0.0}},
     "unfiltered_shuffled": {"pairs": {"min_chosen_score": 0.0}, "shuffle": True},
+    "unfiltered_rpo": {
+        "pairs": {"min_chosen_score": 0.0},
+        "train": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]},
+    },
 }
 # Targets of the experiment (issue 7): after one round, CHAIR_i down by >= 30% relative with coverage down by no
 # more than 5 points, on every seed.
