@@ -441,7 +441,7 @@ def chart(summary: dict[str, Any], path: Path) -> None:
     means = [summary[n]["CHAIR_i"][0] for n in names]
     stds = [summary[n]["CHAIR_i"][1] for n in names]
     fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2, 3.2))
-    colours = ["#888888"] + ["#d9534f" if n == "shuffled" else "#337ab7" for n in names[1:]]
+    colours = ["#888888"] + ["#d9534f" if "shuffled" in n else "#337ab7" for n in names[1:]]
     ax.bar(names, means, yerr=stds, color=colours, capsize=3)
     ax.set_ylabel("CHAIR_i (%)")
     ax.set_title("Object hallucination on held-out synthetic images (lower is better)")
