@@ -19,6 +19,7 @@ from typing import Any
 
 from capdpo.engine import Batcher, Request, forward_logprobs
 from capdpo.models import LoadedModel
+from capdpo.rope import mrope_positions
 
 _SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
@@ -146,12 +147,18 @@ class SharedPrefixScorer:
         if not self.mrope:  # like generate: positions count real tokens, so left padding does not shift them
             inputs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         inputs = {k: v.to(device) for k, v in inputs.items()}
+        deltas = None
         if self.mrope:
             self.model.model.rope_deltas = None
+            # the 3-D positions for the whole chunk at once (None: the model computes them row by row)
+            rope = mrope_positions(self.model, inputs)
+            if rope is not None:
+                inputs["position_ids"], deltas = rope
         cache = DynamicCache(config=self.model.config)
         self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
         real_lens = torch.tensor([g.prefix_len for g in chunk])
-        deltas = self.model.model.rope_deltas if self.mrope else None
+        if deltas is None and self.mrope:
+            deltas = self.model.model.rope_deltas
         deltas = deltas.view(-1).cpu() if deltas is not None else torch.zeros(len(chunk), dtype=torch.long)
         return cache, real_lens, deltas, width
 

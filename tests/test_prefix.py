@@ -4,6 +4,7 @@ from capdpo.config import ValidateConfig
 from capdpo.engine import Engine
 from capdpo.models import load_vlm
 from capdpo.prefix import SharedPrefixScorer, shared_prefix_length
+from capdpo.rope import mrope_positions
 from capdpo.validators import Validator
 
 
@@ -15,7 +16,17 @@ def test_shared_prefix_leaves_every_read_position_in_the_suffix():
 
 
 @pytest.mark.parametrize("arch", ["weak", "qwen3vl", "llava"])
-def test_shared_prefix_scores_equal_full_forward_passes(tiny_models, sample_images, arch):
+def test_shared_prefix_scores_equal_full_forward_passes(tiny_models, sample_images, arch, monkeypatch):
+    import capdpo.prefix
+
+    computed = []  # Qwen-VL prefixes take their 3-D positions from capdpo.rope, not the model's loop
+
+    def spy(model, inputs):
+        result = mrope_positions(model, inputs)
+        computed.append(result is not None)
+        return result
+
+    monkeypatch.setattr(capdpo.prefix, "mrope_positions", spy)
     lm = load_vlm(str(tiny_models[arch]))
     validator = Validator(lm, ValidateConfig(methods=["yesno", "rating", "pairwise"]))
     candidates = ["A red ball.", "Two dogs play on the grass near a tall tree.", "The sky."]
@@ -32,3 +43,4 @@ def test_shared_prefix_scores_equal_full_forward_passes(tiny_models, sample_imag
     for key, expected in plain.items():
         assert shared[key].shape == expected.shape
         assert (shared[key] - expected).abs().max().item() < 1e-4, key
+    assert computed == ([] if arch == "llava" else [True] * len(computed)) and (arch == "llava" or computed)
