@@ -116,7 +116,7 @@ def build_report(
         strong = str(models / "strong")
         for name, path in (("before", None), ("after", str(adapter))):
             metrics = evaluate_model(strong, items, [], run_dir / "07_heldout" / name, path, settings)["generative"]
-            keys = ("CHAIR_i", "CHAIR_s", "coverage", "sentence_accuracy", "hallucinated_words")
+            keys = ("CHAIR_i", "CHAIR_s", "coverage", "sentence_accuracy", "hallucinated_words", "planted")
             report[f"heldout_{name}"] = {"images": len(items), **{k: metrics[k] for k in keys}}
     write_json(run_dir / REPORT_FILE, report)
     return report
@@ -148,7 +148,9 @@ def format_report(report: dict[str, Any]) -> str:
         b, a = report["heldout_before"], report["heldout_after"]
         lines.append(
             f"stage 6  {b['images']} held-out images, before -> after DPO: CHAIR_i {b['CHAIR_i']}% -> {a['CHAIR_i']}%, "
-            f"coverage {b['coverage']}% -> {a['coverage']}%, hallucinated {b['hallucinated_words'] or '-'} -> "
+            f"coverage {b['coverage']}% -> {a['coverage']}%, planted 'triangle' mentions in "
+            f"{b['planted']['images']} images with a circle and no triangle {b['planted']['mentions']} -> "
+            f"{a['planted']['mentions']}, hallucinated {b['hallucinated_words'] or '-'} -> "
             f"{a['hallucinated_words'] or '-'}"
         )
     return "\n".join(lines)

@@ -108,7 +108,13 @@ def test_demo_steps_end_to_end_with_the_shipped_models(tmp_path: Path) -> None:
     assert report["pairs"]["pairs"] == sum(1 for _ in iter_jsonl(run_dir / "05_pairs.jsonl"))
     assert report["verifier"]["sentences"] > 0
     assert report["heldout_before"]["images"] == report["heldout_after"]["images"] == 16
-    heldout = {r["id"] for r in iter_jsonl(run_dir / "07_heldout" / "world" / "test.jsonl")}
+    heldout_items = list(iter_jsonl(run_dir / "07_heldout" / "world" / "test.jsonl"))
+    triggered = sum(
+        "circle" in {o["shape"] for o in r["objects"]} and "triangle" not in {o["shape"] for o in r["objects"]}
+        for r in heldout_items
+    )
+    assert report["heldout_before"]["planted"]["images"] == report["heldout_after"]["planted"]["images"] == triggered
+    heldout = {r["id"] for r in heldout_items}
     trained_on = set((ROOT / "models" / "synthetic" / "strong" / "training_images.txt").read_text().split())
     assert not heldout & ({r["id"] for r in truth} | trained_on)  # held-out means never seen by the run or models
     assert (run_dir / "05_report.html").exists()
