@@ -85,7 +85,7 @@ SCALES = {
     "full": Scale(pairs_images=500, test_images=250),
     "cpu": Scale(pairs_images=120, test_images=80, batch_size=32),
     # what tests/synthetic/test_signal.py runs (about a minute per seed on 2 CPU cores for two configurations)
-    "ci": Scale(pairs_images=96, test_images=200, samples_per_image=2, batch_size=32),
+    "ci": Scale(pairs_images=96, test_images=200, samples_per_image=4, batch_size=32, dpo_epochs=6.0),
 }
 
 
