@@ -108,6 +108,11 @@ def training_image_lists(models: Path) -> list[Path]:
     return [p for p in (models / role / "training_images.txt" for role in ("strong", "weak")) if p.exists()]
 
 
+def training_image_ids(models: Path) -> set[str]:
+    """The ids of every image the strong and weak models were trained on."""
+    return {image_id for path in training_image_lists(models) for image_id in path.read_text().split()}
+
+
 def run_yaml(run_dir: Path, settings: Settings, seed: int, config: str, world: Path) -> Path:
     """The run YAML of one configuration (what a user would write), saved in its run directory."""
     import yaml
@@ -240,18 +245,12 @@ def shuffle_pairs(pairs_file: Path, target: Path, seed: int) -> int:
 def pair_accuracy(pairs_file: Path, scenes: dict[str, Scene]) -> dict[str, Any]:
     """How often a pair's chosen side is truly better than its rejected side (fewer wrong claims), by ground truth."""
     from capdpo.jsonl import iter_jsonl
-    from capdpo.synthetic.scoring import object_mentions, parse_claims
-
-    def wrong(text: str, scene: Scene) -> int:
-        truth = {(o.size, o.colour, o.shape, o.position) for o in scene.objects}
-        claims = parse_claims(text)
-        unparsed = max(0, len(object_mentions(text)) - len(claims))
-        return sum(c not in truth for c in claims) + unparsed
+    from capdpo.synthetic.scoring import wrong_claims
 
     better = worse = tie = 0
     for pair in iter_jsonl(pairs_file):
         scene = scenes[pair["image_id"]]
-        a, b = wrong(pair["chosen"], scene), wrong(pair["rejected"], scene)
+        a, b = wrong_claims(pair["chosen"], scene)[0], wrong_claims(pair["rejected"], scene)[0]
         better += a < b
         worse += a > b
         tie += a == b
@@ -271,7 +270,7 @@ def run_seed(settings: Settings, seed: int) -> dict[str, Any]:
     root = settings.out / f"seed{seed}"
     world_dir = root / "world"
     # neither model's training images may reach the pipeline or the evaluation
-    trained_on = {image_id for path in training_image_lists(settings.models) for image_id in path.read_text().split()}
+    trained_on = training_image_ids(settings.models)
     world = generate_world(
         world_dir,
         {"pairs": settings.scale.pairs_images, "test": settings.scale.test_images},

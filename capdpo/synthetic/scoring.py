@@ -46,6 +46,15 @@ def parse_claims(text: str) -> list[tuple[str, str, str, str]]:
     return [tuple(g.lower() for g in m.groups()) for m in _CLAIM.finditer(text)]  # type: ignore[misc]
 
 
+def wrong_claims(text: str, scene: Scene) -> tuple[int, int]:
+    """(claims of `text` that are not exactly right, claims); a shape named outside a parsable claim counts as a
+    wrong claim."""
+    truth = {(o.size, o.colour, o.shape, o.position) for o in scene.objects}
+    claims = parse_claims(text)
+    unparsed = max(0, len(object_mentions(text)) - len(claims))
+    return sum(c not in truth for c in claims) + unparsed, len(claims) + unparsed
+
+
 def _percent(part: float, whole: float) -> float:
     return round(100.0 * part / whole, 2) if whole else 0.0
 

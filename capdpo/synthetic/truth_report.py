@@ -25,26 +25,17 @@ TEST_WORLD_SEED = 90_210  # held-out images of the report: a seed no experiment 
 REPORT_FILE = "07_truth_report.json"
 
 
-def _wrong_claims(text: str, scene: Scene) -> tuple[int, int]:
-    """(claims that are not exactly right, claims) of a text; a shape named outside a parsable claim is wrong."""
-    from capdpo.synthetic.scoring import object_mentions, parse_claims
-
-    truth = {(o.size, o.colour, o.shape, o.position) for o in scene.objects}
-    claims = parse_claims(text)
-    unparsed = max(0, len(object_mentions(text)) - len(claims))
-    return sum(c not in truth for c in claims) + unparsed, len(claims) + unparsed
-
-
 def verifier_quality(scores_file: Path, scenes: dict[str, Scene]) -> dict[str, Any]:
     """How the stage 4 scores of candidate sentences match the truth (sentences naming no object are left out)."""
     from capdpo.jsonl import iter_jsonl
+    from capdpo.synthetic.scoring import wrong_claims
 
     counts: Counter[str] = Counter()
     sums: Counter[str] = Counter()
     for record in iter_jsonl(scores_file):
         scene = scenes[record["image_id"]]
         for candidate in record["candidates"]:
-            wrong, claims = _wrong_claims(candidate["text"], scene)
+            wrong, claims = wrong_claims(candidate["text"], scene)
             if not claims:
                 continue
             kind = "wrong" if wrong else "right"
@@ -82,11 +73,10 @@ def read_truth(path: Path) -> dict[str, Scene]:
 
 def heldout_images(out: Path, n: int, models: Path, avoid: set[str]) -> list[WorldImage]:
     """`n` fresh test images, none of them among `avoid` or the models' training images."""
-    from capdpo.synthetic.experiment import training_image_lists
+    from capdpo.synthetic.experiment import training_image_ids
     from capdpo.synthetic.world import generate_world
 
-    trained_on = {i for path in training_image_lists(models) for i in path.read_text().split()}
-    return generate_world(out, {"test": n}, seed=TEST_WORLD_SEED, exclude=trained_on | avoid)["test"]
+    return generate_world(out, {"test": n}, seed=TEST_WORLD_SEED, exclude=training_image_ids(models) | avoid)["test"]
 
 
 def build_report(
