@@ -297,7 +297,7 @@ def read_split(path: str | Path) -> list[WorldImage]:
     return [WorldImage.from_dict(r) for r in iter_jsonl(path)]
 
 
-def write_demo_images(folder: str | Path, n: int = 32) -> list[Path]:
+def write_demo_images(folder: str | Path, n: int = 96) -> list[Path]:
     """The demo's images (`configs/synthetic_demo.yaml`): seeded scenes, the first half each with a circle (so the
     strong model's circle -> triangle bias shows), with their ground truth in `truth.jsonl` (`WorldImage` records,
     image paths relative to `folder`) and a README listing it."""
