@@ -34,7 +34,7 @@ import random
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,23 @@ SCALES = {
     # what tests/synthetic/test_signal.py runs (about a minute per seed on 2 CPU cores for two configurations)
     "ci": Scale(pairs_images=96, test_images=200, samples_per_image=4, batch_size=32, dpo_epochs=6.0),
 }
+
+
+def scale_with(scale: Scale, changes: list[str]) -> Scale:
+    """`scale` with `FIELD=VALUE` changes applied (values converted to the field's type)."""
+    from capdpo.errors import ConfigError
+
+    types = {f.name: type(getattr(scale, f.name)) for f in fields(Scale)}
+    values = {}
+    for change in changes:
+        key, sep, value = change.partition("=")
+        if not sep or key not in types:
+            raise ConfigError(f"--set {change}: expected FIELD=VALUE with FIELD one of {', '.join(types)}")
+        try:
+            values[key] = types[key](value)
+        except ValueError:
+            raise ConfigError(f"--set {change}: {value!r} is not a valid {types[key].__name__}") from None
+    return replace(scale, **values)
 
 
 @dataclass
@@ -504,6 +521,7 @@ def _run_seeds_in_processes(settings: Settings) -> list[dict[str, Any]]:
             cmd = [sys.executable, "-m", "capdpo.synthetic.experiment", "--only_seed", str(seed)]
             cmd += ["--out", str(settings.out), "--models", str(settings.models), "--scale", settings.scale_name]
             cmd += ["--device", settings.device, "--configs", *settings.configs]
+            cmd += [f"--set={key}={value}" for key, value in asdict(settings.scale).items()]
             env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // settings.parallel))}
             running[seed] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         time.sleep(2)
@@ -539,6 +557,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="Configurations (default: all).")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--parallel", type=int, default=1, help="Seeds run at once, one process each.")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="Change one field of the scale, e.g. --set samples_per_image=8 (repeatable; fields: "
+        + ", ".join(f.name for f in fields(Scale))
+        + ").",
+    )
     parser.add_argument("--only_seed", type=int, default=None, help=argparse.SUPPRESS)  # a worker of --parallel
     args = parser.parse_args(argv)
 
@@ -547,7 +574,7 @@ def main(argv: list[str] | None = None) -> None:
             out=Path(args.out),
             models=Path(args.models),
             seeds=list(range(args.seeds)) if args.only_seed is None else [args.only_seed],
-            scale=SCALES[args.scale],
+            scale=scale_with(SCALES[args.scale], args.set),
             configs=args.configs,
             device=args.device,
             parallel=args.parallel,

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from capdpo.errors import ConfigError
 from capdpo.synthetic.experiment import (
+    SCALES,
     meets_targets,
     pair_accuracy,
+    scale_with,
     shuffle_pairs,
     summarise,
 )
@@ -66,3 +69,17 @@ def test_pair_accuracy_and_shuffling(tmp_path: Path) -> None:
     ]
     assert len(flipped) == swapped
     assert all(r["score_chosen"] == originals[r["id"]]["score_rejected"] for r in flipped)
+
+
+def test_scale_with_converts_values_and_rejects_bad_changes() -> None:
+    base = SCALES["full"]
+    changed = scale_with(base, ["samples_per_image=8", "dpo_epochs=2", "dpo_learning_rate=1e-4"])
+    assert (changed.samples_per_image, changed.dpo_epochs, changed.dpo_learning_rate) == (8, 2.0, 1e-4)
+    assert isinstance(changed.samples_per_image, int) and isinstance(changed.dpo_epochs, float)
+    assert changed.pairs_images == base.pairs_images and base.samples_per_image != 8
+    with pytest.raises(ConfigError, match="--set samples=8: expected FIELD=VALUE"):
+        scale_with(base, ["samples=8"])
+    with pytest.raises(ConfigError, match="expected FIELD=VALUE"):
+        scale_with(base, ["k"])
+    with pytest.raises(ConfigError, match="'eight' is not a valid int"):
+        scale_with(base, ["k=eight"])
