@@ -558,28 +558,52 @@ def _silu_mul(gate: Any, up: Any) -> Any:
 
 
 class _CompiledOrEager:
-    """`fn` compiled with dynamic shapes; if the compiler fails (e.g. no working Triton), `fn` itself from then on."""
+    """`fn` compiled with dynamic shapes; if the compiler fails (e.g. no working Triton), `fn` itself from then on.
+
+    Inputs of a new kind (rank, dtype, device, grad mode) compile a new variant; past torch's recompile limit for
+    `fn` (8 variants: a process that describes, scores and trains with two models can meet more) inputs of that
+    kind run eagerly, and the variants already compiled keep running compiled."""
 
     def __init__(self, fn: Any, backend: str) -> None:
         import torch
 
         self.fn = fn
         self.compiled = torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
+        self.eager_kinds: set[tuple[Any, ...]] = set()
 
     def __call__(self, *args: Any) -> Any:
         if self.compiled is None:
             return self.fn(*args)
+        kind = _input_kind(args)
+        if kind in self.eager_kinds:
+            return self.fn(*args)
         try:
             return self.compiled(*args)
         except Exception as err:  # noqa: BLE001 - only compiler failures are caught, see below
-            from torch._dynamo.exc import BackendCompilerFailed, TorchRuntimeError
+            from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit, TorchRuntimeError
 
+            if isinstance(err, FailOnRecompileLimitHit):
+                self.eager_kinds.add(kind)
+                return self.fn(*args)
             if not isinstance(err, (BackendCompilerFailed, TorchRuntimeError)):
                 raise
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             print(f"capdpo: torch.compile failed for {self.fn.__name__}, running it eagerly ({first})", flush=True)
             self.compiled = None
             return self.fn(*args)
+
+
+def _input_kind(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What a compiled variant is specialised on (sizes are dynamic, so they are left out)."""
+    import torch
+
+    return (
+        torch.is_grad_enabled(),
+        *(
+            (a.dim(), a.dtype, a.device.type, a.requires_grad) if isinstance(a, torch.Tensor) else a
+            for a in args
+        ),
+    )
 
 
 _COMPILED: dict[tuple[str, str], _CompiledOrEager] = {}

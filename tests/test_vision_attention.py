@@ -108,3 +108,27 @@ def test_a_failing_compiler_falls_back_to_the_eager_function(capsys):
     assert fused.compiled is None and "running it eagerly" in capsys.readouterr().out
     assert torch.equal(fused(b, a), _silu_mul(b, a))  # later calls: eager, no new message
     assert capsys.readouterr().out == ""
+
+
+def test_inputs_past_the_recompile_limit_run_eagerly_and_compiled_variants_stay_compiled():
+    from capdpo.models import _CompiledOrEager, _rms_norm
+
+    compiles = []
+
+    def counting(graph, example_inputs):
+        compiles.append(len(example_inputs))
+        return graph.forward
+
+    fused = _CompiledOrEager(_rms_norm, counting)
+    weight = torch.randn(8)
+    two, three = torch.randn(5, 8), torch.randn(2, 5, 8)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        torch._dynamo.reset()
+        assert torch.allclose(fused(two, weight, 1e-6), _rms_norm(two, weight, 1e-6))
+        # a rank-3 input needs a second variant: over the limit of one, so it runs eagerly instead of failing
+        assert torch.allclose(fused(three, weight, 1e-6), _rms_norm(three, weight, 1e-6))
+        assert fused.compiled is not None and len(fused.eager_kinds) == 1
+        assert len(compiles) == 1
+        assert torch.allclose(fused(torch.randn(7, 8), weight, 1e-6).shape[0] * torch.ones(1), 7 * torch.ones(1))
+        assert len(compiles) == 1  # rank 2 again (another size): the compiled variant, not a new one
+    torch._dynamo.reset()
