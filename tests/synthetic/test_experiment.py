@@ -73,10 +73,10 @@ def test_pair_accuracy_and_shuffling(tmp_path: Path) -> None:
 
 def test_scale_with_converts_values_and_rejects_bad_changes() -> None:
     base = SCALES["full"]
-    changed = scale_with(base, ["samples_per_image=8", "dpo_epochs=2", "dpo_learning_rate=1e-4"])
-    assert (changed.samples_per_image, changed.dpo_epochs, changed.dpo_learning_rate) == (8, 2.0, 1e-4)
+    changed = scale_with(base, ["samples_per_image=3", "dpo_epochs=5", "dpo_learning_rate=1e-4"])
+    assert (changed.samples_per_image, changed.dpo_epochs, changed.dpo_learning_rate) == (3, 5.0, 1e-4)
     assert isinstance(changed.samples_per_image, int) and isinstance(changed.dpo_epochs, float)
-    assert changed.pairs_images == base.pairs_images and base.samples_per_image != 8
+    assert changed.pairs_images == base.pairs_images and base.samples_per_image != 3
     with pytest.raises(ConfigError, match="--set samples=8: expected FIELD=VALUE"):
         scale_with(base, ["samples=8"])
     with pytest.raises(ConfigError, match="expected FIELD=VALUE"):
