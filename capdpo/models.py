@@ -599,10 +599,7 @@ def _input_kind(args: tuple[Any, ...]) -> tuple[Any, ...]:
 
     return (
         torch.is_grad_enabled(),
-        *(
-            (a.dim(), a.dtype, a.device.type, a.requires_grad) if isinstance(a, torch.Tensor) else a
-            for a in args
-        ),
+        *((a.dim(), a.dtype, a.device.type, a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args),
     )
 
 
