@@ -574,8 +574,7 @@ class _CompiledOrEager:
     def __call__(self, *args: Any) -> Any:
         if self.compiled is None:
             return self.fn(*args)
-        kind = _input_kind(args)
-        if kind in self.eager_kinds:
+        if self.eager_kinds and _input_kind(args) in self.eager_kinds:  # the kind is only needed past the limit
             return self.fn(*args)
         try:
             return self.compiled(*args)
@@ -583,7 +582,7 @@ class _CompiledOrEager:
             from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit, TorchRuntimeError
 
             if isinstance(err, FailOnRecompileLimitHit):
-                self.eager_kinds.add(kind)
+                self.eager_kinds.add(_input_kind(args))
                 return self.fn(*args)
             if not isinstance(err, (BackendCompilerFailed, TorchRuntimeError)):
                 raise
