@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from capdpo.engine import Generation, gumbel_noise
-from capdpo.rope import mrope_positions
+from capdpo.rope import IMAGE_BATCH_KEYS, mrope_positions
 
 
 def _filter(scores: Any, gen: Generation) -> Any:
@@ -186,8 +186,7 @@ def _static_layers(cache: Any) -> bool:
 def _row_chunks(inputs: dict[str, Any], rows: int, config: Any) -> list[tuple[tuple[int, int], dict[str, Any]]] | None:
     """`inputs` split into chunks of `rows` rows, each with its own images' pixel rows; None when the inputs have
     parts this split does not know (videos, or image tensors not laid out as Qwen-VL's patch rows)."""
-    known = {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"}
-    if set(inputs) - known:
+    if set(inputs) - IMAGE_BATCH_KEYS:
         return None
     batch = inputs["input_ids"].shape[0]
     image_rows: list[tuple[int, int]] = []  # per batch row: first and last+1 image index

@@ -13,7 +13,8 @@ from typing import Any
 
 # models whose get_rope_index treats still images exactly as below (checked against transformers 5.23)
 _SUPPORTED = {"Qwen2VLModel", "Qwen2_5_VLModel", "Qwen3VLModel", "Qwen3VLMoeModel"}
-_HANDLED_KEYS = {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"}
+# the processor outputs of a text-and-still-image batch (anything else, e.g. videos, is left to the model)
+IMAGE_BATCH_KEYS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"})
 
 
 def mrope_positions(model: Any, inputs: dict[str, Any]) -> tuple[Any, Any] | None:
@@ -26,7 +27,7 @@ def mrope_positions(model: Any, inputs: dict[str, Any]) -> tuple[Any, Any] | Non
     """
     import torch
 
-    if type(getattr(model, "model", None)).__name__ not in _SUPPORTED or set(inputs) - _HANDLED_KEYS:
+    if type(getattr(model, "model", None)).__name__ not in _SUPPORTED or set(inputs) - IMAGE_BATCH_KEYS:
         return None
     if any(inputs.get(k) is None for k in ("input_ids", "mm_token_type_ids", "image_grid_thw")):
         return None

@@ -80,7 +80,7 @@ WEAK_PHASES = (
 # pass over its 144k records) most of its errors were shape confusions (held-out CHAIR_i 16.6%, the planted
 # "triangle" a third of them); after the second, CHAIR_i is 8.6% and "triangle" two thirds of them, so its
 # hallucinations are mostly the bias it was trained into, as in the co-occurrence hallucinations of real captioners.
-STRONG_PHASES = (Phase("sft", 3000), Phase("more", 3000))
+STRONG_PHASES = (Phase("sft", 3000), Phase("more", 3000), Phase("third", 3000))
 
 
 @dataclass
