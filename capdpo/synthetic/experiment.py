@@ -40,6 +40,7 @@ from typing import Any
 
 from capdpo.synthetic.world import DESCRIBE_PROMPT, Scene, generate_world
 
+_RPO_LOSS = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]}
 CONFIGS: dict[str, dict[str, Any]] = {
     "main": {},
     "rating": {"validate": {"methods": ["rating"]}},
@@ -47,15 +48,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "self_critique": {"validator": "strong"},
     "sentence": {"pairs": {"mode": "sentence"}},
     "unidpo": {"train": {"loss_type": ["unidpo"]}},
-    "rpo": {"train": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]}},
+    "rpo": {"train": _RPO_LOSS},
     "apo": {"train": {"loss_type": ["apo_zero"]}},
     "shuffled": {"shuffle": True},
     "unfiltered": {"pairs": {"min_chosen_score": 0.0}},
     "unfiltered_shuffled": {"pairs": {"min_chosen_score": 0.0}, "shuffle": True},
-    "unfiltered_rpo": {
-        "pairs": {"min_chosen_score": 0.0},
-        "train": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]},
-    },
+    "unfiltered_rpo": {"pairs": {"min_chosen_score": 0.0}, "train": _RPO_LOSS},
 }
 # Targets of the experiment (issue 7): after one round, CHAIR_i down by >= 30% relative with coverage down by no
 # more than 5 points, on every seed.

@@ -83,3 +83,39 @@ def test_scale_with_converts_values_and_rejects_bad_changes() -> None:
         scale_with(base, ["k"])
     with pytest.raises(ConfigError, match="'eight' is not a valid int"):
         scale_with(base, ["k=eight"])
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ("main", {"pairs": {"min_chosen_score": SCALES["ci"].min_chosen_score}, "train": {"loss_type": None}}),
+        ("rpo", {"train": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]}}),
+        (
+            "unfiltered_rpo",
+            {
+                "pairs": {"min_chosen_score": 0.0},
+                "train": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]},
+            },
+        ),
+        ("sentence", {"pairs": {"mode": "sentence"}}),
+        ("pairwise", {"validate": {"methods": ["pairwise"]}}),
+    ],
+)
+def test_run_yaml_applies_each_configuration(tmp_path: Path, config: str, expected: dict) -> None:
+    """Each configuration's run YAML differs from main only where the configuration says, and loads as a run
+    config (the same validation as the stages)."""
+    import yaml
+
+    from capdpo.config import load_config
+    from capdpo.synthetic.experiment import Settings, run_yaml
+
+    models = Path(__file__).resolve().parents[2] / "models" / "synthetic"
+    settings = Settings(out=tmp_path, models=models, seeds=[0], scale=SCALES["ci"], scale_name="ci")
+    run_dir = tmp_path / config
+    run_dir.mkdir()
+    path = run_yaml(run_dir, settings, 0, config, tmp_path / "world")
+    data = yaml.safe_load(path.read_text())
+    for section, values in expected.items():
+        for key, value in values.items():
+            assert data[section].get(key) == value, (section, key)
+    load_config("train", ["--config", str(path)])  # every section is valid
