@@ -1,7 +1,7 @@
 """Train the synthetic world's strong describer and weak verifier from scratch (full fine-tuning with capdpo's SFT).
 
     python -m capdpo.synthetic.build --out models/synthetic --scale full   # GPU recipe (more data and steps)
-    python -m capdpo.synthetic.build --out models/synthetic --scale cpu    # CPU recipe (the strong model alone: 54 min on 2 cores)
+    python -m capdpo.synthetic.build --out models/synthetic --scale cpu    # CPU recipe (strong alone: 54 min, 2 cores)
     python -m capdpo.synthetic.build --out /tmp/syn --scale smoke          # seconds, for tests
     python -m capdpo.synthetic.build --roles weak ...                      # one role (roles may run in parallel)
 
