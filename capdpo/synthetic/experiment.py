@@ -80,12 +80,12 @@ class Scale:
 
 
 SCALES = {
-    # 8 descriptions per image give ~270 pairs per seed; 2 epochs (3+ epochs, or lr 5e-4, push probability from
-    # "triangle" to other wrong shapes and cost coverage); 1000 test images keep the evaluation's noise small.
+    # 8 descriptions per image give ~130 pairs per seed; 4 epochs (at 2 the DPO loss ends at 0.66, barely learned;
+    # docs/synthetic/results_full_h200_strong3.md); 1000 test images keep the evaluation's noise small.
     "full": Scale(pairs_images=500, test_images=1000, samples_per_image=8, dpo_epochs=4.0),
     "cpu": Scale(pairs_images=120, test_images=80, batch_size=32),
     # what tests/synthetic/test_signal.py runs (about a minute per seed on 2 CPU cores for two configurations)
-    "ci": Scale(pairs_images=96, test_images=200, samples_per_image=4, batch_size=32, dpo_epochs=6.0),
+    "ci": Scale(pairs_images=96, test_images=200, samples_per_image=4, batch_size=32, dpo_epochs=10.0),
 }
 
 

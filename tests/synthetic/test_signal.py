@@ -3,9 +3,11 @@ no signal (chosen/rejected shuffled) must not.
 
 The strong model names a shape next to a circle "triangle" 60% of the time in training; on fresh images where that
 can happen (a circle, no triangle) it still does (the `planted` count). For each of two seeds, stages 1-6 run on 96
-fresh images (4 descriptions each, pairs without the chosen-score filter, 6 epochs), then the adapter describes 200
-held-out images. Measured on two sampling streams (record ids include the model's path, so another checkout samples
-differently): planted 46 -> 8 and 46 -> 5 (shuffled 51, 56); mean CHAIR_i 10.5 -> 7.9 and 7.5 (shuffled 11.3, 12.0).
+fresh images (4 descriptions each, pairs without the chosen-score filter, 10 epochs), then the adapter describes 200
+held-out images. Measured with the three-cycle strong model (record ids include the model's path, so another
+checkout samples differently): planted 93 -> 19 (shuffled 97); mean CHAIR_i
+13.8 -> 6.7 (shuffled 14.6), coverage 83.7 -> 93.0. With 6 epochs planted fell only to 46, so the margin below
+needs the 10.
 """
 
 from __future__ import annotations
