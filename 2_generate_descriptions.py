@@ -3,7 +3,7 @@
 python 2_generate_descriptions.py --config configs/demo.yaml [--field value ...]
 """
 
-from capdpo.stages.describe import main
+from capdpo.stages.generate_descriptions import main
 
 if __name__ == "__main__":
     main()

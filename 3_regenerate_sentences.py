@@ -3,7 +3,7 @@
 python 3_regenerate_sentences.py --config configs/demo.yaml [--field value ...]
 """
 
-from capdpo.stages.variants import main
+from capdpo.stages.regenerate_sentences import main
 
 if __name__ == "__main__":
     main()

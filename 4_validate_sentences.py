@@ -3,7 +3,7 @@
 python 4_validate_sentences.py --config configs/demo.yaml [--field value ...]
 """
 
-from capdpo.stages.validate import main
+from capdpo.stages.validate_sentences import main
 
 if __name__ == "__main__":
     main()

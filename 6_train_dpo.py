@@ -3,7 +3,7 @@
 python 6_train_dpo.py --config configs/demo.yaml [--field value ...]
 """
 
-from capdpo.stages.train import main
+from capdpo.stages.train_dpo import main
 
 if __name__ == "__main__":
     main()

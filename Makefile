@@ -21,8 +21,8 @@ $(STAMP):
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-$(TINY)/.built: $(STAMP) capdpo/tiny.py
-	$(BIN)/python -m capdpo.tiny --out $(TINY) --force
+$(TINY)/.built: $(STAMP) capdpo/models/tiny.py
+	$(BIN)/python -m capdpo tiny --out $(TINY) --force
 	@touch $@
 
 tiny: $(TINY)/.built
@@ -31,15 +31,15 @@ demo: $(STAMP)
 	@echo "capdpo demo: the synthetic world (bundled images of coloured shapes whose content is known) and two tiny"
 	@echo "models trained on it (models/synthetic/): a strong describer with a planted bias, a weak verifier."
 	bash scripts/run_all.sh configs/synthetic_demo.yaml
-	$(BIN)/python -m capdpo.data_report --run_dir runs/synthetic_demo
-	$(BIN)/python -m capdpo.synthetic.truth_report --run_dir runs/synthetic_demo
+	$(BIN)/python -m capdpo data-report --run_dir runs/synthetic_demo
+	$(BIN)/python -m capdpo truth-report --run_dir runs/synthetic_demo
 	@echo "Demo done: outputs in runs/synthetic_demo/ (open runs/synthetic_demo/05_report.html)."
 
 # The same pipeline on the bundled photos with tiny RANDOM-weight models: the files and mechanics of a run on real
 # photos; the text is meaningless by design.
 demo-photos: $(STAMP) $(TINY)/.built
 	bash scripts/run_all.sh configs/demo.yaml
-	$(BIN)/python -m capdpo.data_report --run_dir runs/demo
+	$(BIN)/python -m capdpo data-report --run_dir runs/demo
 	@echo "Done: outputs in runs/demo/ (open runs/demo/05_report.html). Random tiny models: meaningless text."
 
 test: $(STAMP)

@@ -52,7 +52,7 @@ def main() -> None:
 
     import torch
 
-    from capdpo.models import use_grouped_vision_attention
+    from capdpo.models.patches import use_grouped_vision_attention
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = Shapes(image_side=56) if args.tiny else Shapes()
@@ -71,9 +71,9 @@ def main() -> None:
 def captioning(result: dict, size7: str, shapes: Shapes, batch: int, device: str) -> None:
     import torch
 
-    from capdpo import models
-    from capdpo.engine import Generation
-    from capdpo.fastgen import StaticDecoder
+    from capdpo.generation.sampling import Generation
+    from capdpo.generation.static_decoder import StaticDecoder
+    from capdpo.models import patches as models
 
     model = build_model(size7, device)
     inputs = synthetic_batch(batch, shapes, device, seed=1)
@@ -170,7 +170,7 @@ def decode_steps(model, inputs: dict, device: str):
 def validation(result: dict, size3: str, shapes: Shapes, device: str) -> None:
     import torch
 
-    from capdpo.prefix import PrefixGroup, SharedPrefixScorer
+    from capdpo.generation.prefix import PrefixGroup, SharedPrefixScorer
 
     model = build_model(size3, device)
     lm = SimpleNamespace(model=model, device=torch.device(device), tokenizer=SimpleNamespace(pad_token_id=ENDOFTEXT),

@@ -90,9 +90,9 @@ def main() -> None:
 
     import torch
 
-    from capdpo.engine import Generation
-    from capdpo.fastgen import StaticDecoder
-    from capdpo.models import tune_for_cuda_inference, use_grouped_vision_attention
+    from capdpo.generation.sampling import Generation
+    from capdpo.generation.static_decoder import StaticDecoder
+    from capdpo.models.patches import tune_for_cuda_inference, use_grouped_vision_attention
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -1,5 +1,5 @@
 """Captioning levers one at a time (7B, 448x448 images, batch 256): Qwen-VL rope positions (the model's
-`get_rope_index` vs `capdpo.rope`), the prefill with each, the fused language-model elementwise kernels, and a bare
+`get_rope_index` vs `capdpo.generation.rope`), the prefill with each, the fused language-model elementwise kernels, and a bare
 decode step (CUDA graph) at 1024 and 2048 rows with and without them, plus a profile of one eager step.
 
     python bench/levers.py > bench/results/levers_h200.log     # GPU, ~2 min
@@ -41,7 +41,7 @@ def section(fn) -> None:
 def rope_ms(model, inputs: dict, device: str) -> None:
     import torch
 
-    from capdpo.rope import mrope_positions
+    from capdpo.generation.rope import mrope_positions
 
     def theirs():
         return model.model.get_rope_index(
@@ -56,7 +56,7 @@ def rope_ms(model, inputs: dict, device: str) -> None:
 
 
 def prefill_s(model, inputs: dict, device: str, tag: str) -> None:
-    from capdpo.rope import mrope_positions
+    from capdpo.generation.rope import mrope_positions
 
     pos = mrope_positions(model, inputs)[0]
     t0 = timed(lambda: model(**inputs, use_cache=False, logits_to_keep=1), device)
@@ -70,7 +70,7 @@ def decode_step_ms(model, rows: int, prompt: int, device: str, tag: str, profile
     import torch
     from transformers import StaticCache
 
-    from capdpo.fastgen import _capture
+    from capdpo.generation.static_decoder import _capture
 
     total = prompt + 128
     cache = StaticCache(config=model.config, max_cache_len=total)
@@ -111,7 +111,7 @@ def main() -> None:
 
     import torch
 
-    from capdpo import models
+    from capdpo.models import patches as models
 
     device = "cpu" if args.tiny else "cuda"
     size, batch, shapes = ("tiny", 4, Shapes(image_side=56)) if args.tiny else ("7b", 256, Shapes())

@@ -146,7 +146,7 @@ def build_processor(image_size: int, tiny: bool) -> Any:
     """Qwen2.5-VL's processor with a small offline tokenizer (the 7B's vocabulary is larger; ids fit in it)."""
     import transformers
 
-    from capdpo.tiny import QWEN_CHAT_TEMPLATE, build_tokenizer
+    from capdpo.models.tiny import QWEN_CHAT_TEMPLATE, build_tokenizer
 
     tokenizer = build_tokenizer("qwen")
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
@@ -214,8 +214,8 @@ def synthetic_pairs(
     import numpy as np
     from PIL import Image
 
+    from capdpo.models.tiny import _WORDS
     from capdpo.records import PairRecord
-    from capdpo.tiny import _WORDS
     from capdpo.training.data import PairEncoder
 
     rng = random.Random(seed)
@@ -328,7 +328,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         args.deepspeed = "none" if args.tiny else "zero2"
     deepspeed = None
     if args.deepspeed != "none":
-        from capdpo.stages.train import DEEPSPEED_DIR
+        from capdpo.training.setup import DEEPSPEED_DIR
 
         deepspeed = (
             str(DEEPSPEED_DIR / f"{args.deepspeed}.json") if not args.deepspeed.endswith(".json") else args.deepspeed
@@ -339,10 +339,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--batch must be a multiple of --micro-batch")
 
     from capdpo.config import CommonConfig
-    from capdpo.models import LoadedModel, family_of
-    from capdpo.run import git_commit, library_versions
-    from capdpo.stages.train import build_trainer, dpo_args
-    from capdpo.train_config import TrainConfig
+    from capdpo.models.loading import LoadedModel, family_of
+    from capdpo.provenance import git_commit, library_versions
+    from capdpo.training.config import DpoConfig as TrainConfig
+    from capdpo.training.dpo import build_trainer
+    from capdpo.training.dpo import dpo_arguments as dpo_args
 
     dtype = torch.bfloat16 if cuda else torch.float32
     settings = TrainConfig(
@@ -492,8 +493,8 @@ def _trl_baseline(settings: Any, lm: Any, pairs: list[Any], dpo: Any, timer: Any
     from datasets import Dataset
     from trl import DPOTrainer
 
-    from capdpo.engine import load_image
-    from capdpo.stages.train import lora_config
+    from capdpo.images import load_image
+    from capdpo.training.setup import peft_setup
 
     rows = [
         {
@@ -510,7 +511,7 @@ def _trl_baseline(settings: Any, lm: Any, pairs: list[Any], dpo: Any, timer: Any
         args=dpo,
         train_dataset=Dataset.from_list(rows),
         processing_class=lm.processor,
-        peft_config=lora_config(settings, lm.model),
+        peft_config=peft_setup(settings, lm.model),
         callbacks=[timer],
     )
 

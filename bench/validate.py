@@ -47,8 +47,8 @@ def main() -> None:
 
     import torch
 
-    from capdpo.models import tune_for_cuda_inference, use_grouped_vision_attention
-    from capdpo.prefix import PrefixGroup, SharedPrefixScorer, shared_prefix_length
+    from capdpo.generation.prefix import PrefixGroup, SharedPrefixScorer, shared_prefix_length
+    from capdpo.models.patches import tune_for_cuda_inference, use_grouped_vision_attention
 
     if args.tiny:
         args.size, args.images, args.candidates, args.baseline_candidates, args.baseline_batch = "tiny", 2, 6, 8, 4

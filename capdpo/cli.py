@@ -1,12 +1,57 @@
-"""Entry-point wrapper shared by the numbered scripts and `python -m capdpo.*` commands."""
+"""The one command-line parser, shared by the numbered scripts, `python -m capdpo ...` and the `eval/` scripts.
+
+Options are dataclass fields (`capdpo.config.option`); transformers' `HfArgumentParser` turns them into flags.
+`parse_options` reads flags only; `capdpo.sections.load_config` puts a run YAML under the same parser (`--config
+FILE`; flags override it).
+Every mistake (an unknown flag, a wrong value, a missing required option) is a `ConfigError`, which `run_cli`
+prints as one line on stderr with exit code 2.
+"""
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any
 
-from capdpo.errors import CapdpoError
+from capdpo.errors import CapdpoError, ConfigError
+
+
+def parser_for(classes: list[type], description: str) -> Any:
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        def error(self, message: str) -> typing.NoReturn:  # argparse would print usage and exit; we want one line
+            raise ConfigError(f"command line: {message}")
+
+    parser = Parser(classes, allow_abbrev=False)  # a typo must not silently match a longer flag
+    parser.description = description
+    return parser
+
+
+def refuse_remaining(remaining: list[str], classes: Sequence[type], what: str) -> None:
+    if not remaining:
+        return
+    flags = [r for r in remaining if r.startswith("--")] or remaining
+    known = [f"--{f.name}" for cls in classes for f in fields(cls)]
+    close = difflib.get_close_matches(flags[0].replace("-", "_").replace("__", "--", 1), known, n=1)
+    hint = f" — did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"command line: unknown flag '{flags[0]}'{what}{hint}")
+
+
+def parse_options(cls: type, argv: list[str] | None, description: str = "", required: Sequence[str] = ()) -> Any:
+    """Flags (no YAML) into an instance of the dataclass `cls`; `required` fields must be given a value."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = parser_for([cls], description)
+    options, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    refuse_remaining(remaining, [cls], "")
+    missing = [name for name in required if getattr(options, name) in ("", None, [])]
+    if missing:
+        raise ConfigError(f"command line: --{missing[0]} is required (see --help)")
+    return options
 
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:

@@ -11,3 +11,9 @@ class ConfigError(CapdpoError):
 
 class InputError(CapdpoError):
     """An input file (images, a previous stage's output, a model path) is missing or malformed."""
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line, its type first (library messages can span several lines)."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from capdpo.errors import InputError
+from capdpo.jsonl import stable_id
 
 R = TypeVar("R", bound="Record")
 
@@ -128,3 +129,8 @@ class PairRecord(Record):
     split: str = "train"  # train / val
     assistant_prefix: str = ""  # sentence mode: the description before the sentence, part of the prompt
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+def pair_id(image_id: str, mode: str, prompt: str, assistant_prefix: str, chosen: str, rejected: str) -> str:
+    """The id of a pair: a stable hash of everything that defines it (duplicates share it)."""
+    return stable_id("pair", image_id, mode, prompt, assistant_prefix, chosen, rejected)

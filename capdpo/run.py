@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import platform
-import subprocess
 import sys
 import time
 from collections import Counter
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -17,80 +14,36 @@ import yaml
 from capdpo.config import LoadedConfig
 from capdpo.errors import InputError
 from capdpo.jsonl import JsonlAppender, iter_jsonl, stable_id, write_json, write_jsonl
-
-# Output file of each stage, relative to the run directory.
-STAGE_FILES = {
-    "images": "01_images.jsonl",
-    "describe": "02_descriptions.jsonl",
-    "variants": "03_variants.jsonl",
-    "validate": "04_scores.jsonl",
-    "pairs": "05_pairs.jsonl",
-}
-STAGE_SCRIPTS = {
-    "images": "1_prepare_images.py",
-    "describe": "2_generate_descriptions.py",
-    "variants": "3_regenerate_sentences.py",
-    "validate": "4_validate_sentences.py",
-    "pairs": "5_build_dpo_dataset.py",
-}
-_PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "deepspeed", "qwen-vl-utils", "pillow")
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of Python and the libraries whose behaviour shapes the outputs."""
-    versions = {"python": platform.python_version()}
-    for name in _PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    try:
-        from capdpo import __version__
-
-        versions["capdpo"] = __version__
-    except ImportError:  # pragma: no cover
-        pass
-    return versions
-
-
-def git_commit() -> str:
-    """The capdpo checkout's commit (with '+dirty' when it has uncommitted changes), or 'unknown'."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+from capdpo.pipeline import stage as stage_info
+from capdpo.provenance import now, provenance
 
 
 class Stage:
     """One stage's files in a run directory.
 
-    `<run_dir>/<NN_name>.jsonl` is the output; beside it `<NN_name>.meta.json` (resolved config, versions, git
-    commit, command), `.stats.json`, `.errors.jsonl` (inputs skipped, with the reason) and `.done` (the
-    completion marker, written last).
+    `<run_dir>/<NN_name>.jsonl` (or a folder, for training) is the output; beside it `<NN_name>.meta.json`
+    (provenance: resolved config, versions, git commit, command), `.config.yaml`, `.stats.json`, `.errors.jsonl`
+    (inputs skipped, with the reason) and `.done` (the completion marker, written last).
+
+    Args:
+        section: the stage's YAML section (`capdpo.pipeline` knows its output), or any name when `output` is given.
+        cfg: the loaded config.
+        output: the output file or folder, for tools that are not pipeline stages (SFT); its bookkeeping files
+            sit beside it.
     """
 
-    def __init__(self, name: str, cfg: LoadedConfig) -> None:
-        self.name = name
+    def __init__(self, section: str, cfg: LoadedConfig, output: Path | None = None) -> None:
+        self.name = section
         self.cfg = cfg
         self.run_dir = Path(cfg.common.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.output = self.run_dir / STAGE_FILES[name]
-        stem = self.output.name.removesuffix(".jsonl")
-        self.meta_path = self.run_dir / f"{stem}.meta.json"
-        self.stats_path = self.run_dir / f"{stem}.stats.json"
-        self.errors_path = self.run_dir / f"{stem}.errors.jsonl"
-        self.done_path = self.run_dir / f"{stem}.done"
+        self.output = output if output is not None else self.run_dir / stage_info(section).output
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        stem = self.output.parent / self._stem
+        self.meta_path = Path(f"{stem}.meta.json")
+        self.config_path = Path(f"{stem}.config.yaml")
+        self.stats_path = Path(f"{stem}.stats.json")
+        self.errors_path = Path(f"{stem}.errors.jsonl")
+        self.done_path = Path(f"{stem}.done")
         self.errors: list[dict[str, Any]] = []
         self.counts: Counter[str] = Counter()
         self.started = time.time()
@@ -98,15 +51,16 @@ class Stage:
     # ---- inputs -------------------------------------------------------------------------------------------
     def read_input(self, previous: str) -> list[dict[str, Any]]:
         """Records of a previous stage; refuses an unfinished one unless `allow_partial`."""
-        path = self.run_dir / STAGE_FILES[previous]
-        done = path.with_name(path.name.removesuffix(".jsonl") + ".done")
+        info = stage_info(previous)
+        path = self.run_dir / info.output
+        done = self.run_dir / f"{info.stem}.done"
         if not path.exists():
-            raise InputError(f"{path}: not found — run `python {STAGE_SCRIPTS[previous]} --config ...` first")
+            raise InputError(f"{path}: not found — run `python {info.script} --config ...` first")
         partial = not done.exists()
         if partial and not self.cfg.common.allow_partial:
             raise InputError(
                 f"{path}: stage '{previous}' has not finished (no {done.name}); rerun "
-                f"{STAGE_SCRIPTS[previous]} to complete it, or pass --allow_partial to use its finished records"
+                f"{info.script} to complete it, or pass --allow_partial to use its finished records"
             )
         return list(iter_jsonl(path, allow_torn_tail=partial))
 
@@ -140,6 +94,10 @@ class Stage:
     def _stem(self) -> str:
         return self.output.name.removesuffix(".jsonl")
 
+    def input_finished(self, previous: str) -> bool:
+        """Whether stage `previous` has written its completion marker in this run directory."""
+        return (self.run_dir / f"{stage_info(previous).stem}.done").exists()
+
     def _rank_path(self, rank: int) -> Path:
         return self.run_dir / f"{self._stem}.rank{rank}.jsonl"
 
@@ -166,17 +124,10 @@ class Stage:
         return True
 
     def write_meta(self) -> None:
-        meta = {
-            "stage": self.name,
-            "command": [sys.executable, *sys.argv],
-            "config": self.cfg.resolved(),
-            "versions": library_versions(),
-            "git_commit": git_commit(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        write_json(self.meta_path, meta)
-        cfg_yaml = self.run_dir / f"{self.output.name.removesuffix('.jsonl')}.config.yaml"
-        cfg_yaml.write_text(yaml.safe_dump(self.cfg.resolved(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+        """Provenance and the resolved config beside the output (written when a run starts)."""
+        write_json(self.meta_path, provenance(self.cfg.resolved(), stage=self.name))
+        text = yaml.safe_dump(self.cfg.resolved(), sort_keys=False, allow_unicode=True)
+        self.config_path.write_text(text, encoding="utf-8")
 
     def skip(self, reason: str, **where: Any) -> None:
         """Record an input this stage had to leave out, with the reason; the rest goes on."""
@@ -188,7 +139,7 @@ class Stage:
         write_jsonl(self.errors_path, self.errors)
         stats = {**dict(self.counts), **stats, "seconds": round(time.time() - self.started, 2)}
         write_json(self.stats_path, stats)
-        self.done_path.write_text(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+        self.done_path.write_text(json.dumps({"finished": now()}) + "\n")
         skipped = f" {len(self.errors)} input(s) skipped, reasons in {self.errors_path}." if self.errors else ""
         print(f"\n[{self.name}] {summary}{skipped} Output: {self.output} ({stats['seconds']:.1f} s).", flush=True)
         return stats

@@ -96,3 +96,25 @@ def normalise(text: str) -> str:
 
 def word_count(text: str) -> int:
     return len(re.findall(r"\w+(?:['’-]\w+)*", text))
+
+
+# ---- stage 3: rewriting sentences ------------------------------------------------------------------------
+FIRST_SENTENCE_CONTEXT = "(nothing yet: this is the first sentence)"
+
+
+def rewrite_prompt(template: str, context: list[str], index: int) -> str:
+    """The rewrite instruction for sentence `index` given the sentences before it."""
+    before = " ".join(context[:index]) or FIRST_SENTENCE_CONTEXT
+    return template.replace("{context}", before).replace("{sentence}", context[index])
+
+
+def dedupe_variants(original: str, variants: list[str]) -> list[str]:
+    """Drop empty variants, repeats and copies of the original (compared case- and punctuation-insensitively)."""
+    seen = {normalise(original)}
+    kept = []
+    for variant in variants:
+        key = normalise(variant)
+        if key and key not in seen:
+            seen.add(key)
+            kept.append(variant)
+    return kept

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Iterative rounds (RLAIF-V style): run every stage N times, each round's trained policy being the next round's
-# strong model. Read it top to bottom; the details are in capdpo/rounds.py.
+# strong model. Read it top to bottom; the details are in capdpo/training/rounds.py.
 #
 #   bash scripts/run_rounds.sh configs/demo.yaml 3 [--flag value ...]
 #
@@ -17,7 +17,7 @@ py=${PYTHON:-python}
 
 for k in $(seq 1 "$rounds"); do
   # round k's config: the base config + round k-1's policy as strong_adapter (refused if round k-1 is unfinished)
-  round_config=$("$py" -m capdpo.rounds prepare --config "$config" --round "$k")
+  round_config=$("$py" -m capdpo prepare-round --config "$config" --round "$k")
   if [ -f "$(dirname "$round_config")/06_train.done" ]; then
     echo "=== round $k: already trained ($(dirname "$round_config")), skipped ==="
     continue

@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Paths of the tiny random-weight models: strong, weak (Qwen2.5-VL), qwen3vl, llava."""
-    from capdpo.tiny import build_all
+    from capdpo.models.tiny import build_all
 
     cache = os.environ.get("CAPDPO_TINY_MODELS")  # reuse a prebuilt folder when given (faster local runs)
     out = Path(cache) if cache else tmp_path_factory.mktemp("tiny_models")

@@ -77,7 +77,11 @@ def run_demo(name: str, work: Path, run_dir: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CAPDPO_NO_COMPILE": "1"}
     for script in SCRIPTS:
         done = subprocess.run(
-            [sys.executable, str(ROOT / script), "--config", str(path)], cwd=work, env=env, capture_output=True, text=True
+            [sys.executable, str(ROOT / script), "--config", str(path)],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
         )
         if done.returncode != 0:
             raise RuntimeError(f"{script} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -125,8 +129,10 @@ def snapshot(run_dir: Path, work: Path) -> dict[str, Any]:
 
 def compare(expected: Any, actual: Any, where: str = "", rel: float = 1e-4, abs_tol: float = 1e-5) -> list[str]:
     """Every difference between two snapshots (floats within `rel`/`abs_tol`), as 'where: expected != actual'."""
-    if isinstance(expected, bool) or isinstance(actual, bool) or not (
-        isinstance(expected, (int, float)) and isinstance(actual, (int, float))
+    if (
+        isinstance(expected, bool)
+        or isinstance(actual, bool)
+        or not (isinstance(expected, (int, float)) and isinstance(actual, (int, float)))
     ):
         if type(expected) is not type(actual):
             return [f"{where}: {expected!r} != {actual!r}"]
@@ -140,11 +146,17 @@ def compare(expected: Any, actual: Any, where: str = "", rel: float = 1e-4, abs_
     if isinstance(expected, list):
         if len(expected) != len(actual):
             return [f"{where}: {len(expected)} items != {len(actual)}"]
-        return [d for i, (e, a) in enumerate(zip(expected, actual)) for d in compare(e, a, f"{where}[{i}]", rel, abs_tol)]
+        return [
+            d for i, (e, a) in enumerate(zip(expected, actual)) for d in compare(e, a, f"{where}[{i}]", rel, abs_tol)
+        ]
     if isinstance(expected, float) or isinstance(actual, float):
         if math.isnan(expected) and math.isnan(actual):
             return []
-        return [] if math.isclose(expected, actual, rel_tol=rel, abs_tol=abs_tol) else [f"{where}: {expected} != {actual}"]
+        return (
+            []
+            if math.isclose(expected, actual, rel_tol=rel, abs_tol=abs_tol)
+            else [f"{where}: {expected} != {actual}"]
+        )
     return [] if expected == actual else [f"{where}: {expected!r} != {actual!r}"]
 
 
@@ -172,7 +184,7 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         tiny = base / "tiny"
         # the tiny models as `make demo-photos` builds them
-        subprocess.run([sys.executable, "-c", f"from capdpo.tiny import build_all; build_all({str(tiny)!r})"],
+        subprocess.run([sys.executable, "-c", f"from capdpo.models.tiny import build_all; build_all({str(tiny)!r})"],
                        check=True, env=env, cwd=ROOT)  # fmt: skip
         snaps = build_snapshots(base, tiny)
         for name, snap in snaps.items():

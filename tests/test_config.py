@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from capdpo.config import SECTIONS, load_config, validate_config_file
 from capdpo.errors import ConfigError
+from capdpo.sections import SECTIONS, load_config, validate_config_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +50,8 @@ def test_flags_override_yaml_and_yaml_overrides_defaults(tmp_path):
         ("run_dir: r\npairs: 3\n", r"section 'pairs' must be a mapping"),
         ("run_dir: [r\n", r"run.yaml:\d+: malformed YAML"),
         ("- a\n- b\n", r"top level must be a mapping"),
+        ("run_dir: r\nseed: 1\nseed: 2\n", r"run.yaml:3: malformed YAML \(duplicate key 'seed' \(first on line 2\)\)"),
+        ("run_dir: r\npairs:\n  min_gap: 0.1\n  min_gap: 0.3\n", r"run.yaml:4: .*duplicate key 'min_gap'"),
     ],
 )
 def test_bad_yaml_is_one_line_naming_file_and_key(tmp_path, text, message):
@@ -68,3 +70,27 @@ def test_unknown_flag_and_bad_flag_value(tmp_path):
         load_config("describe", ["--config", str(path), "--max_new_tokens", "lots"])
     with pytest.raises(ConfigError, match=r"not found"):
         load_config("describe", ["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_a_yaml_with_other_tools_sections_validates_for_every_stage(tmp_path):
+    from capdpo.pipeline import STAGES
+
+    text = (
+        "run_dir: r\n"
+        "interop:\n  format: trl\n  input: x.jsonl\n"
+        "sft:\n  max_steps: 2\n"
+        "answers:\n  benchmark: amber\n"
+        "mmhal:\n  unparseable: zero\n"
+        "llava_bench:\n  out: m.json\n"
+        "report:\n  title: t\n"
+    )
+    path = _yaml(tmp_path, text)
+    for info in STAGES:
+        assert load_config(info.section, ["--config", str(path)]).name == info.section
+    assert load_config("interop", ["--config", str(path)]).section.format == "trl"
+
+
+def test_a_byte_order_mark_does_not_hide_the_first_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes("\ufeffrun_dir: bom\n".encode())
+    assert load_config("describe", ["--config", str(path)]).common.run_dir == "bom"

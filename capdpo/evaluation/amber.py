@@ -31,8 +31,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+from capdpo.cli import parse_options
 from capdpo.errors import ConfigError, InputError
-from capdpo.evaluation.flags import parse_flags
+from capdpo.evaluation.benchmarks import Query, need
 from capdpo.evaluation.nltk_setup import require_nltk_data
 from capdpo.evaluation.yesno import normalise_yes_no
 from capdpo.jsonl import read_json, read_jsonl, write_json, write_jsonl
@@ -504,6 +505,60 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---- answers (eval/answers.py --benchmark amber | amber_g | amber_d) ---------------------------------------
+AMBER_GENERATIVE_MAX_ID = 1004  # AMBER ids 1..1004 are generative, the rest discriminative
+
+
+def amber_queries(sec: Any, seed: int = 0) -> tuple[list[Query], None]:
+    """AMBER queries, filtered to the generative or discriminative part for amber_g / amber_d."""
+    data, images = need(sec.data, "data", sec.benchmark), need(sec.images, "images", sec.benchmark)
+    entries = read_json(data)
+    if not isinstance(entries, list):
+        raise InputError(f"{data}: expected a JSON list of AMBER queries {{id, image, query}}")
+    queries = []
+    for i, entry in enumerate(entries):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("id"), int)
+            or "image" not in entry
+            or "query" not in entry
+        ):
+            raise InputError(f'{data}: entry {i} is not an AMBER query {{"id": int, "image", "query"}}')
+        generative = entry["id"] <= AMBER_GENERATIVE_MAX_ID
+        if (sec.benchmark == "amber_g" and not generative) or (sec.benchmark == "amber_d" and generative):
+            continue
+        suffix = sec.query_suffix + ("" if generative else sec.yes_no_suffix)
+        queries.append(
+            Query(str(entry["id"]), entry["id"], images / entry["image"], entry["query"] + suffix, not generative)
+        )
+    return queries, None
+
+
+def write_amber(sec: Any, queries: list[Query], answers: list[dict[str, Any]], context: Any) -> dict[str, Any]:
+    """AMBER's answer file `[{"id", "response"}]`; discriminative answers normalised to exactly Yes / No."""
+    stats: dict[str, Any] = {}
+    rows = []
+    counts = {"yes": 0, "no": 0, "yes_no_unrecognised": 0}
+    for q, a in zip(queries, answers, strict=True):
+        response = a["text"]
+        if q.yes_no:
+            verdict = normalise_yes_no(response)
+            counts[verdict.lower() if verdict else "yes_no_unrecognised"] += 1
+            response = verdict or response
+        rows.append({"id": q.question_id, "response": response})
+    rows.sort(key=lambda r: r["id"])
+    write_json(sec.out, rows)
+    if any(q.yes_no for q in queries):
+        stats.update(counts)
+        if counts["yes_no_unrecognised"]:
+            print(
+                f"note: {counts['yes_no_unrecognised']} AMBER yes/no answer(s) say neither yes nor no; "
+                "the scorer counts them as wrong",
+                file=sys.stderr,
+            )
+    return stats
+
+
 # --- command line ---------------------------------------------------------------------------------------------
 
 
@@ -553,7 +608,7 @@ class AmberArgs:
 
 def parse_args(argv: list[str] | None) -> AmberArgs:
     """Parse the command line into `AmberArgs` (one-line ConfigError on a bad flag)."""
-    return parse_flags(AmberArgs, argv, "Score AMBER responses exactly like the official inference.py.")
+    return parse_options(AmberArgs, argv, "Score AMBER responses exactly like the official inference.py.")
 
 
 def evaluate(args: AmberArgs, log: Callable[[str], None] | None = None) -> dict[str, Any]:

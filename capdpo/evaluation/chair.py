@@ -18,6 +18,8 @@ names no object, nor do the plurals "collies" and "doggies".
 
 from __future__ import annotations
 
+import random
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,9 +27,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from capdpo.cli import parse_options
 from capdpo.errors import ConfigError, InputError
+from capdpo.evaluation.benchmarks import Query, need
 from capdpo.evaluation.caption_metrics import CriticRequest, critic_scores, load_critic, text_metrics
-from capdpo.evaluation.flags import parse_flags
 from capdpo.evaluation.nltk_setup import require_nltk_data
 from capdpo.jsonl import read_json, read_jsonl, write_json, write_jsonl
 
@@ -361,6 +364,47 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---- answers (eval/answers.py --benchmark coco) ---------------------------------------------------------
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+_TRAILING_NUMBER = re.compile(r"(\d+)$")
+
+
+def coco_queries(sec: Any, seed: int) -> tuple[list[Query], None]:
+    """COCO images for CHAIR: from the annotation file's `images` list, else every image file of the folder."""
+    images = need(sec.images, "images", "coco")
+    entries: list[tuple[int, Path]] = []
+    if sec.data:
+        ann = read_json(sec.data)
+        if not isinstance(ann, dict) or not isinstance(ann.get("images"), list):
+            raise InputError(f"{sec.data}: expected a COCO annotation file with an 'images' list")
+        for i, image in enumerate(ann["images"]):
+            if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
+                raise InputError(f"{sec.data}: images[{i}] needs 'id' and 'file_name'")
+            entries.append((int(image["id"]), images / image["file_name"]))
+    else:
+        if not images.is_dir():
+            raise InputError(f"{images}: image folder not found")
+        for path in sorted(images.iterdir()):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            match = _TRAILING_NUMBER.search(path.stem)
+            if not match:
+                raise InputError(f"{path}: no COCO image id at the end of the file name; pass --data ANNOTATIONS.json")
+            entries.append((int(match.group(1)), path))
+    entries.sort()
+    if sec.num_images and sec.num_images < len(entries):
+        entries = sorted(random.Random(seed).sample(entries, sec.num_images))
+    prompt = sec.caption_prompt + sec.query_suffix
+    return [Query(str(image_id), image_id, path, prompt) for image_id, path in entries], None
+
+
+def write_coco(sec: Any, queries: list[Query], answers: list[dict[str, Any]], context: Any) -> dict[str, Any]:
+    """`[{"image_id", "caption"}]`, as the CHAIR scorer reads it."""
+    rows = [{"image_id": q.question_id, "caption": a["text"]} for q, a in zip(queries, answers, strict=True)]
+    write_json(sec.out, rows)
+    return {}
+
+
 # --- command line ---------------------------------------------------------------------------------------------
 
 
@@ -396,7 +440,7 @@ class ChairArgs:
 
 def parse_args(argv: list[str] | None) -> ChairArgs:
     """Parse the command line into `ChairArgs` (one-line ConfigError on a bad flag)."""
-    return parse_flags(ChairArgs, argv, "CHAIR_s / CHAIR_i / recall, BLEU and ROUGE-L of captions of COCO images.")
+    return parse_options(ChairArgs, argv, "CHAIR_s / CHAIR_i / recall, BLEU and ROUGE-L of captions of COCO images.")
 
 
 def annotation_files(paths: list[str], kind: str) -> list[str]:

@@ -22,57 +22,16 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from capdpo.errors import ConfigError, InputError
+from capdpo.evaluation.config import JudgeConfig
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent.parent / "eval" / "prompts"
 _RETRYABLE_STATUS = {408, 409, 425, 429}  # plus every 5xx
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")  # {{ and }} are literal braces
-
-
-def config_field(text: str, default: Any) -> Any:
-    return field(default=default, metadata={"help": text})
-
-
-@dataclass
-class JudgeConfig:
-    """How a judge is reached and how its replies are cached (shared by the MMHal and LLaVA-Bench sections)."""
-
-    judge_url: str = config_field(
-        "Base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1 (requests go to <url>/chat/completions).",
-        "",
-    )
-    judge_model: str = config_field("Model name sent to the endpoint, e.g. gpt-4-0613.", "")
-    api_key_env: str = config_field(
-        "Name of the environment variable that holds the API key (sent as a Bearer token; never printed or "
-        "written). Unset variable: no Authorization header (local servers).",
-        "OPENAI_API_KEY",
-    )
-    judge_local: str = config_field(
-        "Local model folder or hub id used as the judge instead of an endpoint (text only).", ""
-    )
-    prompt: str = config_field("Judge prompt file (default: the benchmark's file in eval/prompts/).", "")
-    judge_temperature: float = config_field("Judge sampling temperature (0: greedy / deterministic).", 0.0)
-    judge_max_tokens: int = config_field("Token limit of one judge reply.", 1024)
-    timeout: float = config_field("Seconds to wait for one HTTP reply before retrying.", 120.0)
-    max_retries: int = config_field("Retries of one request on HTTP 429/5xx, timeouts and connection errors.", 6)
-    backoff: float = config_field("First retry delay in seconds; doubled after every failure (capped at 60 s).", 2.0)
-    workers: int = config_field("Concurrent HTTP requests.", 4)
-    judge_batch_size: int = config_field("Prompts per generate call of a local judge.", 4)
-    cache: str = config_field("Judge reply cache (JSONL; default: <out stem>.judge_cache.jsonl beside --out).", "")
-
-    def __post_init__(self) -> None:
-        if self.judge_url and self.judge_local:
-            raise ConfigError("judge_url / judge_local: give one judge, not both")
-        if self.judge_url and not self.judge_url.startswith(("http://", "https://")):
-            raise ConfigError(f"judge_url: '{self.judge_url}' must start with http:// or https://")
-        if self.judge_max_tokens < 1 or self.workers < 1 or self.judge_batch_size < 1 or self.max_retries < 0:
-            raise ConfigError("judge_max_tokens, workers, judge_batch_size must be >= 1 and max_retries >= 0")
-        if self.judge_temperature < 0 or self.timeout <= 0 or self.backoff < 0:
-            raise ConfigError("judge_temperature and backoff must be >= 0, timeout > 0")
 
 
 # ---- prompts ----------------------------------------------------------------------------------------------
@@ -272,8 +231,8 @@ class LocalJudge:
     def engine(self) -> Any:
         """The loaded model, loaded on first use (a fully cached rerun never loads it)."""
         if self._engine is None:
-            from capdpo.engine import Engine
-            from capdpo.models import load_vlm
+            from capdpo.generation.engine import Engine
+            from capdpo.models.loading import load_vlm
 
             common = self.common
             lm = load_vlm(
@@ -297,7 +256,8 @@ class LocalJudge:
         return {"kind": "local", **self.identity}
 
     def complete_many(self, items: Sequence[JudgeItem]) -> Iterator[tuple[str, str]]:
-        from capdpo.engine import Generation, Request, seed_of
+        from capdpo.generation.batching import Request
+        from capdpo.generation.sampling import Generation, seed_of
 
         if not items:
             return
@@ -384,3 +344,30 @@ def default_side_path(out: str | Path, suffix: str) -> Path:
     """`<out stem><suffix>` beside `out` (e.g. metrics.json -> metrics.judge_cache.jsonl)."""
     out = Path(out)
     return out.with_name(out.name.removesuffix(".json") + suffix)
+
+
+def write_judged(
+    cfg: Any,
+    metrics: dict[str, Any],
+    reviews: Any,
+    judge: Any,
+    prompt: JudgePrompt,
+    result: JudgeRun,
+    files: dict[str, str],
+    summary: Callable[[dict[str, Any], str], str],
+) -> dict[str, Any]:
+    """A judged benchmark's outputs: `<out stem>.reviews.jsonl` (every reply, parsed), the metrics JSON with the
+    judge, files, cache counts and provenance, and the printed summary."""
+    from capdpo.jsonl import write_json, write_jsonl
+    from capdpo.provenance import provenance
+
+    sec = cfg.section
+    reviews_path = default_side_path(sec.out, ".reviews.jsonl")
+    write_jsonl(reviews_path, reviews)
+    metrics["judge"] = {**judge.describe(), "prompt": str(prompt.path), "prompt_sha256": prompt.sha256()}
+    metrics["files"] = {**files, "reviews": str(reviews_path)}
+    metrics["cache"] = {"hits": result.cached, "requests": result.requested}
+    metrics["meta"] = provenance(cfg.resolved())
+    write_json(sec.out, metrics)
+    print(summary(metrics, sec.answers))
+    return metrics

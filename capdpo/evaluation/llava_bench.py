@@ -16,45 +16,29 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from capdpo.cli import run_cli
-from capdpo.config import LoadedConfig, load_config, register_section
+from capdpo.config import LoadedConfig
 from capdpo.errors import ConfigError, InputError
+from capdpo.evaluation.benchmarks import Query, model_label, need
+from capdpo.evaluation.config import LlavaBenchConfig
 from capdpo.evaluation.judge import (
-    JudgeConfig,
     JudgeItem,
     JudgePrompt,
-    config_field,
     default_prompt,
     default_side_path,
     judge_items,
     make_judge,
+    write_judged,
 )
-from capdpo.evaluation.provenance import provenance
-from capdpo.jsonl import read_jsonl, write_json, write_jsonl
+from capdpo.jsonl import read_jsonl, stable_id, write_jsonl
+from capdpo.sections import load_config
 
 CATEGORIES = ("conv", "detail", "complex")
 PLACEHOLDERS = ("context", "question", "reference_answer", "model_answer", "category")
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?!\w)")
-
-
-@dataclass
-class LlavaBenchConfig(JudgeConfig):
-    """LLaVA-Bench judging (`llava_bench:` section)."""
-
-    answers: str = config_field("Model answers JSONL (question_id, text, ...), as eval/answers.py writes it.", "")
-    questions: str = config_field("The benchmark's questions.jsonl (question_id, image, text, category).", "")
-    context: str = config_field(
-        "The benchmark's context.jsonl (image, caption): the text the judge sees of each image.", ""
-    )
-    reference: str = config_field("Reference answers JSONL (answers_gpt4.jsonl: question_id, text).", "")
-    out: str = config_field("Metrics JSON to write (reviews and judge cache go beside it).", "")
-
-
-register_section("llava_bench", LlavaBenchConfig)
 
 
 def parse_scores(reply: str) -> tuple[float, float] | None:
@@ -177,33 +161,19 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
     scores = [parse_scores(result.replies[str(r["question_id"])]) for r in rows]
     metrics = llava_metrics([r["category"] for r in rows], scores)
     metrics["unparseable_ids"] = [r["question_id"] for r, s in zip(rows, scores, strict=True) if s is None]
-    reviews_path = default_side_path(sec.out, ".reviews.jsonl")
-    write_jsonl(
-        reviews_path,
-        (
-            {
-                "question_id": r["question_id"],
-                "category": r["category"],
-                "answer_id": r["answer_id"],
-                "scores": list(s) if s else None,  # [reference, model]
-                "parsed": s is not None,
-                "reply": result.replies[str(r["question_id"])],
-            }
-            for r, s in zip(rows, scores, strict=True)
-        ),
+    reviews = (
+        {
+            "question_id": r["question_id"],
+            "category": r["category"],
+            "answer_id": r["answer_id"],
+            "scores": list(s) if s else None,  # [reference, model]
+            "parsed": s is not None,
+            "reply": result.replies[str(r["question_id"])],
+        }
+        for r, s in zip(rows, scores, strict=True)
     )
-    metrics["judge"] = {**judge.describe(), "prompt": str(prompt.path), "prompt_sha256": prompt.sha256()}
-    metrics["files"] = {
-        "answers": sec.answers,
-        "questions": sec.questions,
-        "reference": sec.reference,
-        "reviews": str(reviews_path),
-    }
-    metrics["cache"] = {"hits": result.cached, "requests": result.requested}
-    metrics["meta"] = provenance(cfg.resolved())
-    write_json(sec.out, metrics)
-    print(format_summary(metrics, sec.answers))
-    return metrics
+    files = {"answers": sec.answers, "questions": sec.questions, "reference": sec.reference}
+    return write_judged(cfg, metrics, reviews, judge, prompt, result, files, format_summary)
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -229,6 +199,39 @@ def format_summary(metrics: dict[str, Any], source: str | Path) -> str:
         + (f" (question_ids {metrics.get('unparseable_ids')}; left out)" if bad else "")
     )
     return "\n".join(lines)
+
+
+# ---- answers (eval/answers.py --benchmark llava_bench) --------------------------------------------------
+def llava_queries(sec: Any, seed: int = 0) -> tuple[list[Query], dict[str, dict[str, Any]]]:
+    data, images = need(sec.data, "data", "llava_bench"), need(sec.images, "images", "llava_bench")
+    queries, questions = [], {}
+    for number, q in enumerate(read_jsonl(data), start=1):
+        if "question_id" not in q or "image" not in q or not isinstance(q.get("text"), str):
+            raise InputError(f"{data}:{number}: a question needs 'question_id', 'image' and 'text'")
+        key = str(q["question_id"])
+        if key in questions:
+            raise InputError(f"{data}:{number}: question_id {key} appears twice")
+        questions[key] = q
+        queries.append(Query(key, q["question_id"], images / q["image"], q["text"] + sec.query_suffix))
+    return queries, questions
+
+
+def write_llava(sec: Any, queries: list[Query], answers: list[dict[str, Any]], questions: Any) -> dict[str, Any]:
+    """JSONL with `question_id`, `prompt`, `text`, `answer_id`, `model_id`, `metadata`, as the review script reads."""
+    label = model_label(sec.model, sec.adapter, sec.model_id)
+    rows = [
+        {
+            "question_id": q.question_id,
+            "prompt": questions[q.key]["text"],
+            "text": a["text"],
+            "answer_id": stable_id("llava_bench_answer", a["settings"], q.key),
+            "model_id": label,
+            "metadata": {"adapter": sec.adapter or None, "finish_reason": a["finish_reason"]},
+        }
+        for q, a in zip(queries, answers, strict=True)
+    ]
+    write_jsonl(sec.out, rows)
+    return {}
 
 
 def main(argv: list[str] | None = None) -> None:

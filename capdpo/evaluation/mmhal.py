@@ -17,50 +17,31 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from capdpo.cli import run_cli
-from capdpo.config import LoadedConfig, load_config, register_section
+from capdpo.config import LoadedConfig
 from capdpo.errors import ConfigError, InputError
+from capdpo.evaluation.benchmarks import Query, need
+from capdpo.evaluation.config import MMHalConfig
 from capdpo.evaluation.judge import (
-    JudgeConfig,
     JudgeItem,
     JudgePrompt,
-    config_field,
     default_prompt,
     default_side_path,
     judge_items,
     make_judge,
+    write_judged,
 )
-from capdpo.evaluation.provenance import provenance
-from capdpo.jsonl import read_json, write_json, write_jsonl
+from capdpo.jsonl import read_json, write_json
+from capdpo.sections import load_config
 
 # The benchmark's eight question types, in the order its 96 questions cycle through them.
 QUESTION_TYPES = ("attribute", "adversarial", "comparison", "counting", "relation", "environment", "holistic", "other")
 HALLUCINATION_BELOW = 3
 PLACEHOLDERS = ("image_content", "question", "gt_answer", "model_answer")
 _RATING = re.compile(r"rating\s*\**\s*[:：]\s*\**\s*([0-6])(?![0-9.])", re.IGNORECASE)
-
-
-@dataclass
-class MMHalConfig(JudgeConfig):
-    """MMHal-Bench judging (`mmhal:` section)."""
-
-    answers: str = config_field("Answers file: the benchmark's question list with model_answer filled in.", "")
-    out: str = config_field("Metrics JSON to write (reviews and judge cache go beside it).", "")
-    unparseable: str = config_field(
-        "Replies without exactly one rating: 'skip' (left out of averages) or 'zero'.", "skip"
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.unparseable not in ("skip", "zero"):
-            raise ConfigError(f"mmhal.unparseable: '{self.unparseable}' is not one of skip, zero")
-
-
-register_section("mmhal", MMHalConfig)
 
 
 def parse_rating(reply: str) -> int | None:
@@ -158,29 +139,19 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
     ratings = [parse_rating(result.replies[str(i)]) for i in range(len(records))]
     metrics = mmhal_metrics(types, ratings, sec.unparseable)
     metrics["unparseable_ids"] = [i for i, r in enumerate(ratings) if r is None]
-    reviews_path = default_side_path(sec.out, ".reviews.jsonl")
-    write_jsonl(
-        reviews_path,
-        (
-            {
-                "question_id": i,
-                "question_type": t,
-                "image_id": r.get("image_id"),
-                "rating": rating,
-                "hallucination": None if rating is None else rating < HALLUCINATION_BELOW,
-                "parsed": rating is not None,
-                "reply": result.replies[str(i)],
-            }
-            for i, (r, t, rating) in enumerate(zip(records, types, ratings, strict=True))
-        ),
+    reviews = (
+        {
+            "question_id": i,
+            "question_type": t,
+            "image_id": r.get("image_id"),
+            "rating": rating,
+            "hallucination": None if rating is None else rating < HALLUCINATION_BELOW,
+            "parsed": rating is not None,
+            "reply": result.replies[str(i)],
+        }
+        for i, (r, t, rating) in enumerate(zip(records, types, ratings, strict=True))
     )
-    metrics["judge"] = {**judge.describe(), "prompt": str(prompt.path), "prompt_sha256": prompt.sha256()}
-    metrics["files"] = {"answers": str(sec.answers), "reviews": str(reviews_path)}
-    metrics["cache"] = {"hits": result.cached, "requests": result.requested}
-    metrics["meta"] = provenance(cfg.resolved())
-    write_json(sec.out, metrics)
-    print(format_summary(metrics, sec.answers))
-    return metrics
+    return write_judged(cfg, metrics, reviews, judge, prompt, result, {"answers": str(sec.answers)}, format_summary)
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -206,6 +177,41 @@ def format_summary(metrics: dict[str, Any], source: str | Path) -> str:
             f"                       {name:<12} {_fmt(row['avg_score']):>5}  {_fmt(row['hallucination_rate']):>7}  {row['n']}"
         )
     return "\n".join(lines)
+
+
+# ---- answers (eval/answers.py --benchmark mmhal) --------------------------------------------------------
+def mmhal_image(record: dict[str, Any], images: Path) -> Path:
+    """The local image of an MMHal-Bench question: `image_path` if it exists, else the file name of `image_src`."""
+    local = record.get("image_path")
+    if isinstance(local, str) and Path(local).is_file():
+        return Path(local)
+    source = record.get("image_src") or local or ""
+    name = str(source).split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    return images / name
+
+
+def mmhal_queries(sec: Any, seed: int = 0) -> tuple[list[Query], list[dict[str, Any]]]:
+    data, images = need(sec.data, "data", "mmhal"), need(sec.images, "images", "mmhal")
+    records = read_json(data)
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise InputError(f"{data}: expected MMHal-Bench's JSON list of question records")
+    queries = []
+    for i, record in enumerate(records):
+        if not isinstance(record.get("question"), str) or not (record.get("image_src") or record.get("image_path")):
+            raise InputError(f"{data}: record {i} needs 'question' and 'image_src' (or 'image_path')")
+        queries.append(Query(str(i), i, mmhal_image(record, images), record["question"] + sec.query_suffix))
+    return queries, records
+
+
+def write_mmhal(sec: Any, queries: list[Query], answers: list[dict[str, Any]], records: Any) -> dict[str, Any]:
+    """The benchmark's question list with `model_answer` filled in."""
+    records = [dict(r) for r in records]
+    for q, a in zip(queries, answers, strict=True):
+        records[q.question_id]["model_answer"] = a["text"]
+    if len(queries) < len(records):  # --limit: keep only the answered questions, in order
+        records = records[: len(queries)]
+    write_json(sec.out, records)
+    return {}
 
 
 def main(argv: list[str] | None = None) -> None:

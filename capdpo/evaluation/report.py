@@ -20,81 +20,22 @@ better, ↓ lower is better). `--out` gets `report.md`, `report.json` and one PN
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
 from capdpo.cli import run_cli
-from capdpo.config import LoadedConfig, load_config, register_section
+from capdpo.config import LoadedConfig
 from capdpo.errors import ConfigError, InputError
-from capdpo.evaluation.judge import config_field
+from capdpo.evaluation.benchmarks import REPORTED, Row
+from capdpo.evaluation.config import ReportConfig
 from capdpo.jsonl import read_json, write_json
+from capdpo.sections import load_config
 
-# Metric files of an evaluation folder, by benchmark.
-RUN_FILES = {
-    "amber": ("amber.json", "amber_g.json", "amber_d.json"),
-    "mmhal": ("mmhal.json",),
-    "llava_bench": ("llava_bench.json",),
-    "chair": ("chair.json",),
-}
-GROUP_TITLES = {
-    "mmhal": "MMHal-Bench",
-    "amber": "AMBER",
-    "llava_bench": "LLaVA-Bench (In-the-Wild)",
-    "chair": "CHAIR (COCO)",
-}
-
-
-@dataclass(frozen=True)
-class Row:
-    """One metric of the table: where it is read from and which direction is better."""
-
-    group: str
-    label: str
-    keys: tuple[tuple[str, ...], ...]  # alternative key paths into the benchmark's metrics, first found wins
-    higher_is_better: bool
-    digits: int | None = 1  # None: 3 decimals for fractions (all values within [-1, 1]), else 1
-
-
-ROWS = (
-    Row("mmhal", "Score (0-6)", (("avg_score",),), True, 2),
-    Row("mmhal", "Hallucination rate", (("hallucination_rate",),), False, 2),
-    Row("amber", "CHAIR", (("CHAIR",),), False),
-    Row("amber", "Cover", (("Cover",),), True),
-    Row("amber", "Hal", (("Hal",),), False),
-    Row("amber", "Cog", (("Cog",),), False),
-    Row("amber", "Accuracy", (("Accuracy",),), True),
-    Row("amber", "F1", (("F1",),), True),
-    Row("amber", "AMBER score", (("AMBER",), ("AMBER_score",)), True),
-    Row("llava_bench", "Overall", (("relative_score",),), True),
-    Row("llava_bench", "Conversation", (("categories", "conv", "relative_score"),), True),
-    Row("llava_bench", "Detail", (("categories", "detail", "relative_score"),), True),
-    Row("llava_bench", "Complex reasoning", (("categories", "complex", "relative_score"),), True),
-    Row("chair", "CHAIR_s", (("CHAIR_s",),), False, None),
-    Row("chair", "CHAIR_i", (("CHAIR_i",),), False, None),
-    Row("chair", "Recall", (("recall",), ("Recall",)), True, None),
-    Row("chair", "BLEU-4", (("BLEU-4",), ("BLEU4",), ("bleu4",), ("BLEU",), ("bleu",)), True, None),
-    Row("chair", "ROUGE-L", (("ROUGE-L",), ("ROUGE_L",), ("rouge_l",), ("rougeL",)), True, None),
-    Row("chair", "Critic (0-100)", (("Critic",),), True),
-)
-
-
-@dataclass
-class ReportConfig:
-    """Run comparison (`report:` section)."""
-
-    runs: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "Evaluated runs as NAME=PATH (an evaluation folder or one metrics file); the first is the baseline."
-        },
-    )
-    out: str = config_field("Folder for report.md, report.json and the PNG charts.", "")
-    title: str = config_field("Heading of report.md.", "Evaluation report")
-
-
-register_section("report", ReportConfig)
+# Metric files of an evaluation folder, report titles and rows, by benchmark (`capdpo.evaluation.benchmarks`).
+RUN_FILES = {name: report.files for name, report in REPORTED.items()}
+GROUP_TITLES = {name: report.title for name, report in REPORTED.items()}
+ROWS = tuple((name, row) for name, report in REPORTED.items() for row in report.rows)
 
 
 # ---- reading runs -----------------------------------------------------------------------------------------
@@ -185,8 +126,8 @@ def metric_value(metrics: dict[str, Any] | None, row: Row) -> float | None:
 def build_table(runs: list[tuple[str, dict[str, dict[str, Any]]]]) -> list[dict[str, Any]]:
     """One entry per row that any run has a value for: label, direction, values, deltas to the first run."""
     table = []
-    for row in ROWS:
-        values = [metric_value(metrics.get(row.group), row) for _, metrics in runs]
+    for group, row in ROWS:
+        values = [metric_value(metrics.get(group), row) for _, metrics in runs]
         if all(v is None for v in values):
             continue
         digits = row.digits
@@ -196,7 +137,7 @@ def build_table(runs: list[tuple[str, dict[str, dict[str, Any]]]]) -> list[dict[
         deltas = [None if base is None or v is None else v - base for v in values]
         table.append(
             {
-                "group": row.group,
+                "group": group,
                 "metric": row.label,
                 "better": "higher" if row.higher_is_better else "lower",
                 "digits": digits,

@@ -1,9 +1,9 @@
 """Train the synthetic world's strong describer and weak verifier from scratch (full fine-tuning with capdpo's SFT).
 
-    python -m capdpo.synthetic.build --out models/synthetic --scale full   # GPU recipe (more data and steps)
-    python -m capdpo.synthetic.build --out models/synthetic --scale cpu    # CPU recipe (strong alone: 54 min, 2 cores)
-    python -m capdpo.synthetic.build --out /tmp/syn --scale smoke          # seconds, for tests
-    python -m capdpo.synthetic.build --roles weak ...                      # one role (roles may run in parallel)
+    python -m capdpo build-synthetic --out models/synthetic --scale full   # GPU recipe (more data and steps)
+    python -m capdpo build-synthetic --out models/synthetic --scale cpu    # CPU recipe (strong alone: 54 min, 2 cores)
+    python -m capdpo build-synthetic --out /tmp/syn --scale smoke          # seconds, for tests
+    python -m capdpo build-synthetic --roles weak ...                      # one role (roles may run in parallel)
 
 1. Draws the `train` split of a world (its own seed; the experiment's images never overlap it: their hashes are
    listed in `<out>/<role>/training_images.txt`, which the experiment gives stage 1 as an exclusion list).
@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
@@ -31,6 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from capdpo.cli import parse_options, run_cli
+from capdpo.config import option, require_choice, require_known
 from capdpo.synthetic.models import STRONG_SIZE, WEAK_SIZE, ModelSize, build_untrained
 from capdpo.synthetic.tasks import strong_examples, weak_examples
 from capdpo.synthetic.world import DEFAULT_BIAS, BiasRule, WorldImage, generate_world
@@ -175,8 +176,8 @@ def _sft_phase(
 ) -> dict[str, Any]:
     import yaml
 
-    from capdpo.config import load_config
     from capdpo.jsonl import write_jsonl
+    from capdpo.sections import load_config
     from capdpo.training.sft import run_sft
 
     data = work / f"{name}.jsonl"
@@ -273,7 +274,7 @@ def build(
         }
         write_json(target / "recipe.json", role_report)
         (target / "README.md").write_text(
-            f"The synthetic world's {role} model, trained from scratch by `python -m capdpo.synthetic.build "
+            f"The synthetic world's {role} model, trained from scratch by `python -m capdpo build-synthetic "
             f"--scale {scale}` (settings and a check on held-out images in recipe.json). It knows only the "
             "synthetic world of coloured shapes.\n"
         )
@@ -285,24 +286,28 @@ def build(
     return report
 
 
+@dataclass
+class BuildOptions:
+    """`python -m capdpo build-synthetic`: train the synthetic world's tiny models."""
+
+    out: str = option("Folder for strong/ and weak/.", "models/synthetic")
+    scale: str = option(f"Recipe size: {', '.join(SCALES)}.", "full")
+    roles: list[str] = option(f"Models to build: {', '.join(ROLES)} (default: both).", factory=lambda: list(ROLES))
+    device: str = option("'auto', 'cpu' or 'cuda'.", "auto")
+    keep_work: bool = option("Keep <out>/.work_* (SFT data, checkpoints, logs).", False)
+
+    def __post_init__(self) -> None:
+        require_choice("--scale", self.scale, SCALES)
+        require_known("--roles", self.roles, ROLES)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--out", default="models/synthetic", help="Folder for strong/ and weak/ (default: %(default)s)."
-    )
-    parser.add_argument("--scale", choices=list(SCALES), default="full", help="Recipe size (default: %(default)s).")
-    parser.add_argument(
-        "--roles", nargs="+", choices=ROLES, default=list(ROLES), help="Models to build (default: both)."
-    )
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--keep_work", action="store_true", help="Keep <out>/.work_* (SFT data, checkpoints, logs).")
-    args = parser.parse_args(argv)
-    report = build(args.out, args.scale, args.device, args.keep_work, tuple(args.roles))
-    for role in args.roles:
-        check = report[role]["check"]
-        print(f"{role}: {json.dumps({k: check.get(k) for k in ('generative', 'discriminative')})}")
-    print(f"done in {report['seconds']} s: {', '.join(f'{args.out}/{r}' for r in args.roles)}")
+    def _run(args: list[str] | None) -> None:
+        opts = parse_options(BuildOptions, args, __doc__.split("\n\n")[0])
+        report = build(opts.out, opts.scale, opts.device, opts.keep_work, tuple(opts.roles))
+        for role in opts.roles:
+            check = report[role]["check"]
+            print(f"{role}: {json.dumps({k: check.get(k) for k in ('generative', 'discriminative')})}")
+        print(f"done in {report['seconds']} s: {', '.join(f'{opts.out}/{r}' for r in opts.roles)}")
 
-
-if __name__ == "__main__":
-    main()
+    run_cli(_run, argv)

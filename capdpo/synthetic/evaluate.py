@@ -1,6 +1,6 @@
 """Evaluate a model (+ optional adapter) on held-out synthetic images: descriptions and yes/no questions.
 
-    python -m capdpo.synthetic.evaluate --model models/synthetic/strong --world runs/synthetic/world \\
+    python -m capdpo evaluate-synthetic --model models/synthetic/strong --world runs/synthetic/world \\
         [--adapter runs/synthetic/seed0/06_train/adapter] --out runs/synthetic/eval/after
 
 Writes `descriptions.jsonl` (greedy descriptions of the test split), `answers.jsonl` (the model's yes/no answers
@@ -10,12 +10,13 @@ figures, discriminative accuracy per question kind). See `capdpo.synthetic.scori
 
 from __future__ import annotations
 
-import argparse
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from capdpo.cli import parse_options, run_cli
+from capdpo.config import option
 from capdpo.synthetic.tasks import Question, yes_no_questions
 from capdpo.synthetic.world import DEFAULT_BIAS, DESCRIBE_PROMPT, BiasRule, WorldImage, read_split
 
@@ -43,7 +44,9 @@ def test_questions(
 
 def describe(lm: Any, items: list[WorldImage], settings: EvalSettings) -> list[str]:
     """Greedy descriptions of `items` with the describe prompt stage 2 uses."""
-    from capdpo.engine import Engine, Generation, Request, user_message
+    from capdpo.generation.batching import Request, user_message
+    from capdpo.generation.engine import Engine
+    from capdpo.generation.sampling import Generation
 
     engine = Engine(lm)
     requests = [Request(key=item.id, image=item.image, messages=[user_message(DESCRIBE_PROMPT)]) for item in items]
@@ -56,8 +59,9 @@ def describe(lm: Any, items: list[WorldImage], settings: EvalSettings) -> list[s
 
 def answer(lm: Any, questions: list[Question], settings: EvalSettings) -> list[dict[str, Any]]:
     """Each question answered yes when P(yes) > P(no) at the answer's first token (one forward pass)."""
-    from capdpo.engine import Engine, Request, user_message
-    from capdpo.validators import answer_token_ids
+    from capdpo.generation.batching import Request, user_message
+    from capdpo.generation.engine import Engine
+    from capdpo.validation.methods import answer_token_ids
 
     engine = Engine(lm, decoder="hf")
     yes = answer_token_ids(lm, ["Yes", "yes"])
@@ -88,7 +92,7 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Describe the test images and answer the questions; write descriptions, answers and metrics to `out`."""
     from capdpo.jsonl import write_json, write_jsonl
-    from capdpo.models import load_vlm
+    from capdpo.models.loading import load_vlm
     from capdpo.synthetic.scoring import planted_hallucinations, score_answers, score_descriptions
 
     settings = settings or EvalSettings()
@@ -117,30 +121,28 @@ def evaluate_model(
     return metrics
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="Model folder (e.g. models/synthetic/strong).")
-    parser.add_argument("--world", required=True, help="World folder holding test.jsonl (from the experiment).")
-    parser.add_argument("--adapter", default=None, help="Optional PEFT adapter folder applied on top.")
-    parser.add_argument("--out", required=True, help="Folder for descriptions.jsonl, answers.jsonl, metrics.json.")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--limit", type=int, default=0, help="Evaluate only the first N test images (0: all).")
-    args = parser.parse_args(argv)
+@dataclass
+class EvaluateOptions:
+    """`python -m capdpo evaluate-synthetic`: a model's descriptions and yes/no answers on held-out images."""
 
-    def run(_: Any) -> None:
+    model: str = option("Model folder (e.g. models/synthetic/strong).", "")
+    world: str = option("World folder holding test.jsonl (from the experiment).", "")
+    adapter: str = option("Optional PEFT adapter folder applied on top.", "")
+    out: str = option("Folder for descriptions.jsonl, answers.jsonl, metrics.json.", "")
+    device: str = option("'auto', 'cpu' or 'cuda'.", "auto")
+    limit: int = option("Evaluate only the first N test images (0: all).", 0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    def _run(args: list[str] | None) -> None:
         import json
 
-        items = read_split(Path(args.world) / "test.jsonl")
-        items = items[: args.limit] if args.limit else items
+        opts = parse_options(EvaluateOptions, args, __doc__.split("\n\n")[0], required=("model", "world", "out"))
+        items = read_split(Path(opts.world) / "test.jsonl")
+        items = items[: opts.limit] if opts.limit else items
         metrics = evaluate_model(
-            args.model, items, test_questions(items), args.out, args.adapter, EvalSettings(device=args.device)
+            opts.model, items, test_questions(items), opts.out, opts.adapter or None, EvalSettings(device=opts.device)
         )
         print(json.dumps({k: v for k, v in metrics.items() if k in ("generative", "discriminative")}, indent=1))
 
-    from capdpo.cli import run_cli
-
-    run_cli(run, [])
-
-
-if __name__ == "__main__":
-    main()
+    run_cli(_run, argv)

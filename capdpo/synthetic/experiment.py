@@ -1,7 +1,7 @@
 """Does the weak-to-strong loop lower hallucination? Stages 1-6 on the synthetic world, evaluated before and after.
 
-    python -m capdpo.synthetic.experiment --seeds 3 --parallel 3 --out runs/synthetic   # GPU: minutes
-    python -m capdpo.synthetic.experiment --seeds 1 --scale ci --configs main shuffled --out /tmp/x
+    python -m capdpo experiment --seeds 3 --parallel 3 --out runs/synthetic   # GPU: minutes
+    python -m capdpo experiment --seeds 1 --scale ci --configs main shuffled --out /tmp/x
 
 For each seed: a fresh world (`pairs` images for the pipeline, `test` images for evaluation; neither shares an
 image with the other or with the models' training images, which stage 1 excludes by hash). Stages 1-3 run once
@@ -28,7 +28,6 @@ accuracy against the ground truth, whether the targets hold on every seed) and `
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
@@ -38,6 +37,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from capdpo.cli import parse_options, run_cli
+from capdpo.config import option, require_choice, require_known
+from capdpo.jsonl import write_json
+from capdpo.pipeline import run_stage
 from capdpo.synthetic.world import DESCRIBE_PROMPT, Scene, generate_world
 
 _RPO_LOSS = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]}
@@ -207,29 +210,15 @@ def run_yaml(run_dir: Path, settings: Settings, seed: int, config: str, world: P
     path = run_dir / "run.yaml"
     path.write_text(
         f"# synthetic experiment: seed {seed}, configuration '{config}'\n"
-        f"#   python -m capdpo.synthetic.experiment --seeds ... --out {settings.out}\n"
+        f"#   python -m capdpo experiment --seeds ... --out {settings.out}\n"
         + yaml.safe_dump(config_data, sort_keys=False)
     )
     return path
 
 
 def _stage(section: str, config: Path) -> Any:
-    from capdpo.config import load_config
-
-    cfg = load_config(section, ["--config", str(config)])
-    if section == "images":
-        from capdpo.stages.prepare_images import run
-    elif section == "describe":
-        from capdpo.stages.describe import run
-    elif section == "variants":
-        from capdpo.stages.variants import run
-    elif section == "validate":
-        from capdpo.stages.validate import run
-    elif section == "pairs":
-        from capdpo.stages.build_pairs import run
-    else:
-        from capdpo.stages.train import run_training as run
-    return run(cfg)
+    """Run one stage on `config`, as its numbered script would."""
+    return run_stage(section, ["--config", str(config)])
 
 
 def _copy_stage_files(source: Path, target: Path, prefixes: tuple[str, ...]) -> None:
@@ -475,7 +464,7 @@ def run_experiment(settings: Settings) -> dict[str, Any]:
     for role in ("strong", "weak"):
         if not (settings.models / role / "config.json").is_file():
             raise InputError(
-                f"{settings.models / role}: no model; build them with `python -m capdpo.synthetic.build --out "
+                f"{settings.models / role}: no model; build them with `python -m capdpo build-synthetic --out "
                 f"{settings.models}`"
             )
     unknown = [c for c in settings.configs if c not in CONFIGS]
@@ -518,10 +507,10 @@ def _run_seeds_in_processes(settings: Settings) -> list[dict[str, Any]]:
         while pending and len(running) < settings.parallel:
             seed = pending.pop(0)
             log = (settings.out / f"seed{seed}.log").open("w")
-            cmd = [sys.executable, "-m", "capdpo.synthetic.experiment", "--only_seed", str(seed)]
+            cmd = [sys.executable, "-m", "capdpo", "experiment", "--only_seed", str(seed)]
             cmd += ["--out", str(settings.out), "--models", str(settings.models), "--scale", settings.scale_name]
             cmd += ["--device", settings.device, "--configs", *settings.configs]
-            cmd += [f"--set={key}={value}" for key, value in asdict(settings.scale).items()]
+            cmd += ["--set", *(f"{key}={value}" for key, value in asdict(settings.scale).items())]
             env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // settings.parallel))}
             running[seed] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         time.sleep(2)
@@ -546,54 +535,51 @@ def _settings_dict(settings: Settings) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+@dataclass
+class ExperimentOptions:
+    """`python -m capdpo experiment`: the synthetic world's before/after experiment over seeds and configurations."""
+
+    seeds: int = option("Number of seeds (0..N-1).", 3)
+    out: str = option("Output folder.", "runs/synthetic")
+    models: str = option("Folder with strong/ and weak/.", "models/synthetic")
+    scale: str = option(f"Experiment size: {', '.join(SCALES)}.", "full")
+    configs: list[str] = option(
+        f"Configurations (default: all of {', '.join(CONFIGS)}).", factory=lambda: list(CONFIGS)
     )
-    parser.add_argument("--seeds", type=int, default=3, help="Number of seeds (0..N-1; default: %(default)s).")
-    parser.add_argument("--out", default="runs/synthetic", help="Output folder (default: %(default)s).")
-    parser.add_argument("--models", default="models/synthetic", help="Folder with strong/ and weak/.")
-    parser.add_argument("--scale", choices=list(SCALES), default="full")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="Configurations (default: all).")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--parallel", type=int, default=1, help="Seeds run at once, one process each.")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="Change one field of the scale, e.g. --set samples_per_image=8 (repeatable; fields: "
+    device: str = option("'auto', 'cpu' or 'cuda'.", "auto")
+    parallel: int = option("Seeds run at once, one process each.", 1)
+    set: list[str] = option(
+        "Change fields of the scale, e.g. --set samples_per_image=8 dpo_epochs=4 (fields: "
         + ", ".join(f.name for f in fields(Scale))
         + ").",
+        factory=list,
     )
-    parser.add_argument("--only_seed", type=int, default=None, help=argparse.SUPPRESS)  # a worker of --parallel
-    args = parser.parse_args(argv)
+    only_seed: int | None = option("Run this one seed only (what each process of --parallel runs).", None)
 
-    def run(_: Any) -> None:
+    def __post_init__(self) -> None:
+        require_choice("--scale", self.scale, SCALES)
+        require_known("--configs", self.configs, CONFIGS)
+
+
+def main(argv: list[str] | None = None) -> None:
+    def _run(args: list[str] | None) -> None:
+        opts = parse_options(ExperimentOptions, args, __doc__.split("\n\n")[0])
         settings = Settings(
-            out=Path(args.out),
-            models=Path(args.models),
-            seeds=list(range(args.seeds)) if args.only_seed is None else [args.only_seed],
-            scale=scale_with(SCALES[args.scale], args.set),
-            configs=args.configs,
-            device=args.device,
-            parallel=args.parallel,
-            scale_name=args.scale,
+            out=Path(opts.out),
+            models=Path(opts.models),
+            seeds=list(range(opts.seeds)) if opts.only_seed is None else [opts.only_seed],
+            scale=scale_with(SCALES[opts.scale], opts.set),
+            configs=opts.configs,
+            device=opts.device,
+            parallel=opts.parallel,
+            scale_name=opts.scale,
         )
-        if args.only_seed is not None:
-            from capdpo.jsonl import write_json
-
+        if opts.only_seed is not None:
             settings.out.mkdir(parents=True, exist_ok=True)
-            write_json(settings.out / f"seed{args.only_seed}" / "seed_result.json", run_seed(settings, args.only_seed))
+            write_json(settings.out / f"seed{opts.only_seed}" / "seed_result.json", run_seed(settings, opts.only_seed))
             return
         result = run_experiment(settings)
         print(markdown_table(result["summary"], settings.seeds))
         print(f"done in {result['seconds']} s; results in {settings.out}/results.md, results.json, chair_i.png")
 
-    from capdpo.cli import run_cli
-
-    run_cli(run, [])
-
-
-if __name__ == "__main__":
-    main()
+    run_cli(_run, argv)

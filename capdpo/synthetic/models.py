@@ -35,8 +35,14 @@ def build_untrained(out: str | Path, size: ModelSize, seed: int = 0) -> Path:
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    from capdpo.models.tiny import (
+        QWEN_CHAT_TEMPLATE,
+        QWEN_SPECIAL_TOKENS,
+        _qwen_processor,
+        build_tokenizer,
+        qwen_token_ids,
+    )
     from capdpo.synthetic.tasks import tokenizer_corpus
-    from capdpo.tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, _qwen_processor, build_tokenizer
 
     tokenizer = build_tokenizer("qwen", vocab_size=VOCAB_SIZE, corpus=tokenizer_corpus())
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
@@ -70,10 +76,7 @@ def build_untrained(out: str | Path, size: ModelSize, seed: int = 0) -> Path:
             fullatt_block_indexes=list(range(size.vision_depth)),
             out_hidden_size=size.hidden,
         ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **qwen_token_ids(ids),
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=True,

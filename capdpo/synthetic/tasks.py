@@ -33,7 +33,8 @@ YESNO_SUFFIX = " Answer yes or no."
 
 
 def _defaults() -> tuple[str, str, str, str]:
-    from capdpo.config import ValidateConfig, VariantsConfig
+    from capdpo.generation.config import VariantsConfig
+    from capdpo.validation.config import ValidateConfig
 
     validate = ValidateConfig()
     return VariantsConfig().prompt, validate.yesno_prompt, validate.rating_prompt, validate.pairwise_prompt
@@ -44,7 +45,7 @@ REWRITE_PROMPT, YESNO_PROMPT, RATING_PROMPT, PAIRWISE_PROMPT = _defaults()
 
 def rewrite_prompt(context: list[str], index: int) -> str:
     """Stage 3's instruction for sentence `index` of a description."""
-    from capdpo.stages.variants import rewrite_prompt as stage3_prompt
+    from capdpo.text import rewrite_prompt as stage3_prompt
 
     return stage3_prompt(REWRITE_PROMPT, context, index)
 

@@ -1,6 +1,6 @@
 """Check a run on synthetic images against their ground truth: every stage's output, then the trained adapter.
 
-    python -m capdpo.synthetic.truth_report --run_dir runs/synthetic_demo [--truth capdpo/assets/synthetic/truth.jsonl]
+    python -m capdpo truth-report --run_dir runs/synthetic_demo [--truth capdpo/assets/synthetic/truth.jsonl]
         [--models models/synthetic --test_images 64]
 
 Stage 2: how much the strong model hallucinates on the run's own images (CHAIR_i, CHAIR_s, coverage).
@@ -14,11 +14,13 @@ Writes `<run_dir>/07_truth_report.json` and prints a short table.
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from capdpo.cli import parse_options, run_cli
+from capdpo.config import option
 from capdpo.synthetic.world import Scene, WorldImage, read_split
 
 TEST_WORLD_SEED = 90_210  # held-out images of the report: a seed no experiment or model build uses
@@ -84,11 +86,11 @@ def build_report(
 ) -> dict[str, Any]:
     """Everything the module docstring lists, for the stages whose files exist in `run_dir`."""
     from capdpo.jsonl import write_json
-    from capdpo.run import STAGE_FILES
+    from capdpo.pipeline import STAGES
 
     scenes = read_truth(truth)
     report: dict[str, Any] = {"run_dir": str(run_dir), "truth": str(truth)}
-    files = {name: run_dir / file for name, file in STAGE_FILES.items()}
+    files = {info.section: run_dir / info.output for info in STAGES if info.output.endswith(".jsonl")}
     if files["describe"].exists():
         report["descriptions"] = description_quality(files["describe"], scenes)
     if files["validate"].exists():
@@ -146,26 +148,22 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class TruthReportOptions:
+    """`python -m capdpo truth-report`: check a synthetic-world run against the ground truth."""
+
+    run_dir: str = option("A run directory of stages 1-6 on synthetic images.", "")
+    truth: str = option("Ground truth of the run's images.", "capdpo/assets/synthetic/truth.jsonl")
+    models: str = option("Folder with strong/ (for --test_images).", "models/synthetic")
+    test_images: int = option("Held-out images for before/after (0: skip).", 64)
+    device: str = option("'auto', 'cpu' or 'cuda'.", "auto")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run_dir", required=True, help="A run directory of stages 1-6 on synthetic images.")
-    parser.add_argument(
-        "--truth", default="capdpo/assets/synthetic/truth.jsonl", help="Ground truth of the run's images."
-    )
-    parser.add_argument("--models", default="models/synthetic", help="Folder with strong/ (for --test_images).")
-    parser.add_argument("--test_images", type=int, default=64, help="Held-out images for before/after (0: skip).")
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
-
-    def run(_: Any) -> None:
-        report = build_report(Path(args.run_dir), Path(args.truth), Path(args.models), args.test_images, args.device)
+    def _run(args: list[str] | None) -> None:
+        opts = parse_options(TruthReportOptions, args, __doc__.split("\n\n")[0], required=("run_dir",))
+        report = build_report(Path(opts.run_dir), Path(opts.truth), Path(opts.models), opts.test_images, opts.device)
         print(format_report(report))
-        print(f"Written: {Path(args.run_dir) / REPORT_FILE}")
+        print(f"Written: {Path(opts.run_dir) / REPORT_FILE}")
 
-    from capdpo.cli import run_cli
-
-    run_cli(run, [])
-
-
-if __name__ == "__main__":
-    main()
+    run_cli(_run, argv)

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from capdpo.errors import ConfigError, InputError
+from capdpo.generation.batching import SEQUENCE_KEYS
+from capdpo.images import load_image
+from capdpo.jsonl import iter_jsonl
 from capdpo.records import PairRecord
 
 # Keys the collator adds that are ours, not the model's or TRL's; the trainer pops them before the forward.
@@ -138,7 +141,6 @@ class PairEncoder:
         return PromptLength(prompt=len(ids) - 1 + n_image, image_end=at + n_image, image_tokens=n_image)
 
     def _slow_length(self, pair: PairRecord, prompt_text: str) -> PromptLength:
-        from capdpo.engine import load_image
 
         enc = self.processor(text=[prompt_text], images=[load_image(pair.image)], return_tensors="pt")
         ids = enc["input_ids"][0].tolist()
@@ -162,7 +164,6 @@ class PairEncoder:
     # ---- tensors ------------------------------------------------------------------------------------------
     def encode(self, pair: PairRecord) -> EncodedPair:
         """Processor output for the prompt (with the image) and the two completions' token ids."""
-        from capdpo.engine import load_image
 
         prompt_text, chosen_text = self.render(pair, pair.chosen)
         _, rejected_text = self.render(pair, pair.rejected)
@@ -185,11 +186,6 @@ def _has_orientation(image: Any) -> bool:
         return image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # orientations that swap width and height
     except (AttributeError, OSError):
         return False
-
-
-# Processor outputs that run along the token sequence; everything else (pixel_values, image_grid_thw, ...)
-# describes images.
-SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
 class PairCollator:
@@ -308,8 +304,6 @@ def example_to_pair(example: dict[str, Any]) -> PairRecord:
 
 def read_pairs(path: Path, allow_torn_tail: bool = False) -> list[tuple[int, PairRecord]]:
     """(line number, pair) for every record of a pairs JSONL; malformed records are one-line InputErrors."""
-    from capdpo.jsonl import iter_jsonl
-
     out = []
     for number, record in enumerate(iter_jsonl(path, allow_torn_tail=allow_torn_tail), start=1):
         out.append((number, PairRecord.from_dict(record, where=f"{path}: record {number}")))

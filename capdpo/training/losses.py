@@ -1,4 +1,14 @@
-"""Uni-DPO: DPO weighted by pair quality and by how well the policy already separates the pair.
+"""The training losses stage 6 offers (`train.loss_type`), registered in `LOSSES`, and the ones capdpo computes.
+
+TRL's DPOTrainer computes its own loss types (every one of trl 1.16's, combinable with weights, as MPO does);
+capdpo adds losses TRL lacks. To add one: write its function here (per-pair losses from the policy's and
+reference's completion log-probs and the batch's extra columns), register it in `LOSSES` with `trl=False`, and
+give `capdpo.training.trainer.CapdpoDPOTrainer` the branch that calls it; test it against a hand computation
+(tests/training/test_losses.py).
+
+## Uni-DPO
+
+DPO weighted by pair quality and by how well the policy already separates the pair.
 
 With per-token average log-probs π_c, π_r (policy) and ref_c, ref_r (reference) and quality scores s_c, s_r on
 Uni-DPO's own scale (see `map_scores`)::
@@ -16,6 +26,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A registered loss type."""
+
+    summary: str
+    combines: bool = True  # may be listed with other loss types (a weighted sum, as TRL does)
+    trl: bool = True  # TRL's DPOTrainer computes it; False: capdpo's trainer does
+
+
+# trl 1.16's DPOTrainer loss types
+_TRL = {
+    "sigmoid": "DPO (Rafailov et al.)",
+    "hinge": "SLiC hinge loss",
+    "ipo": "IPO",
+    "exo_pair": "EXO (needs label_smoothing > 0)",
+    "nca_pair": "NCA",
+    "robust": "robust DPO (label_smoothing: flip probability)",
+    "bco_pair": "BCO",
+    "sppo_hard": "SPPO (hard labels)",
+    "aot": "AOT (paired)",
+    "aot_unpaired": "AOT (unpaired)",
+    "apo_zero": "APO-zero",
+    "apo_down": "APO-down",
+    "discopop": "DiscoPOP",
+    "sft": "negative log-likelihood of the chosen completion (RPO / MPO's generation term)",
+    "sigmoid_norm": "DPO on length-normalised log-probs",
+}
+LOSSES: dict[str, Loss] = {
+    **{name: Loss(summary) for name, summary in _TRL.items()},
+    "unidpo": Loss(
+        "Uni-DPO: quality- and performance-weighted DPO with a calibrated NLL term", combines=False, trl=False
+    ),
+}
 
 
 @dataclass

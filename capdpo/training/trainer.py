@@ -28,17 +28,12 @@ from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
+from capdpo.models.patches import use_grouped_vision_attention
 from capdpo.training.data import EXTRA_PREFIX, PairCollator
-from capdpo.training.losses import UniDPOParams, map_scores, unidpo_loss
+from capdpo.training.losses import LOSSES, UniDPOParams, map_scores, unidpo_loss
 from capdpo.training.reference import ReferenceCache
 
 _NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
-VISION_MARKERS = ("visual", "vision_tower", "vision_model", "multi_modal_projector", "merger")
-
-
-def is_vision_parameter(name: str) -> bool:
-    """Whether a parameter belongs to the vision tower or the projector."""
-    return any(marker in name.split(".") for marker in VISION_MARKERS)
 
 
 def _is_peft(model: Any) -> bool:
@@ -174,7 +169,7 @@ class CapdpoDPOTrainer(DPOTrainer):
     Args:
         model, args, train_dataset, eval_dataset, processing_class, peft_config, callbacks: as for DPOTrainer.
         data_collator: the training `PairCollator`.
-        loss_type: the configured loss types (`["unidpo"]` selects Uni-DPO).
+        loss_type: the configured loss types (`capdpo.training.losses.LOSSES`; TRL computes its own).
         unidpo: Uni-DPO constants; score_range: (low, high) our 0..1 scores map onto.
         reference: the reference cache, or None to run the reference forward in every step.
         reference_collator: a `PairCollator` without reference columns, for the reference pass.
@@ -212,11 +207,10 @@ class CapdpoDPOTrainer(DPOTrainer):
                 peft_config=peft_config,
                 callbacks=callbacks,
             )
-        self.unidpo = (loss_type or []) == ["unidpo"]
+        own = [t for t in (loss_type or []) if not LOSSES[t].trl]
+        self.own_loss = own[0] if own else None  # a loss capdpo computes, not TRL (it stands alone: see LOSSES)
         self.unidpo_params = unidpo or UniDPOParams(beta=self.beta)
         self.score_range = score_range
-        from capdpo.models import use_grouped_vision_attention
-
         use_grouped_vision_attention()  # one SDPA call per window size, not per window (SDPA only; exact)
         install_frozen_vision_no_grad(self.model)
         self.share_images = data_collator.share_images and install_shared_image_features(self.model)
@@ -257,8 +251,9 @@ class CapdpoDPOTrainer(DPOTrainer):
         extras = {k[len(EXTRA_PREFIX) :]: v for k, v in inputs.items() if k.startswith(EXTRA_PREFIX)}
         kwargs = self._model_inputs(model, inputs)
         with images_shared([model, self.ref_model], self.share_images):
-            if self.unidpo:
-                return self._unidpo_loss(model, kwargs, extras, return_outputs)
+            if self.own_loss is not None:
+                own_losses = {"unidpo": self._unidpo_loss}
+                return own_losses[self.own_loss](model, kwargs, extras, return_outputs)
             return super()._compute_loss(model, kwargs, return_outputs)
 
     # ---- log-probs --------------------------------------------------------------------------------------------

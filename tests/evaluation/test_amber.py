@@ -339,7 +339,7 @@ def test_cli_end_to_end(tmp_path):
         ('[{"id": "1", "response": "a cat"}]', (), "entry 1: 'id' should be an integer"),
         ('[{"id": 1, "response": "a"}, {"id": 1, "response": "b"}]', (), "id 1 appears a second time"),
         ('[{"id": 1, "response": "a cat"}]', ("--type", "x"), "invalid choice: 'x'"),
-        ('[{"id": 1, "response": "a cat"}]', ("--typo", "g"), "unknown argument '--typo' — did you mean '--type'?"),
+        ('[{"id": 1, "response": "a cat"}]', ("--typo", "g"), "unknown flag '--typo' — did you mean '--type'?"),
         ('[{"id": 1, "response": "a cat"}]', ("--type", "d"), "no existence / attribute / relation answers"),
         (
             '[{"id": 1, "response": "a cat"}]',

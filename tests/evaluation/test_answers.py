@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from capdpo.config import load_config
 from capdpo.errors import InputError
-from capdpo.evaluation.answers import amber_queries, main, normalise_yes_no
+from capdpo.evaluation.amber import amber_queries
+from capdpo.evaluation.answers import main
+from capdpo.evaluation.yesno import normalise_yes_no
 from capdpo.jsonl import read_jsonl
+from capdpo.sections import load_config
 from tests.helpers import kill_when, run_script
 
 GEN = ["--max_new_tokens", "6", "--yes_no_max_new_tokens", "3", "--device", "cpu"]
@@ -95,9 +97,9 @@ def test_amber_answers(amber: dict[str, Path], tiny_models: dict[str, Path]) -> 
 
 def test_amber_parts_and_suffix(amber: dict[str, Path]) -> None:
     args = ["--data", str(amber["queries"]), "--images", str(amber["images"]), "--model", "m/m", "--out", "x.json"]
-    generative = amber_queries(load_config("answers", ["--benchmark", "amber_g", *args]).section)
+    generative, _ = amber_queries(load_config("answers", ["--benchmark", "amber_g", *args]).section)
     assert [q.question_id for q in generative] == [1, 2, 3] and not any(q.yes_no for q in generative)
-    discriminative = amber_queries(
+    discriminative, _ = amber_queries(
         load_config("answers", ["--benchmark", "amber_d", "--yes_no_suffix", " Answer yes or no.", *args]).section
     )
     assert [q.question_id for q in discriminative] == [1005, 1006, 1007] and all(q.yes_no for q in discriminative)
@@ -187,7 +189,8 @@ def test_llava_bench_format(tmp_path: Path, sample_images: list[Path], tiny_mode
 def test_coco_captions_with_adapter(tmp_path: Path, sample_images: list[Path], tiny_models: dict[str, Path]) -> None:
     from peft import LoraConfig, get_peft_model
 
-    from capdpo.models import load_vlm, lora_target_regex
+    from capdpo.models.loading import load_vlm
+    from capdpo.models.lora import lora_target_regex
 
     lm = load_vlm(str(tiny_models["strong"]), device="cpu")
     config = LoraConfig(r=4, lora_alpha=8, target_modules=lora_target_regex(lm.model), init_lora_weights=False)
@@ -206,7 +209,7 @@ def test_coco_captions_with_adapter(tmp_path: Path, sample_images: list[Path], t
     ids = [r["image_id"] for r in rows]
     assert ids == sorted(ids) and set(ids) < {111, 222, 333, 444}
     meta = json.loads(out.with_name("coco.meta.json").read_text())
-    assert meta["settings"]["answers"]["adapter"] == str(adapter)
+    assert meta["config"]["answers"]["adapter"] == str(adapter)
 
 
 def test_kill_and_rerun_answers_each_query_once(amber: dict[str, Path], tiny_models: dict[str, Path]) -> None:

@@ -9,7 +9,8 @@ import pytest
 
 from capdpo.errors import ConfigError, InputError
 from capdpo.evaluation import llava_bench, mmhal
-from capdpo.evaluation.judge import HttpJudge, JudgeConfig, JudgeItem, JudgePrompt, default_prompt, judge_items
+from capdpo.evaluation.config import JudgeConfig
+from capdpo.evaluation.judge import HttpJudge, JudgeItem, JudgePrompt, default_prompt, judge_items
 from capdpo.jsonl import read_jsonl
 from tests.evaluation.stub_server import StubChatServer
 

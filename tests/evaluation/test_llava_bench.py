@@ -108,7 +108,7 @@ def test_missing_answer_is_named(tmp_path: Path) -> None:
     argv = args(tmp_path, "http://127.0.0.1:9/v1")
     argv[1] = str(answers)
     with pytest.raises(InputError, match=r"answers.jsonl: no model answer \(with 'text'\) for question_id 3"):
-        from capdpo.config import load_config
         from capdpo.evaluation.llava_bench import run
+        from capdpo.sections import load_config
 
         run(load_config("llava_bench", argv))

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from capdpo.config import load_config
 from capdpo.errors import InputError
 from capdpo.jsonl import read_jsonl
+from capdpo.sections import load_config
 from capdpo.stages.prepare_images import WRITE_BATCH, run
 from tests.helpers import kill_when, run_script
 

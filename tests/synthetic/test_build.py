@@ -9,7 +9,7 @@ import torch
 
 
 def test_smoke_build_trains_both_roles_from_scratch(tmp_path) -> None:
-    from capdpo.models import load_vlm
+    from capdpo.models.loading import load_vlm
     from capdpo.synthetic.build import BUILD_SEED, build
     from capdpo.synthetic.world import read_split
 

@@ -106,7 +106,7 @@ def test_run_yaml_applies_each_configuration(tmp_path: Path, config: str, expect
     config (the same validation as the stages)."""
     import yaml
 
-    from capdpo.config import load_config
+    from capdpo.sections import load_config
     from capdpo.synthetic.experiment import Settings, run_yaml
 
     models = Path(__file__).resolve().parents[2] / "models" / "synthetic"

@@ -95,9 +95,9 @@ def test_demo_steps_end_to_end_with_the_shipped_models(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHON": sys.executable}
     subprocess.run(["bash", str(ROOT / "scripts" / "run_all.sh"), str(path)], check=True, env=env, cwd=ROOT)
-    subprocess.run([sys.executable, "-m", "capdpo.data_report", "--run_dir", str(run_dir)], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "capdpo", "data-report", "--run_dir", str(run_dir)], check=True, cwd=ROOT)
     done = subprocess.run(
-        [sys.executable, "-m", "capdpo.synthetic.truth_report", "--run_dir", str(run_dir), "--truth",
+        [sys.executable, "-m", "capdpo", "truth-report", "--run_dir", str(run_dir), "--truth",
          str(images / "truth.jsonl"), "--models", str(ROOT / "models" / "synthetic"), "--test_images", "16",
          "--device", "cpu"],
         check=True, cwd=ROOT, capture_output=True, text=True,

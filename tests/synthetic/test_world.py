@@ -105,7 +105,8 @@ def test_yes_no_questions_have_the_right_answers() -> None:
 
 
 def test_training_examples_use_the_pipeline_prompts() -> None:
-    from capdpo.config import DescribeConfig, ValidateConfig
+    from capdpo.generation.config import DescribeConfig
+    from capdpo.validation.config import ValidateConfig
 
     s = scene(("large", "red", "circle", "top left"), ("small", "blue", "square", "bottom right"))
     item = WorldImage(id="x", split="train", image="x.png", scene=s)

@@ -1,0 +1,157 @@
+"""Requests and batches: what a model call is (`Request`), how requests become padded model inputs (`Batcher`),
+how they are grouped (`plan_batches`), and out-of-memory recovery (`run_halving`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from capdpo.images import load_image
+
+if TYPE_CHECKING:
+    from capdpo.models.loading import LoadedModel
+
+
+@dataclass
+class Request:
+    """One model call: an image, a chat, and how to continue it."""
+
+    key: str  # the record id this request serves (also the sampling seed's source)
+    image: str | None  # image path (None: text only)
+    messages: list[dict[str, Any]]  # chat messages; the image goes where a {"type": "image"} part stands
+    continuation: list[int] = field(default_factory=list)  # scoring: token ids appended after the prompt
+    seed: int = 0
+
+
+@dataclass
+class Output:
+    """A generated answer: its text, tokens, and whether the end of turn (`stop`) or the token limit (`length`)
+    ended it."""
+
+    key: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" or "length"
+
+
+def user_message(text: str, with_image: bool = True) -> dict[str, Any]:
+    """A user turn holding the image (first) and a text."""
+    content: list[dict[str, Any]] = [{"type": "image"}] if with_image else []
+    content.append({"type": "text", "text": text})
+    return {"role": "user", "content": content}
+
+
+def _parts(message: dict[str, Any]) -> Iterator[Any]:
+    content = message["content"]
+    if isinstance(content, str):
+        yield {"text": content}
+    else:
+        yield from content
+
+
+def text_length(request: Request) -> int:
+    """The characters of a request's text, a cheap stand-in for its token count when grouping by length."""
+    return len(
+        " ".join(p.get("text", "") if isinstance(p, dict) else str(p) for m in request.messages for p in _parts(m))
+    )
+
+
+# Processor outputs that run along the token sequence; everything else (pixel_values, image_grid_thw, ...)
+# describes images.
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+class Batcher:
+    """Builds padded model inputs for requests (left padding: the last position is every row's prompt end)."""
+
+    def __init__(self, lm: LoadedModel) -> None:
+        self.lm = lm
+        self._images: dict[str, Any] = {}
+
+    def image(self, path: str) -> Any:
+        if path not in self._images:
+            if len(self._images) > 256:
+                self._images.clear()
+            self._images[path] = load_image(path)
+        return self._images[path]
+
+    def prompt_text(self, request: Request) -> str:
+        messages = request.messages
+        last_is_assistant = messages[-1]["role"] == "assistant"
+        return self.lm.processor.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=not last_is_assistant,
+            continue_final_message=last_is_assistant,
+        )
+
+    def row(self, request: Request) -> dict[str, Any]:
+        """The processor's tensors for one request (batch dimension 1, image tokens expanded, no continuation)."""
+        images = [self.image(request.image)] if request.image else None
+        return dict(self.lm.processor(text=[self.prompt_text(request)], images=images, return_tensors="pt"))
+
+    def encode(self, requests: Sequence[Request]) -> dict[str, Any]:
+        """Tokenise each request (image tokens expanded), append its continuation, left-pad the batch."""
+        import torch
+
+        rows = [self.row(request) for request in requests]
+        seq_keys = [
+            k
+            for k, v in rows[0].items()
+            if torch.is_tensor(v) and v.dim() == 2 and v.shape[0] == 1 and k in SEQUENCE_KEYS
+        ]
+        pad_id = self.lm.tokenizer.pad_token_id
+        lengths = [int(r["input_ids"].shape[1]) + len(q.continuation) for r, q in zip(rows, requests)]
+        width = max(lengths)
+        batch: dict[str, Any] = {}
+        for key in seq_keys:
+            padded = []
+            for row, request, length in zip(rows, requests, lengths):
+                values = row[key][0]
+                if request.continuation:
+                    extra = (
+                        torch.tensor(request.continuation, dtype=values.dtype)
+                        if key == "input_ids"
+                        else torch.full(
+                            (len(request.continuation),), 1 if key == "attention_mask" else 0, dtype=values.dtype
+                        )
+                    )
+                    values = torch.cat([values, extra])
+                fill = pad_id if key == "input_ids" else 0
+                padded.append(torch.cat([torch.full((width - length,), fill, dtype=values.dtype), values]))
+            batch[key] = torch.stack(padded)
+        for key, value in rows[0].items():
+            if key in seq_keys or not torch.is_tensor(value):
+                continue
+            batch[key] = torch.cat([r[key] for r in rows], dim=0)
+        return {k: v.to(self.lm.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _is_oom(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def run_halving(batch: Sequence[Any], fn: Callable[[Sequence[Any]], list[Any]]) -> list[Any]:
+    """Run `fn(batch)`; on CUDA out-of-memory split the batch in halves and retry each half."""
+    import torch
+
+    try:
+        return fn(batch)
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+        if not _is_oom(err) or len(batch) == 1:
+            raise
+        torch.cuda.empty_cache()
+        half = len(batch) // 2
+        print(f"CUDA out of memory at batch {len(batch)}: retrying as {half} + {len(batch) - half}", flush=True)
+        return run_halving(batch[:half], fn) + run_halving(batch[half:], fn)
+
+
+def plan_batches(
+    requests: Sequence[Request], batch_size: int, length: Callable[[Request], int] = text_length
+) -> list[list[Request]]:
+    """Group requests of similar length (less padding), in an order fixed by the requests alone."""
+    ordered = sorted(requests, key=lambda r: (length(r), r.key))
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]

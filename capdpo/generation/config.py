@@ -1,0 +1,97 @@
+"""Config sections of the two generating stages: `describe` (stage 2) and `variants` (stage 3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from capdpo.config import option, require, require_at_least
+from capdpo.errors import ConfigError
+
+
+@dataclass
+class SamplingConfig:
+    """How a generating stage samples (its section redeclares the defaults that differ)."""
+
+    section: ClassVar[str] = "sampling"
+
+    max_new_tokens: int = option("Token limit of one answer.", 128)
+    temperature: float = option("Sampling temperature; 0 means greedy.", 1.0)
+    top_p: float = option("Nucleus sampling mass.", 1.0)
+    top_k: int = option("Keep only the k most likely tokens (0: off).", 0)
+    repetition_penalty: float = option("Penalty on repeated tokens (1.0: off).", 1.0)
+    batch_size: int = option("Requests per generate call; halves on CUDA out-of-memory.", 16)
+    prefill_batch_size: int = option(
+        "Requests per prefill forward (image + prompt) inside one generate call; 0: the whole batch. Decoding is "
+        "memory-bound and gains from batches far larger than a prefill needs (GPU: batch_size 1024, 256 here).",
+        0,
+    )
+
+    def __post_init__(self) -> None:
+        check_sampling(self.section, self)
+
+
+@dataclass
+class DescribeConfig(SamplingConfig):
+    """Stage 2: the strong model describes each image."""
+
+    section: ClassVar[str] = "describe"
+
+    max_new_tokens: int = option("Token limit of one description; a last sentence cut by it is dropped.", 512)
+    temperature: float = option("Sampling temperature; 0 means greedy.", 0.7)
+    top_p: float = option("Nucleus sampling mass.", 0.9)
+    repetition_penalty: float = option("Penalty on repeated tokens (1.0: off).", 1.05)
+    prompts: list[str] = option(
+        "Description prompts; each image gets samples_per_image descriptions per prompt.",
+        factory=lambda: ["Describe this image in detail."],
+    )
+    samples_per_image: int = option("Descriptions sampled per image and prompt.", 1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.prompts or any(not p.strip() for p in self.prompts):
+            raise ConfigError("describe.prompts: give at least one non-empty prompt")
+        if self.samples_per_image < 1:
+            raise ConfigError("describe.samples_per_image: must be >= 1")
+        if self.samples_per_image > 1 and self.temperature == 0:
+            raise ConfigError(
+                "describe.samples_per_image: greedy decoding (temperature 0) makes every sample identical"
+            )
+
+
+@dataclass
+class VariantsConfig(SamplingConfig):
+    """Stage 3: the strong model rewrites every sentence into k variants."""
+
+    section: ClassVar[str] = "variants"
+
+    max_new_tokens: int = option("Token limit of one variant.", 96)
+    temperature: float = option("Sampling temperature; 0 means greedy (only with k: 1).", 1.0)
+    top_p: float = option("Nucleus sampling mass.", 0.95)
+    batch_size: int = option("Requests per generate call; halves on CUDA out-of-memory.", 32)
+    k: int = option("Variants sampled per sentence (the original is always kept as a candidate too).", 4)
+    prompt: str = option(
+        "Rewrite instruction. {context} is the description so far, {sentence} the sentence to rewrite.",
+        "Here is the beginning of a description of this image:\n{context}\n\nRewrite the next sentence of the "
+        "description so that it describes the image accurately. You may keep it, correct details or change them."
+        "\nSentence: {sentence}\n\nAnswer with the rewritten sentence only.",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.k < 1:
+            raise ConfigError("variants.k: must be >= 1")
+        if self.k > 1 and self.temperature == 0:
+            raise ConfigError("variants.k: greedy decoding (temperature 0) makes all k variants identical")
+        if "{sentence}" not in self.prompt:
+            raise ConfigError("variants.prompt: must contain {sentence}")
+
+
+def check_sampling(section: str, cfg: Any) -> None:
+    """The sampling fields both sections share (`max_new_tokens` ... `prefill_batch_size`)."""
+    require_at_least(section, cfg, 1, ("max_new_tokens", "batch_size"))
+    require_at_least(section, cfg, 0, ("top_k",))
+    require(cfg.temperature >= 0, f"{section}.temperature", "must be >= 0")
+    require(0 < cfg.top_p <= 1, f"{section}.top_p", "must be in (0, 1]")
+    require(cfg.repetition_penalty > 0, f"{section}.repetition_penalty", "must be > 0")
+    require(cfg.prefill_batch_size >= 0, f"{section}.prefill_batch_size", "must be >= 0 (0: the whole batch)")

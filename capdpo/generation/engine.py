@@ -1,0 +1,105 @@
+"""The local generation backend: batched generation and scoring on a VLM loaded in this process.
+
+Two properties matter more than raw speed here:
+
+* **Sampling is a pure function of the request** (`capdpo.generation.sampling`): a description does not depend on
+  which other requests shared its batch, on a crash and resume, on the batch size or on the number of GPUs.
+* **Scores come from one forward pass.** `forward_logprobs` returns the next-token log-probabilities at the
+  end of the prompt and along an optional continuation (teacher forcing); validators read P(yes), rating
+  digits or A/B from them without sampling. `score` runs each image's shared prefix once
+  (`capdpo.generation.prefix`) when asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from capdpo.generation.batching import Batcher, Output, Request, plan_batches, run_halving
+from capdpo.generation.prefix import SharedPrefixScorer, forward_logprobs
+from capdpo.generation.sampling import Generation, SeededSampler
+from capdpo.generation.static_decoder import StaticDecoder
+from capdpo.models.loading import LoadedModel
+
+
+class Engine:
+    """The `local` backend: `plan`, `generate`, `score` and `forward_logprobs` on one VLM loaded in this process."""
+
+    def __init__(
+        self, lm: LoadedModel, decoder: str = "static", prefill_rows: int = 0, shared_prefix: bool = True
+    ) -> None:
+        """`decoder`: "static" (capdpo's static-cache loop, CUDA graphs on GPU) or "hf" (`model.generate`).
+        `prefill_rows`: rows per prefill forward of the static decoder (0: the whole batch at once).
+        `shared_prefix`: `score` runs each image's common prefix once."""
+        self.lm = lm
+        self.batcher = Batcher(lm)
+        self.eos_ids = lm.end_of_turn_ids()
+        self.static = StaticDecoder(lm, prefill_rows=prefill_rows) if decoder == "static" else None
+        self.shared_prefix = shared_prefix
+        self._scorer: SharedPrefixScorer | None = None
+
+    def plan(self, requests: Sequence[Request], batch_size: int) -> list[list[Request]]:
+        """Batches of requests of similar length, in an order fixed by the requests alone."""
+        return plan_batches(requests, batch_size)
+
+    def generate(self, batch: Sequence[Request], gen: Generation) -> list[Output]:
+        """Generate for one batch (halving on OOM); outputs are in the batch's order."""
+        return run_halving(batch, lambda b: self._generate(b, gen))
+
+    def _generate(self, batch: Sequence[Request], gen: Generation) -> list[Output]:
+        import torch
+        from transformers import LogitsProcessorList
+
+        inputs = self.batcher.encode(batch)
+        prompt_length = inputs["input_ids"].shape[1]
+        if self.static is not None:
+            pad = self.lm.tokenizer.pad_token_id
+            generated = self.static.generate(inputs, gen, [r.seed for r in batch], self.eos_ids, pad)
+            return self._outputs(batch, generated.tolist())
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=gen.max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.lm.tokenizer.pad_token_id,
+            repetition_penalty=gen.repetition_penalty if gen.repetition_penalty != 1.0 else None,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+        if gen.temperature > 0:
+            sampler = SeededSampler([r.seed for r in batch], prompt_length, gen, self.lm.device)
+            kwargs["logits_processor"] = LogitsProcessorList([sampler])
+        with torch.inference_mode():
+            out = self.lm.model.generate(**inputs, **kwargs)
+        return self._outputs(batch, out[:, prompt_length:].tolist())
+
+    def _outputs(self, batch: Sequence[Request], rows: list[list[int]]) -> list[Output]:
+        outputs = []
+        for request, row in zip(batch, rows):
+            finish = "length"
+            for i, token in enumerate(row):
+                if token in self.eos_ids:
+                    row, finish = row[:i], "stop"
+                    break
+            text = self.lm.tokenizer.decode(row, skip_special_tokens=True)
+            outputs.append(Output(key=request.key, text=text.strip(), token_ids=row, finish_reason=finish))
+        return outputs
+
+    # ---- scoring ----------------------------------------------------------------------------------------------
+    def forward_logprobs(self, batch: Sequence[Request]) -> list[Any]:
+        """Log-probabilities [len(continuation) + 1, vocab] per request: at the prompt's end and after each
+        continuation token (one forward pass, teacher forcing). Halves on OOM."""
+        return run_halving(batch, lambda b: forward_logprobs(self.lm, self.batcher, b))
+
+    def score(self, requests: Sequence[Request], batch_size: int, shared_prefix: bool | None = None) -> dict[str, Any]:
+        """{request key: log-probs [len(continuation) + 1, vocab]} for every request; with `shared_prefix` the
+        requests of one image share their common prefix's forward pass (the same numbers, much faster; default:
+        the engine's `shared_prefix`)."""
+        if self.shared_prefix if shared_prefix is None else shared_prefix:
+            if self._scorer is None:
+                self._scorer = SharedPrefixScorer(self.lm, self.batcher)
+            return self._scorer.score(requests, batch_size)
+        results: dict[str, Any] = {}
+        for batch in self.plan(requests, batch_size):
+            results.update({r.key: lp for r, lp in zip(batch, self.forward_logprobs(batch))})
+        return results

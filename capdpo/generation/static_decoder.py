@@ -1,0 +1,267 @@
+"""A lean decoding loop: one prefill, then fixed-shape decode steps on a static KV cache.
+
+`transformers.generate` spends most of a decode step outside the model at large batch (cache concatenation,
+logits processors, stopping checks, position bookkeeping). Here a decode step is one call of the text decoder on
+a static cache with explicit positions, a constant attention mask and the sampler; every tensor has a fixed shape,
+so on CUDA the step can be captured once as a CUDA graph and replayed. Greedy outputs are token-identical to
+`generate` (checked in fp32 by the tests); sampling uses the same per-row Gumbel noise as `SeededSampler`.
+Qwen-VL's 3-D rope positions for the prefill come from `capdpo.generation.rope` (batched on the device) instead of the
+model's per-row loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from capdpo.generation.rope import IMAGE_BATCH_KEYS, mrope_positions
+from capdpo.generation.sampling import Generation, filter_scores, gumbel_noise, repetition_penalty
+
+
+class StaticDecoder:
+    """Generates for one padded batch with a static cache; see the module docstring."""
+
+    def __init__(self, lm: Any, use_cuda_graph: bool | None = None, prefill_rows: int = 0) -> None:
+        """`prefill_rows`: rows per prefill forward (0: the whole batch at once). Decoding is memory-bound, so it
+        runs best on far more rows than a prefill (vision + prompt) needs to fill the GPU; chunking the prefill
+        lets one batch decode e.g. 1024 rows while vision and prompt activations stay those of 256."""
+        self.lm = lm
+        self.prefill_rows = prefill_rows
+        self.model = lm.model
+        self.decoder = self.model.model.language_model
+        self.embed = self.model.get_input_embeddings()
+        self.head = self.model.get_output_embeddings()
+        self.mrope = hasattr(self.model.model, "rope_deltas")
+        self.use_cuda_graph = lm.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
+
+    def generate(
+        self, inputs: dict[str, Any], gen: Generation, seeds: list[int], eos_ids: list[int], pad_id: int
+    ) -> Any:
+        """Token ids [B, n] generated after the prompt (rows padded with `pad_id` after their end of turn)."""
+        import torch
+        from transformers import StaticCache
+
+        input_ids = inputs["input_ids"]
+        mask = inputs["attention_mask"]
+        batch, prompt_len = input_ids.shape
+        total = prompt_len + gen.max_new_tokens
+        device = input_ids.device
+        cache = StaticCache(config=self.model.config, max_cache_len=total)
+        full_mask = torch.ones(batch, total, dtype=mask.dtype, device=device)
+        full_mask[:, :prompt_len] = mask  # generated positions are all real; causality hides the future ones
+        with torch.inference_mode():
+            if self.mrope:
+                self.model.model.rope_deltas = None
+            extra, deltas = {}, None
+            if not self.mrope or "pixel_values" not in inputs:
+                # like generate: positions count real tokens, so left padding does not shift them
+                extra["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            else:
+                # Qwen-VL's 3-D positions for the whole batch at once (the model's own get_rope_index loops over
+                # rows on the host); None leaves them to the model
+                rope = mrope_positions(self.model, inputs)
+                if rope is not None:
+                    extra["position_ids"], deltas = rope
+            logits, model_deltas = self._prefill(inputs, extra, cache, total)
+            deltas = model_deltas if deltas is None else deltas
+            real_len = mask.sum(-1)
+            deltas = deltas.view(batch) if deltas is not None else torch.zeros_like(real_len)
+            state = {
+                "token": torch.zeros(batch, dtype=torch.long, device=device),
+                "step": torch.zeros((), dtype=torch.long, device=device),
+                "finished": torch.zeros(batch, dtype=torch.bool, device=device),
+                "seen": torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=device),
+            }
+            if gen.repetition_penalty != 1.0:
+                state["seen"].scatter_(1, input_ids, True)  # like transformers: every prompt token counts
+            seed_t = torch.tensor(seeds, dtype=torch.long, device=device)
+            eos_t = torch.tensor(eos_ids, dtype=torch.long, device=device)
+            tokens = torch.full((batch, gen.max_new_tokens), pad_id, dtype=torch.long, device=device)
+
+            def select(logits: Any) -> Any:
+                scores = logits
+                if gen.repetition_penalty != 1.0:
+                    scores = repetition_penalty(scores, state["seen"], gen.repetition_penalty)
+                if gen.temperature > 0:
+                    scores = filter_scores(scores, gen) + gumbel_noise(seed_t, state["step"], scores.shape[-1])
+                token = scores.argmax(-1)
+                token = torch.where(state["finished"], torch.full_like(token, pad_id), token)
+                state["finished"] |= torch.isin(token, eos_t)
+                if gen.repetition_penalty != 1.0:
+                    state["seen"].scatter_(1, token[:, None], True)
+                return token
+
+            def decode_step() -> None:
+                # the token chosen at step t sits at cache position prompt_len + t
+                position = (real_len + state["step"] + deltas).view(1, batch, 1)
+                position = position.expand(3, batch, 1) if self.mrope else position.view(batch, 1)
+                cache_position = (prompt_len + state["step"]).view(1)
+                hidden = self.decoder(
+                    inputs_embeds=self.embed(state["token"].view(batch, 1)),
+                    position_ids=position,
+                    attention_mask=full_mask,
+                    past_key_values=cache,
+                    cache_position=cache_position,
+                    use_cache=True,
+                ).last_hidden_state
+                state["logits"] = self.head(hidden[:, -1]).float()
+
+            state["token"].copy_(select(logits))  # in place: a captured graph reads this memory
+            tokens[:, 0] = state["token"]
+            step_fn = decode_step
+            graph = None
+            for t in range(1, gen.max_new_tokens):
+                # write the previous token into the cache at position prompt_len + t - 1, read the next
+                state["step"].fill_(t - 1)
+                if graph is None and self.use_cuda_graph and t >= 3:
+                    graph = _capture(step_fn)
+                if graph is not None:
+                    graph.replay()
+                else:
+                    step_fn()
+                state["step"].fill_(t)
+                state["token"].copy_(select(state["logits"]))
+                tokens[:, t] = state["token"]
+                if t % 16 == 0 and bool(state["finished"].all()):
+                    break
+        return tokens
+
+    def _prefill(self, inputs: dict[str, Any], extra: dict[str, Any], cache: Any, total: int) -> tuple[Any, Any]:
+        """Fill `cache` with the prompts (in chunks of `prefill_rows` rows where possible); returns the
+        last-position logits [B, V] (float32) and the Qwen-VL rope deltas [B, 1] (None for other models)."""
+        import torch
+
+        batch = inputs["input_ids"].shape[0]
+        chunks = _row_chunks(inputs, self.prefill_rows, self.model.config) if 0 < self.prefill_rows < batch else None
+        if chunks is None or not _static_layers(cache):
+            out = self.model(**inputs, **extra, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            return out.logits[:, -1].float(), getattr(self.model.model, "rope_deltas", None)
+        prompt_len = inputs["input_ids"].shape[1]
+        logits, deltas = [], []
+        for (start, end), part in chunks:
+            if self.mrope:
+                self.model.model.rope_deltas = None
+            # position ids are [B, L], or [3, B, L] for Qwen-VL's 3-D positions
+            part_extra = {k: v[start:end] if v.dim() == 2 else v[:, start:end] for k, v in extra.items()}
+            view = _cache_rows(cache, start, end, batch, total, self.model.config)
+            out = self.model(**part, **part_extra, past_key_values=view, use_cache=True, logits_to_keep=1)
+            logits.append(out.logits[:, -1].float())
+            part_deltas = getattr(self.model.model, "rope_deltas", None)
+            deltas.append(part_deltas.view(end - start, 1) if part_deltas is not None else None)
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(prompt_len)
+        joined = torch.cat(deltas) if all(d is not None for d in deltas) else None
+        return torch.cat(logits), joined
+
+
+def _static_layers(cache: Any) -> bool:
+    from transformers.cache_utils import StaticLayer
+
+    return all(type(layer) is StaticLayer for layer in cache.layers)
+
+
+def _row_chunks(inputs: dict[str, Any], rows: int, config: Any) -> list[tuple[tuple[int, int], dict[str, Any]]] | None:
+    """`inputs` split into chunks of `rows` rows, each with its own images' pixel rows; None when the inputs have
+    parts this split does not know (videos, or image tensors not laid out as Qwen-VL's patch rows)."""
+    if set(inputs) - IMAGE_BATCH_KEYS:
+        return None
+    batch = inputs["input_ids"].shape[0]
+    image_rows: list[tuple[int, int]] = []  # per batch row: first and last+1 image index
+    patch_starts = [0]
+    if "pixel_values" in inputs:
+        grid = inputs.get("image_grid_thw")
+        token_id = getattr(config, "image_token_id", None)
+        merge = getattr(getattr(config, "vision_config", None), "spatial_merge_size", None)
+        if grid is None or token_id is None or merge is None:
+            return None
+        patches = grid.prod(-1).tolist()
+        tokens_per_image = [n // (merge * merge) for n in patches]
+        for n in patches:
+            patch_starts.append(patch_starts[-1] + n)
+        image_tokens = (inputs["input_ids"] == token_id).sum(-1).tolist()
+        image = 0
+        for count in image_tokens:
+            first = image
+            while count > 0 and image < len(tokens_per_image):
+                count -= tokens_per_image[image]
+                image += 1
+            if count != 0:
+                return None  # image tokens and grids disagree: leave it to the model's own checks
+            image_rows.append((first, image))
+        if image != len(patches) or patch_starts[-1] != inputs["pixel_values"].shape[0]:
+            return None
+    chunks = []
+    for start in range(0, batch, rows):
+        end = min(batch, start + rows)
+        part = {k: inputs[k][start:end] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in inputs}
+        if image_rows:
+            first, last = image_rows[start][0], image_rows[end - 1][1]
+            if last > first:
+                part["pixel_values"] = inputs["pixel_values"][patch_starts[first] : patch_starts[last]]
+                part["image_grid_thw"] = inputs["image_grid_thw"][first:last]
+        chunks.append(((start, end), part))
+    return chunks
+
+
+def _cache_rows(cache: Any, start: int, end: int, batch: int, total: int, config: Any) -> Any:
+    """A StaticCache for rows [start, end) whose layers are views of `cache`'s layers (which the first chunk
+    allocates for all `batch` rows): a prefill into it writes straight into the big cache."""
+    from transformers import StaticCache
+
+    view = StaticCache(config=config, max_cache_len=total)
+    view.layers = [_row_view_class()(big, start, end, batch) for big in cache.layers]
+    return view
+
+
+def _row_view_class() -> type:
+    import torch
+    from transformers.cache_utils import StaticLayer
+
+    global _ROW_VIEW
+    if _ROW_VIEW is not None:
+        return _ROW_VIEW
+
+    class RowView(StaticLayer):
+        """Rows [start, end) of a bigger StaticLayer."""
+
+        def __init__(self, big: Any, start: int, end: int, rows: int) -> None:
+            super().__init__(max_cache_len=big.max_cache_len)
+            self.big, self.start, self.end, self.rows = big, start, end, rows
+
+        def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
+            big = self.big
+            if not big.is_initialized:  # only shapes, dtype and device are read: expanded views cost nothing
+                big.lazy_initialization(
+                    key_states[:1].expand(self.rows, -1, -1, -1), value_states[:1].expand(self.rows, -1, -1, -1)
+                )
+            self.dtype, self.device = big.dtype, big.device
+            self.batch_size, self.num_heads = self.end - self.start, big.num_heads
+            self.k_head_dim, self.v_head_dim = big.k_head_dim, big.v_head_dim
+            self.keys = big.keys[self.start : self.end]
+            self.values = big.values[self.start : self.end]
+            self.cumulative_length = torch.zeros((), dtype=torch.long, device=self.device)
+            self.is_initialized = True
+
+    _ROW_VIEW = RowView
+    return RowView
+
+
+_ROW_VIEW: type | None = None
+
+
+def _capture(step_fn: Any) -> Any:
+    """Capture one decode step as a CUDA graph (after a warm-up on a side stream); None when capture fails."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step_fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step_fn()
+    except RuntimeError as err:  # an op that synchronises with the host cannot be captured: stay eager
+        print(f"CUDA graph capture failed, decoding eagerly ({str(err).splitlines()[0]})", flush=True)
+        return None
+    return graph

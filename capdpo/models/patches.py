@@ -1,0 +1,343 @@
+"""Inference speed-ups applied to a loaded VLM: each replaces a module's forward with one computing the same
+function faster (measured by bench/breakdown.py; tested equal to the unpatched model in fp32).
+
+* `use_grouped_vision_attention`: Qwen-VL vision attention with equal-length windows batched into one SDPA call.
+* `linear_patch_embedding`: the Conv3d patch embedding as one matmul.
+* `pad_vision_mlp`: the vision MLP's width padded with zeros to a multiple of 128 (aligned Hopper kernels).
+* `fuse_vision_elementwise` / `fuse_text_elementwise`: rotary, RMSNorm and SiLU gating as compiled kernels.
+
+`tune_for_cuda_inference` applies them on CUDA; `capdpo.models.loading` calls it for every inference model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _windows(t: Any, n: int, length: int) -> Any:
+    """[n * length, heads, dim] -> [n, heads, length, dim]."""
+    return t.view(n, length, *t.shape[1:]).transpose(1, 2)
+
+
+def _grouped_vision_attention(original: Any, apply_rotary: Any) -> Any:
+    """A drop-in `forward` for Qwen-VL vision attention that batches equal-length chunks into one SDPA call.
+
+    Without FlashAttention, transformers runs one attention call per window and per image (Qwen2.5-VL: 16 windows
+    × 28 layers + 4 full layers per 448-px image), so at batch 256 the vision tower spends its time launching
+    100k+ tiny kernels. Windows of one size are independent problems of one shape: stacking them is the same
+    math in one call. FlashAttention keeps the library's own varlen path.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    def forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):  # noqa: ANN001
+        if self.config._attn_implementation != "sdpa":  # FlashAttention's varlen path needs no help
+            return original(self, hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
+        seq_length = hidden_states.shape[0]
+        q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = position_embeddings
+        q, k = getattr(self, "capdpo_rotary", apply_rotary)(q, k, cos, sin)
+        bounds = cu_seqlens.tolist()
+        chunks: dict[int, list[int]] = {}
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end > start:
+                chunks.setdefault(end - start, []).append(start)
+        out = torch.empty_like(q)
+        for length, starts in chunks.items():
+            n = len(starts)
+            if n * length == seq_length:  # one size tiles the whole sequence: views, no copies
+                o = F.scaled_dot_product_attention(*(_windows(t, n, length) for t in (q, k, v)), scale=self.scaling)
+                out = o.transpose(1, 2).reshape(seq_length, *q.shape[1:])
+                break
+            index = torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)
+            index = index.reshape(-1)
+            o = F.scaled_dot_product_attention(*(_windows(t[index], n, length) for t in (q, k, v)), scale=self.scaling)
+            out[index] = o.transpose(1, 2).reshape(-1, *q.shape[1:])
+        return self.proj(out.reshape(seq_length, -1).contiguous())
+
+    forward.capdpo_grouped = True
+    forward.__wrapped_original__ = original
+    return forward
+
+
+def use_grouped_vision_attention() -> None:
+    """Install `_grouped_vision_attention` on the Qwen2.5-VL and Qwen3-VL vision attention classes (idempotent)."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen25
+    from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3
+
+    for module, cls in ((qwen25, qwen25.Qwen2_5_VLVisionAttention), (qwen3, qwen3.Qwen3VLVisionAttention)):
+        if not getattr(cls.forward, "capdpo_grouped", False):
+            cls.forward = _grouped_vision_attention(cls.forward, module.apply_rotary_pos_emb_vision)
+
+
+class _LinearPatchEmbed:
+    """`forward` for a Qwen-VL patch embedding: its Conv3d (kernel = stride, no padding) as one matmul.
+
+    Each patch is one flattened [channels, frames, height, width] vector and the convolution sees each patch
+    exactly once, so it is `x @ weight.reshape(out, -1).T` (+ bias) with the same flattening order; cuDNN's
+    3-D convolution on 100k+ tiny volumes is far slower than that matmul.
+    """
+
+    def __call__(self, module: Any, hidden_states: Any) -> Any:
+        import torch.nn.functional as F
+
+        weight = module.proj.weight
+        flat = hidden_states.to(weight.dtype).reshape(-1, weight[0].numel())
+        return F.linear(flat, weight.reshape(weight.shape[0], -1), module.proj.bias)
+
+
+def linear_patch_embedding(model: Any) -> int:
+    """Run the Qwen-VL patch embeddings of `model` (Conv3d with kernel = stride) as matmuls; returns how many."""
+    import types
+
+    import torch
+
+    count = 0
+    forward = _LinearPatchEmbed()
+    for module in model.modules():
+        proj = getattr(module, "proj", None)
+        if (
+            type(module).__name__.endswith("PatchEmbed")
+            and isinstance(proj, torch.nn.Conv3d)
+            and tuple(proj.stride) == tuple(proj.kernel_size)
+            and tuple(proj.padding) == (0, 0, 0)
+            and proj.groups == 1
+        ):
+            module.forward = types.MethodType(forward, module)
+            count += 1
+    return count
+
+
+def pad_vision_mlp(model: Any, multiple: int = 128) -> int:
+    """Zero-pad the intermediate size of the Qwen2.5-VL vision MLPs to a multiple of `multiple`; returns how many.
+
+    The vision tower's MLP width (3,420) is not a multiple of 8, so its rows are not 16-byte aligned and cuBLAS
+    falls back to Ampere-era kernels that run those matmuls ~3x slower on Hopper. Extra gate/up rows of zeros
+    give act(0) * 0 = 0, and the matching zero columns of the down projection add nothing: the output is the
+    same. For inference only (a padded model must not be saved).
+    """
+    import torch
+
+    count = 0
+    for module in _vision_tower(model).modules():
+        gate, up, down = (getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
+        if not all(isinstance(m, torch.nn.Linear) for m in (gate, up, down)):
+            continue
+        width = gate.out_features
+        pad = -width % multiple
+        if pad == 0 or up.out_features != width or down.in_features != width:
+            continue
+        with torch.no_grad():
+            for linear in (gate, up):
+                w = linear.weight
+                linear.weight = torch.nn.Parameter(torch.cat([w, w.new_zeros(pad, w.shape[1])]), requires_grad=False)
+                if linear.bias is not None:
+                    b = linear.bias
+                    linear.bias = torch.nn.Parameter(torch.cat([b, b.new_zeros(pad)]), requires_grad=False)
+                linear.out_features = width + pad
+            w = down.weight
+            down.weight = torch.nn.Parameter(torch.cat([w, w.new_zeros(w.shape[0], pad)], 1), requires_grad=False)
+            down.in_features = width + pad
+        if hasattr(module, "intermediate_size"):
+            module.intermediate_size = width + pad
+        count += 1
+    return count
+
+
+def _vision_tower(model: Any) -> Any:
+    for path in ("model.visual", "visual", "model.vision_tower", "vision_tower"):
+        module = model
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if module is not None:
+            return module
+    import torch
+
+    return torch.nn.Module()  # no vision tower: nothing to change
+
+
+def _rotary_vision(q: Any, k: Any, cos: Any, sin: Any) -> Any:
+    # transformers' apply_rotary_pos_emb_vision (float32 rotation, results in the input dtype), written so that
+    # torch.compile turns it into one kernel per tensor instead of ~14 full passes over [tokens, heads, dim]
+    import torch
+
+    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+
+    def rotate(x: Any) -> Any:
+        x32 = x.float()
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
+        return (x32 * cos + rotated * sin).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def _rms_norm(x: Any, weight: Any, eps: float) -> Any:
+    # transformers' Qwen2.5-VL RMSNorm, as a function of its inputs
+    import torch
+
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _silu_mul(gate: Any, up: Any) -> Any:
+    import torch.nn.functional as F
+
+    return F.silu(gate) * up
+
+
+class _CompiledOrEager:
+    """`fn` compiled with dynamic shapes; if the compiler fails (e.g. no working Triton), `fn` itself from then on.
+
+    Inputs of a new kind (rank, dtype, device, grad mode) compile a new variant; past torch's recompile limit for
+    `fn` (8 variants: a process that describes, scores and trains with two models can meet more) inputs of that
+    kind run eagerly, and the variants already compiled keep running compiled."""
+
+    def __init__(self, fn: Any, backend: str) -> None:
+        import torch
+
+        self.fn = fn
+        self.compiled = torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
+        self.eager_kinds: set[tuple[Any, ...]] = set()
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is None:
+            return self.fn(*args)
+        if self.eager_kinds and _input_kind(args) in self.eager_kinds:  # the kind is only needed past the limit
+            return self.fn(*args)
+        try:
+            return self.compiled(*args)
+        except Exception as err:  # noqa: BLE001 - only compiler failures are caught, see below
+            from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit, TorchRuntimeError
+
+            if isinstance(err, FailOnRecompileLimitHit):
+                self.eager_kinds.add(_input_kind(args))
+                return self.fn(*args)
+            if not isinstance(err, (BackendCompilerFailed, TorchRuntimeError)):
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"capdpo: torch.compile failed for {self.fn.__name__}, running it eagerly ({first})", flush=True)
+            self.compiled = None
+            return self.fn(*args)
+
+
+def _input_kind(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What a compiled variant is specialised on (sizes are dynamic, so they are left out)."""
+    import torch
+
+    return (
+        torch.is_grad_enabled(),
+        *((a.dim(), a.dtype, a.device.type, a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args),
+    )
+
+
+_COMPILED: dict[tuple[str, str], _CompiledOrEager] = {}
+
+
+def _compiled(fn: Any, backend: str) -> _CompiledOrEager:
+    key = (fn.__name__, backend)
+    if key not in _COMPILED:
+        _COMPILED[key] = _CompiledOrEager(fn, backend)
+    return _COMPILED[key]
+
+
+def fuse_vision_elementwise(model: Any, backend: str = "inductor") -> int:
+    """Run the vision tower's rotary embedding, RMSNorms and SiLU gating as compiled elementwise kernels.
+
+    At batch 256 the tower spends about half its time in elementwise passes over [262k tokens, 1280] tensors
+    (the rotary embedding alone is ~14 passes in float32 per layer). Each function is compiled once with dynamic
+    shapes (the matmuls and attention stay eager), so any batch or image size reuses it. Returns how many modules
+    were changed.
+    """
+    import types
+
+    rotary = _compiled(_rotary_vision, backend)
+    count = 0
+    for module in _vision_tower(model).modules():
+        name = type(module).__name__
+        if name.endswith("VisionAttention"):
+            module.capdpo_rotary = rotary
+        elif name.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_fused_norm_forward(backend), module)
+        elif hasattr(module, "gate_proj") and getattr(getattr(module, "config", None), "hidden_act", "silu") == "silu":
+            if type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"):
+                module.forward = types.MethodType(_fused_mlp_forward(backend), module)
+            else:
+                continue
+        else:
+            continue
+        count += 1
+    return count
+
+
+# language-model modules whose forward is exactly `_rms_norm` or `down(silu(gate(x)) * up(x))` (transformers 5.23)
+_TEXT_NORMS = {"Qwen2_5_VLRMSNorm", "Qwen2VLRMSNorm", "Qwen3VLTextRMSNorm", "LlamaRMSNorm"}
+_TEXT_MLPS = {"Qwen2MLP", "Qwen3VLTextMLP", "LlamaMLP"}
+
+
+def fuse_text_elementwise(model: Any, backend: str = "inductor") -> int:
+    """Run the language model's RMSNorms and SiLU gating as compiled elementwise kernels; returns how many modules.
+
+    A prefill of 256 captions is ~74k tokens: each RMSNorm makes ~8 float32 passes over [74k, 3584] and each MLP
+    3 passes over [74k, 18944] for its gating, where one fused kernel reads and writes each tensor once. In decode
+    steps the same kernels replace ~500 small launches per step. Shapes are dynamic; a new shape (e.g. the first
+    one-token decode step) compiles on its first, eager call, so a CUDA graph capture never compiles.
+    """
+    import types
+
+    count = 0
+    for module in _language_model(model).modules():
+        name = type(module).__name__
+        if name in _TEXT_NORMS and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_fused_norm_forward(backend), module)
+        elif name in _TEXT_MLPS and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"):
+            module.forward = types.MethodType(_fused_mlp_forward(backend), module)
+        else:
+            continue
+        count += 1
+    return count
+
+
+def _fused_norm_forward(backend: str) -> Any:
+    norm = _compiled(_rms_norm, backend)
+
+    def forward(self: Any, x: Any) -> Any:
+        return norm(x, self.weight, self.variance_epsilon)
+
+    return forward
+
+
+def _fused_mlp_forward(backend: str) -> Any:
+    gating = _compiled(_silu_mul, backend)
+
+    def forward(self: Any, x: Any) -> Any:
+        return self.down_proj(gating(self.gate_proj(x), self.up_proj(x)))
+
+    return forward
+
+
+def _language_model(model: Any) -> Any:
+    for path in ("model.language_model", "language_model"):
+        module = model
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if module is not None:
+            return module
+    import torch
+
+    return torch.nn.Module()  # not a VLM of a known layout: nothing to change
+
+
+def tune_for_cuda_inference(model: Any) -> None:
+    """capdpo's inference-only speed-ups on CUDA, each computing the same function as the module it replaces
+    (measured by bench/breakdown.py). CAPDPO_NO_COMPILE=1 leaves out the compiled parts."""
+    import os
+
+    from torch.utils._triton import has_triton
+
+    linear_patch_embedding(model)
+    pad_vision_mlp(model)
+    if has_triton() and os.environ.get("CAPDPO_NO_COMPILE", "0") != "1":
+        fuse_vision_elementwise(model)
+        fuse_text_elementwise(model)

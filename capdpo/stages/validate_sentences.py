@@ -1,0 +1,107 @@
+"""Stage 4: the weak model scores every candidate sentence against its image.
+
+    python 4_validate_sentences.py --config configs/demo.yaml [--methods yesno rating --weights 1 0.5 ...]
+
+Reads `03_variants.jsonl`, writes `04_scores.jsonl`: per sentence, the original and its variants as candidates
+with a score in [0, 1] (1 = accurate) and each method's raw numbers. Methods: `yesno` (default), `rating`,
+`pairwise`; several combine by weighted mean. Scores come from forward passes only: deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from capdpo.cli import run_cli
+from capdpo.config import LoadedConfig
+from capdpo.generation.backends import open_backend
+from capdpo.jsonl import iter_jsonl, stable_id
+from capdpo.records import Candidate, ScoreRecord, VariantRecord
+from capdpo.run import Stage, run_units
+from capdpo.sections import load_config
+from capdpo.validation.validator import Validator
+
+
+def candidates_of(record: VariantRecord) -> list[str]:
+    """The original sentence first, then its variants."""
+    return [record.sentence, *record.variants]
+
+
+def run(cfg: LoadedConfig) -> dict[str, Any]:
+    """Score the candidates of every sentence of stage 3's output; resumable."""
+    stage = Stage("validate", cfg)
+    sec = cfg.section
+    records = [VariantRecord.from_dict(r, f"{stage.run_dir}/03_variants.jsonl") for r in stage.read_input("variants")]
+    # settings that change scores define the record ids; batch size and the shared-prefix switch do not
+    settings = {k: v for k, v in asdict(sec).items() if k not in ("batch_size", "shared_prefix")}
+    validator_info = {"model": cfg.common.weak_model, **settings}
+    planned = {stable_id("validate", r.id, candidates_of(r), cfg.common.weak_model, settings): r for r in records}
+
+    out = stage.open_output(set(planned))
+
+    def score(unit: list[str]) -> list[dict[str, Any]]:
+        jobs = {rid: validator.jobs(rid, planned[rid].image, candidates_of(planned[rid])) for rid in unit}
+        requests = [job.request for rid in unit for job in jobs[rid]]
+        results = engine.score(requests, sec.batch_size)
+        written = []
+        for rid in unit:
+            record = planned[rid]
+            texts = candidates_of(record)
+            scored = validator.combine(texts, jobs[rid], results)
+            candidates = [
+                Candidate(text=t, is_original=i == 0, score=s, details=d)
+                for i, (t, (s, d)) in enumerate(zip(texts, scored))
+            ]
+            written.append(
+                ScoreRecord(
+                    id=rid,
+                    image_id=record.image_id,
+                    image=record.image,
+                    variants_id=record.id,
+                    description_id=record.description_id,
+                    prompt=record.prompt,
+                    index=record.index,
+                    context=record.context,
+                    candidates=candidates,
+                    validator=validator_info,
+                ).to_dict()
+            )
+        return written
+
+    if len(out.ids) < len(planned):
+        engine = open_backend("local", cfg.common, "weak", shared_prefix=sec.shared_prefix)
+        validator = Validator(engine.lm, sec)
+        # a unit groups whole sentences until it holds about four batches of requests
+        units: list[list[str]] = [[]]
+        size = 0
+        for rid, record in planned.items():
+            units[-1].append(rid)
+            size += len(validator.jobs(rid, record.image, candidates_of(record)))
+            if size >= 4 * sec.batch_size:
+                units.append([])
+                size = 0
+        run_units([u for u in units if u], out, lambda u: u, score, "validate")
+    out.close()
+    if not stage.gather():
+        return {}
+
+    counts = {"sentences": 0, "candidates": 0, "originals_best": 0, "variants_beat_original": 0}
+    gaps = []
+    for record in iter_jsonl(stage.output):
+        scores = [c["score"] for c in record["candidates"]]
+        counts["sentences"] += 1
+        counts["candidates"] += len(scores)
+        counts["originals_best"] += scores[0] >= max(scores)
+        counts["variants_beat_original"] += any(s > scores[0] for s in scores[1:])
+        gaps.append(max(scores) - min(scores))
+    mean_gap = sum(gaps) / len(gaps) if gaps else 0.0
+    summary = (
+        f"{counts['candidates']} candidates of {counts['sentences']} sentences scored by {cfg.common.weak_model} "
+        f"with {', '.join(sec.methods)}; the original scored best for {counts['originals_best']} sentences and a "
+        f"variant beat it for {counts['variants_beat_original']}; mean best-worst gap {mean_gap:.3f}."
+    )
+    return stage.finish({**counts, "mean_gap": mean_gap}, summary)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli(lambda a: run(load_config("validate", a, __doc__)), argv)

@@ -1,0 +1,37 @@
+"""The configured validation methods of stage 4, combined into one score per candidate by weighted mean."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from capdpo.models.loading import LoadedModel
+from capdpo.validation.config import ValidateConfig
+from capdpo.validation.methods import METHODS, Job
+
+
+class Validator:
+    """The configured methods, combined by weighted mean."""
+
+    def __init__(self, lm: LoadedModel, cfg: ValidateConfig) -> None:
+        self.methods = [METHODS[name](lm, cfg) for name in cfg.methods]
+        weights = cfg.weights or [1.0] * len(cfg.methods)
+        total = sum(weights)
+        self.weights = [w / total for w in weights]
+
+    def jobs(self, key: str, image: str, candidates: list[str]) -> list[Job]:
+        return [job for method in self.methods for job in method.jobs(key, image, candidates)]
+
+    def combine(
+        self, candidates: list[str], jobs: list[Job], results: dict[str, Any]
+    ) -> list[tuple[float, dict[str, Any]]]:
+        """Per candidate: (combined score, per-method details)."""
+        per_method: dict[str, dict[Any, Any]] = {m.name: {} for m in self.methods}
+        for job in jobs:
+            per_method[job.method][job.target] = results[job.request.key]
+        details: list[dict[str, Any]] = [{} for _ in candidates]
+        combined = [0.0] * len(candidates)
+        for method, weight in zip(self.methods, self.weights):
+            for i, d in enumerate(method.scores(candidates, per_method[method.name])):
+                details[i][method.name] = d
+                combined[i] += weight * d["score"]
+        return list(zip(combined, details))

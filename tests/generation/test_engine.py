@@ -1,0 +1,183 @@
+import math
+
+import pytest
+import torch
+
+from capdpo.generation.batching import Request, run_halving, user_message
+from capdpo.generation.engine import Engine
+from capdpo.generation.sampling import Generation, SeededSampler, gumbel_noise
+from capdpo.models.loading import load_vlm
+
+
+@pytest.fixture(scope="module")
+def strong(tiny_models):
+    return load_vlm(str(tiny_models["strong"]))
+
+
+def test_gumbel_noise_is_a_pure_function_and_standard_gumbel():
+    seeds = torch.tensor([1, 2, 3])
+    a = gumbel_noise(seeds, 5, 1000)
+    b = gumbel_noise(seeds[1:2], 5, 1000)
+    assert torch.equal(a[1], b[0])  # a row does not depend on its neighbours
+    assert not torch.equal(a[0], a[1]) and not torch.equal(gumbel_noise(seeds, 6, 1000), a)
+    big = gumbel_noise(torch.arange(200), 0, 1000).double()
+    assert abs(big.mean().item() - 0.5772) < 0.01  # Euler–Mascheroni constant
+    assert abs(big.var().item() - math.pi**2 / 6) < 0.05
+
+
+def test_seeded_sampler_samples_from_the_filtered_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    n = 20000
+    counts = torch.zeros(4)
+    gen = Generation(temperature=1.0, top_p=1.0)
+    sampler = SeededSampler(list(range(n)), 0, gen, "cpu")
+    picks = sampler(torch.zeros(n, 0, dtype=torch.long), logits.expand(n, 4)).argmax(-1)
+    counts += torch.bincount(picks, minlength=4)
+    expected = torch.softmax(logits[0], -1) * n
+    assert torch.all((counts - expected).abs() < 4 * expected.sqrt() + 5)
+    # top-k 2 and top-p 0.5 never pick outside their sets
+    topk = SeededSampler(list(range(500)), 0, Generation(temperature=1.0, top_k=2), "cpu")
+    assert set(topk(torch.zeros(500, 0, dtype=torch.long), logits.expand(500, 4)).argmax(-1).tolist()) == {0, 1}
+    topp = SeededSampler(list(range(500)), 0, Generation(temperature=1.0, top_p=0.5), "cpu")
+    assert set(topp(torch.zeros(500, 0, dtype=torch.long), logits.expand(500, 4)).argmax(-1).tolist()) == {0}
+
+
+def _requests(sample_images, n=4):
+    return [
+        Request(
+            key=f"r{i}",
+            image=str(sample_images[i % len(sample_images)]),
+            messages=[user_message("Describe." + " Now." * i)],
+            seed=i,
+        )
+        for i in range(n)
+    ]
+
+
+def test_sampling_does_not_depend_on_batch_composition(strong, sample_images):
+    engine = Engine(strong)
+    gen = Generation(max_new_tokens=10, temperature=1.0, top_p=0.9)
+    requests = _requests(sample_images)
+    together = engine.generate(requests, gen)
+    alone = [engine.generate([r], gen)[0] for r in requests]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert len({tuple(o.token_ids) for o in together}) > 1
+
+
+def test_greedy_generation_matches_plain_generate(strong, sample_images):
+    engine = Engine(strong)
+    request = _requests(sample_images, 2)[1]
+    ours = engine.generate([request], Generation(max_new_tokens=12))[0]
+    inputs = engine.batcher.encode([request])
+    plain = strong.model.generate(**inputs, max_new_tokens=12, do_sample=False)[
+        0, inputs["input_ids"].shape[1] :
+    ].tolist()
+    eos = strong.end_of_turn_ids()
+    cut = next((i for i, t in enumerate(plain) if t in eos), len(plain))
+    assert ours.token_ids == plain[:cut]
+    assert ours.finish_reason == ("stop" if cut < len(plain) else "length")
+
+
+def test_forward_logprobs_match_an_unbatched_forward(strong, sample_images):
+    engine = Engine(strong)
+    requests = _requests(sample_images, 3)
+    requests[2].continuation = [5, 6, 7]
+    batched = engine.forward_logprobs(requests)
+    for request, got in zip(requests, batched):
+        text = strong.processor.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+        from PIL import Image
+
+        enc = strong.processor(text=[text], images=[Image.open(request.image).convert("RGB")], return_tensors="pt")
+        ids = torch.cat([enc["input_ids"], torch.tensor([request.continuation], dtype=torch.long)], 1)
+        enc["input_ids"] = ids
+        enc["attention_mask"] = torch.ones_like(ids)
+        if "mm_token_type_ids" in enc:
+            enc["mm_token_type_ids"] = torch.cat(
+                [enc["mm_token_type_ids"], torch.zeros(1, len(request.continuation), dtype=torch.long)], 1
+            )
+        with torch.no_grad():
+            logits = strong.model(**enc).logits[0]
+        n = len(request.continuation) + 1
+        expected = torch.log_softmax(logits[-n:].float(), -1)
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_out_of_memory_halves_the_batch():
+    calls = []
+
+    def fn(batch):
+        calls.append(len(batch))
+        if len(batch) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return [x * 10 for x in batch]
+
+    assert run_halving(list(range(7)), fn) == [x * 10 for x in range(7)]
+    assert calls == [7, 3, 1, 2, 4, 2, 2]  # halves until each piece fits, order kept
+    with pytest.raises(ValueError):
+        run_halving([1, 2], lambda b: (_ for _ in ()).throw(ValueError("not memory")))
+
+
+@pytest.mark.parametrize("prefill_rows", [0, 1, 3])
+@pytest.mark.parametrize("arch", ["strong", "qwen3vl", "llava"])
+def test_static_decoder_is_token_identical_to_generate(tiny_models, sample_images, arch, prefill_rows, monkeypatch):
+    """Also with the prefill in chunks of rows (images of different sizes, prompts of different lengths)."""
+    import capdpo.generation.static_decoder as fastgen
+
+    chunks, batched_positions = [], []
+    original, original_rope = fastgen._cache_rows, fastgen.mrope_positions
+    monkeypatch.setattr(fastgen, "_cache_rows", lambda *a: chunks.append(a[1:3]) or original(*a))
+
+    def rope(*args):
+        out = original_rope(*args)
+        batched_positions.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fastgen, "mrope_positions", rope)
+    lm = load_vlm(str(tiny_models[arch]))
+    fast, plain = Engine(lm, decoder="static", prefill_rows=prefill_rows), Engine(lm, decoder="hf")
+    requests = _requests(sample_images, 4)
+    for gen in (
+        Generation(max_new_tokens=20),
+        Generation(max_new_tokens=20, temperature=0.8, top_p=0.9, top_k=50, repetition_penalty=1.1),
+    ):
+        ours, theirs = fast.generate(requests, gen), plain.generate(requests, gen)
+        assert [o.token_ids for o in ours] == [o.token_ids for o in theirs]
+        assert [o.finish_reason for o in ours] == [o.finish_reason for o in theirs]
+    assert batched_positions == (
+        [] if arch == "llava" else [True, True]
+    )  # Qwen-VL: positions from capdpo.generation.rope
+    if prefill_rows and arch != "llava":  # Qwen-VL prefills chunk by chunk; LLaVA's inputs prefill whole
+        expected = [(0, 1), (1, 2), (2, 3), (3, 4)] if prefill_rows == 1 else [(0, 3), (3, 4)]
+        assert chunks == expected * 2
+
+
+@pytest.mark.parametrize("arch", ["strong", "llava"])
+def test_static_decoder_handles_text_only_padded_batches(tiny_models, arch):
+    lm = load_vlm(str(tiny_models[arch]))
+    requests = [
+        Request(key=f"t{i}", image=None, messages=[user_message("Rate this." + " Again." * i, with_image=False)])
+        for i in range(3)
+    ]
+    gen = Generation(max_new_tokens=12)
+    fast, chunked, plain = (
+        Engine(lm, decoder="static").generate(requests, gen),
+        Engine(lm, decoder="static", prefill_rows=2).generate(requests, gen),
+        Engine(lm, decoder="hf").generate(requests, gen),
+    )
+    assert [o.token_ids for o in fast] == [o.token_ids for o in plain] == [o.token_ids for o in chunked]
+
+
+@pytest.mark.parametrize("arch", ["strong", "qwen3vl", "llava"])
+def test_static_decoder_with_fused_text_elementwise_is_token_identical(tiny_models, sample_images, arch):
+    """The language model's norms and gating as (here: eagerly) compiled functions give the same tokens."""
+    from capdpo.models.patches import fuse_text_elementwise
+
+    lm = load_vlm(str(tiny_models[arch]))
+    requests, gen = _requests(sample_images, 3), Generation(max_new_tokens=12)
+    plain = Engine(lm, decoder="hf").generate(requests, gen)
+    layers = lm.model.config.get_text_config().num_hidden_layers
+    per_layer = 5 if arch == "qwen3vl" else 3  # 2 norms and an MLP per layer, Qwen3 also normalises q and k
+    assert fuse_text_elementwise(lm.model, backend="eager") == per_layer * layers + 1
+    fused = Engine(lm, decoder="static", prefill_rows=2).generate(requests, gen)
+    assert [o.token_ids for o in fused] == [o.token_ids for o in plain]

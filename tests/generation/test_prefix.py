@@ -1,0 +1,46 @@
+import pytest
+
+from capdpo.generation.engine import Engine
+from capdpo.generation.prefix import SharedPrefixScorer, shared_prefix_length
+from capdpo.generation.rope import mrope_positions
+from capdpo.models.loading import load_vlm
+from capdpo.validation.config import ValidateConfig
+from capdpo.validation.validator import Validator
+
+
+def test_shared_prefix_leaves_every_read_position_in_the_suffix():
+    ids = [[1, 2, 3, 4, 5], [1, 2, 3, 9], [1, 2, 3, 4, 5, 6]]
+    assert shared_prefix_length(ids, [0, 0, 0]) == 3
+    assert shared_prefix_length(ids, [0, 0, 2]) == 3  # the third prompt ends at 4 tokens: read position 3
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]], [0, 0]) == 2
+
+
+@pytest.mark.parametrize("arch", ["weak", "qwen3vl", "llava"])
+def test_shared_prefix_scores_equal_full_forward_passes(tiny_models, sample_images, arch, monkeypatch):
+    import capdpo.generation.prefix as prefix_module
+
+    computed = []  # Qwen-VL prefixes take their 3-D positions from capdpo.generation.rope, not the model's loop
+
+    def spy(model, inputs):
+        result = mrope_positions(model, inputs)
+        computed.append(result is not None)
+        return result
+
+    monkeypatch.setattr(prefix_module, "mrope_positions", spy)
+    lm = load_vlm(str(tiny_models[arch]))
+    validator = Validator(lm, ValidateConfig(methods=["yesno", "rating", "pairwise"]))
+    candidates = ["A red ball.", "Two dogs play on the grass near a tall tree.", "The sky."]
+    # five images of different sizes (different numbers of image tokens), more than one prefill pass holds
+    jobs = [j for i in range(5) for j in validator.jobs(f"s{i}", str(sample_images[i]), candidates)]
+    requests = [j.request for j in jobs]
+    single = [r for r in validator.jobs("lonely", str(sample_images[5]), ["Just one."]) if r.method == "yesno"]
+    requests.append(single[0].request)  # an image with one request takes the plain path
+    assert len({r.image for r in requests}) == 6 and any(r.continuation for r in requests)
+    engine = Engine(lm)
+    plain = {r.key: lp for r, lp in zip(requests, engine.forward_logprobs(requests))}
+    shared = SharedPrefixScorer(lm, images_per_pass=2).score(requests, batch_size=7)
+    assert set(shared) == set(plain)
+    for key, expected in plain.items():
+        assert shared[key].shape == expected.shape
+        assert (shared[key] - expected).abs().max().item() < 1e-4, key
+    assert computed == ([] if arch == "llava" else [True] * len(computed)) and (arch == "llava" or computed)

@@ -1,0 +1,135 @@
+import pytest
+import torch
+
+from capdpo.models.patches import _grouped_vision_attention
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+def test_grouped_vision_attention_equals_the_per_chunk_loop(arch):
+    if arch == "qwen2_5_vl":
+        from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as mod
+
+        cls, cfg = mod.Qwen2_5_VLVisionAttention, mod.Qwen2_5_VLVisionConfig(hidden_size=32, num_heads=2)
+    else:
+        from transformers.models.qwen3_vl import modeling_qwen3_vl as mod
+
+        cls, cfg = mod.Qwen3VLVisionAttention, mod.Qwen3VLVisionConfig(hidden_size=32, num_heads=2)
+    cfg._attn_implementation = "sdpa"
+    original = getattr(cls.forward, "__wrapped_original__", cls.forward)
+    torch.manual_seed(0)
+    layer = cls(cfg).eval()
+    grouped = _grouped_vision_attention(original, mod.apply_rotary_pos_emb_vision)
+    for bounds in ([0, 16, 32, 48, 64], [0, 16, 32, 40, 56, 60, 64]):  # equal windows; mixed sizes
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        x = torch.randn(64, 32)
+        angle = torch.randn(64, 8)
+        emb = torch.cat([angle, angle], -1)
+        pos = (emb.cos(), emb.sin())
+        with torch.no_grad():
+            expected = original(layer, x, cu, pos)
+            got = grouped(layer, x, cu, pos)
+        assert torch.allclose(got, expected, atol=1e-5), bounds
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+def test_linear_patch_embedding_is_the_same_function(arch):
+    from capdpo.models.patches import linear_patch_embedding
+
+    if arch == "qwen2_5_vl":
+        from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as mod
+
+        embed = mod.Qwen2_5_VisionPatchEmbed(patch_size=14, temporal_patch_size=2, in_channels=3, embed_dim=16)
+    else:
+        from transformers.models.qwen3_vl import modeling_qwen3_vl as mod
+
+        embed = mod.Qwen3VLVisionPatchEmbed(mod.Qwen3VLVisionConfig(hidden_size=16, patch_size=14))
+    torch.manual_seed(0)
+    for p in embed.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(10, 3 * 2 * 14 * 14)
+    with torch.no_grad():
+        expected = embed(x)
+        assert linear_patch_embedding(torch.nn.Sequential(embed)) == 1
+        got = embed(x)
+    assert got.shape == expected.shape == (10, 16)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+def test_cuda_inference_tunings_keep_the_vision_tower_and_model_outputs(arch):
+    """Padded MLP, matmul patch embedding, compiled elementwise parts (dynamo with the eager backend on CPU):
+    the vision features and the model's logits stay the same (float32)."""
+    from capdpo.models import patches as models
+
+    if arch == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+
+        vision = dict(depth=2, hidden_size=32, intermediate_size=60, num_heads=2, out_hidden_size=32, window_size=56,
+                      fullatt_block_indexes=[1])  # fmt: skip
+    else:
+        from transformers import Qwen3VLConfig as Config
+        from transformers import Qwen3VLForConditionalGeneration as Model
+
+        vision = dict(depth=2, hidden_size=32, intermediate_size=60, num_heads=2, out_hidden_size=32,
+                      deepstack_visual_indexes=[0])  # fmt: skip
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=128, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]})  # fmt: skip
+    torch.manual_seed(0)
+    model = Model(Config(text_config=text, vision_config=vision)).eval()
+    models.use_grouped_vision_attention()
+    grid = torch.tensor([[1, 4, 4], [1, 4, 8]])
+    side = model.config.vision_config.patch_size
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * side * side)
+    with torch.no_grad():
+        expected = model.model.visual(pixels, grid_thw=grid)
+    assert models.linear_patch_embedding(model) == 1
+    assert models.pad_vision_mlp(model) == (2 if arch == "qwen2_5_vl" else 0)  # Qwen3-VL has no gated MLP
+    assert models.fuse_vision_elementwise(model, backend="eager") >= 2
+    with torch.no_grad():
+        got = model.model.visual(pixels, grid_thw=grid)
+
+    def features(out):  # a tensor, or an output object (Qwen3-VL) whose pooler_output holds the merged features
+        return getattr(out, "pooler_output", out)
+
+    assert features(got).shape == features(expected).shape
+    assert torch.allclose(features(got), features(expected), atol=1e-5)
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_function(capsys):
+    from capdpo.models.patches import _CompiledOrEager, _silu_mul
+
+    def broken(graph, example_inputs):
+        raise RuntimeError("no working compiler")
+
+    fused = _CompiledOrEager(_silu_mul, broken)
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    assert torch.equal(fused(a, b), _silu_mul(a, b))
+    assert fused.compiled is None and "running it eagerly" in capsys.readouterr().out
+    assert torch.equal(fused(b, a), _silu_mul(b, a))  # later calls: eager, no new message
+    assert capsys.readouterr().out == ""
+
+
+def test_inputs_past_the_recompile_limit_run_eagerly_and_compiled_variants_stay_compiled():
+    from capdpo.models.patches import _CompiledOrEager, _rms_norm
+
+    compiles = []
+
+    def counting(graph, example_inputs):
+        compiles.append(len(example_inputs))
+        return graph.forward
+
+    fused = _CompiledOrEager(_rms_norm, counting)
+    weight = torch.randn(8)
+    two, three = torch.randn(5, 8), torch.randn(2, 5, 8)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        torch._dynamo.reset()
+        assert torch.allclose(fused(two, weight, 1e-6), _rms_norm(two, weight, 1e-6))
+        # a rank-3 input needs a second variant: over the limit of one, so it runs eagerly instead of failing
+        assert torch.allclose(fused(three, weight, 1e-6), _rms_norm(three, weight, 1e-6))
+        assert fused.compiled is not None and len(fused.eager_kinds) == 1
+        assert len(compiles) == 1
+        seven = torch.randn(7, 8)
+        assert torch.allclose(fused(seven, weight, 1e-6), _rms_norm(seven, weight, 1e-6))
+        assert len(compiles) == 1  # rank 2 again (another size): the compiled variant, not a new one
+    torch._dynamo.reset()

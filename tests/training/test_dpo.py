@@ -1,0 +1,360 @@
+"""The DPO pieces on fixed tensors and the tiny model: Uni-DPO against a float64 hand computation, completion
+log-probs against an independent computation, the precomputed reference against the in-step one, one vision pass
+per pair, and every TRL loss type running on our batches."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from capdpo.config import CommonConfig
+from capdpo.errors import ConfigError, InputError
+from capdpo.records import PairRecord
+from capdpo.training.config import DpoConfig as TrainConfig
+from capdpo.training.data import PairEncoder, pair_to_example
+from capdpo.training.losses import LOSSES, UniDPOParams, map_scores, unidpo_loss
+
+# ---- Uni-DPO ------------------------------------------------------------------------------------------------
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def _unidpo_by_hand(pc: float, pr: float, rc: float, rr: float, sc: float, sr: float, p: UniDPOParams) -> float:
+    m = (pc - pr) - (rc - rr)
+    w_qual = _sigmoid(p.eta * (sc - sr))
+    w_perf = (1.0 - _sigmoid(p.beta * (pc - pr) - p.tau_ref)) ** p.gamma
+    loss = -w_qual * w_perf * math.log(_sigmoid(p.beta * m))
+    if sc >= p.tau_good and rc > pc:
+        loss -= p.nll_lambda * pc
+    return loss
+
+
+# (policy chosen, policy rejected, ref chosen, ref rejected, score chosen, score rejected) as per-token averages
+# and Uni-DPO-scale scores; the comment says whether the calibrated NLL term applies.
+CASES = [
+    (-1.20, -1.90, -1.00, -1.50, 4.0, 1.0),  # ref_c > pi_c and s_c >= tau_good: NLL on
+    (-0.80, -1.90, -1.00, -1.50, 4.0, 1.0),  # pi_c > ref_c: off
+    (-1.20, -1.90, -1.00, -1.50, 2.0, 1.0),  # s_c < tau_good: off
+    (-2.00, -0.50, -1.10, -1.30, 2.5, 2.4),  # s_c == tau_good, ref_c > pi_c: on; policy prefers rejected
+]
+
+
+def test_unidpo_loss_equals_float64_hand_computation_with_nll_switching() -> None:
+    params = UniDPOParams(beta=2.0, eta=0.7, tau_ref=2.0, gamma=3.0, nll_lambda=0.05, tau_good=2.5)
+    columns = [torch.tensor(c, dtype=torch.float64) for c in zip(*CASES)]
+    losses, parts = unidpo_loss(*columns, params)
+    expected = [_unidpo_by_hand(*case, params) for case in CASES]
+    assert losses.dtype == torch.float64
+    for got, want in zip(losses.tolist(), expected):
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-14)
+    assert parts["nll_active"].tolist() == [1.0, 0.0, 0.0, 1.0]
+    # with lambda 0 the NLL term is gone even where it would apply
+    no_nll, _ = unidpo_loss(*columns, UniDPOParams(beta=2.0, eta=0.7, tau_ref=2.0, gamma=3.0, nll_lambda=0.0))
+    off = UniDPOParams(beta=2.0, eta=0.7, tau_ref=2.0, gamma=3.0, nll_lambda=0.0)
+    for got, case in zip(no_nll.tolist(), CASES):
+        assert got == pytest.approx(_unidpo_by_hand(*case, off), rel=1e-12)
+    assert no_nll[0].item() != pytest.approx(losses[0].item(), rel=1e-6)  # the term really changed case 0
+
+
+def test_unidpo_gradient_flows_through_the_performance_weight() -> None:
+    params = UniDPOParams(nll_lambda=0.0)
+    pc, pr, rc, rr, sc, sr = CASES[1]
+    policy_chosen = torch.tensor([pc], dtype=torch.float64, requires_grad=True)
+    rest = (torch.tensor([v], dtype=torch.float64) for v in (pr, rc, rr, sc, sr))
+    loss, _ = unidpo_loss(policy_chosen, *rest, params)
+    loss.sum().backward()
+    h = 1e-6  # central difference of the hand formula, w_perf included (it is not detached)
+    numeric = (
+        _unidpo_by_hand(pc + h, pr, rc, rr, sc, sr, params) - _unidpo_by_hand(pc - h, pr, rc, rr, sc, sr, params)
+    ) / (2 * h)
+    assert policy_chosen.grad.item() == pytest.approx(numeric, rel=1e-6)
+    # what a detached w_perf would give: clearly different, so the test above does check the w_perf path
+    w_qual = _sigmoid(params.eta * (sc - sr))
+    w_perf = (1.0 - _sigmoid(params.beta * (pc - pr) - params.tau_ref)) ** params.gamma
+
+    def dpo_part(x: float) -> float:
+        return -w_qual * w_perf * math.log(_sigmoid(params.beta * ((x - pr) - (rc - rr))))
+
+    detached = (dpo_part(pc + h) - dpo_part(pc - h)) / (2 * h)
+    assert abs(numeric - detached) > 1e-3 * abs(detached)
+
+
+def test_score_mapping_is_linear_onto_the_configured_range() -> None:
+    scores = torch.tensor([0.0, 0.5, 1.0])
+    assert map_scores(scores, 0.0, 5.0).tolist() == [0.0, 2.5, 5.0]
+    assert map_scores(scores, 1.0, 3.0).tolist() == [1.0, 2.0, 3.0]
+
+
+# ---- config -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"loss_type": ["unidpo", "sigmoid"]}, "cannot be combined"),
+        ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "1 weight(s) for 2"),
+        ({"loss_type": ["dpo"]}, "unknown ['dpo']"),
+        ({"method": "adapter"}, "train.method"),
+        ({"loss_type": ["exo_pair"]}, "exo_pair needs"),
+        ({"deepspeed": "zero4"}, "train.deepspeed"),
+        ({"unidpo_score_low": 1.0, "unidpo_score_high": 1.0}, "unidpo_score_high"),
+    ],
+)
+def test_train_config_refuses_bad_values(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(**kwargs)
+    assert message in str(err.value)
+
+
+def test_mpo_and_unidpo_defaults() -> None:
+    mpo = TrainConfig(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0])
+    assert mpo.resolved_beta() == 0.1 and mpo.resolved_learning_rate() == 5e-5
+    assert TrainConfig(loss_type=["unidpo"]).resolved_beta() == 2.0
+    assert TrainConfig(method="full").resolved_learning_rate() == 1e-6
+
+
+# ---- the tiny model -----------------------------------------------------------------------------------------
+
+
+def _pairs(image: Path) -> list[PairRecord]:
+    return [
+        PairRecord(
+            id="ctx",
+            image_id="img",
+            image=str(image),
+            prompt="Describe this image in detail.",
+            chosen="A red circle on a white wall.",
+            rejected="A blue dog runs on the grass near the road.",
+            score_chosen=0.9,
+            score_rejected=0.2,
+            mode="context",
+        ),
+        PairRecord(
+            id="sent",
+            image_id="img",
+            image=str(image),
+            prompt="Describe this image in detail.",
+            chosen="It is red.",
+            rejected="It is a large green bus.",
+            score_chosen=0.8,
+            score_rejected=0.3,
+            mode="sentence",
+            assistant_prefix="The picture shows a circle.",
+        ),
+    ]
+
+
+def _trainer(strong: Path, tmp: Path, pairs: list[PairRecord], **settings: object):
+    from capdpo.models.loading import load_for_training
+    from capdpo.training.dpo import build_trainer, reference_fingerprint
+    from capdpo.training.dpo import dpo_arguments as dpo_args
+
+    cfg = TrainConfig(**{"max_steps": 1, "gradient_accumulation_steps": 1, "batch_size": len(pairs), **settings})
+    common = CommonConfig(run_dir=str(tmp), strong_model=str(strong))
+    lm = load_for_training(str(strong), device="cpu")
+    args = dpo_args(cfg, common, tmp / "checkpoints", deepspeed=None, bf16=False, use_cpu=True, has_eval=False)
+    return build_trainer(
+        cfg, lm, pairs, [], args, reference_root=tmp / "ref_logps", fingerprint=reference_fingerprint(cfg, common, lm)
+    )
+
+
+def _set_lora_b(model: torch.nn.Module, scale: float = 0.05) -> None:
+    """Give LoRA B non-zero values (seeded by name) so the policy differs from the reference."""
+    import zlib
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                param.copy_(torch.randn(param.shape, generator=g) * scale)
+
+
+def _loss_and_grads(trainer, pairs: list[PairRecord]) -> tuple[float, dict[str, torch.Tensor]]:
+    trainer.model.train()
+    batch = trainer._prepare_inputs(trainer.data_collator([pair_to_example(p) for p in pairs]))
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.item(), grads
+
+
+def _by_hand_logps(strong: Path, pair: PairRecord) -> tuple[float, int]:
+    """Completion log-prob of a pair's chosen side computed independently: the whole conversation rendered by the
+    chat template and tokenized at once, a plain forward, log-softmax in float64, summed over the tokens after the
+    generation prompt up to and including the first <|im_end|>."""
+    from capdpo.images import load_image
+    from capdpo.models.loading import load_vlm
+
+    lm = load_vlm(str(strong), device="cpu")
+    processor, tokenizer = lm.processor, lm.tokenizer
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": pair.prompt}]}
+    answer = f"{pair.assistant_prefix} {pair.chosen}" if pair.assistant_prefix else pair.chosen
+    full = processor.apply_chat_template(
+        [user, {"role": "assistant", "content": [{"type": "text", "text": answer}]}], tokenize=False
+    )
+    header = processor.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    image = load_image(pair.image)
+    full_ids = processor(text=[full], images=[image], return_tensors="pt")
+    prompt_ids = processor(text=[header + pair.assistant_prefix], images=[image], return_tensors="pt")["input_ids"][
+        0
+    ].tolist()
+    ids = full_ids["input_ids"][0].tolist()
+    start = len(prompt_ids)
+    assert ids[:start] == prompt_ids, "the prompt must tokenize the same inside the full conversation"
+    end = ids.index(tokenizer.convert_tokens_to_ids("<|im_end|>"), start)
+    assert ids[end + 1 :] == tokenizer("\n", add_special_tokens=False)["input_ids"]  # the template's tail after it
+    with torch.no_grad():
+        logits = lm.model(**full_ids).logits[0].double()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    total = sum(logprobs[t - 1, ids[t]].item() for t in range(start, end + 1))
+    return total, end + 1 - start
+
+
+def test_completion_logprobs_cover_exactly_the_completion_tokens(tiny_models, sample_images, tmp_path) -> None:
+    pairs = _pairs(sample_images[0])
+    trainer = _trainer(tiny_models["strong"], tmp_path, pairs, precompute_ref=False)
+    tokenizer = trainer.processing_class.tokenizer
+    for pair in pairs:
+        expected, n_tokens = _by_hand_logps(tiny_models["strong"], pair)
+        completion = f" {pair.chosen}" if pair.assistant_prefix else pair.chosen
+        assert n_tokens == len(tokenizer(completion, add_special_tokens=False)["input_ids"]) + 1  # + <|im_end|>
+        batch = trainer._prepare_inputs(trainer.data_collator([pair_to_example(pair)]))
+        assert int(batch["completion_mask"][0].sum()) == n_tokens
+        trainer.model.eval()
+        with torch.no_grad():
+            sums, counts, _, _ = trainer.completion_logps(trainer.model, trainer._model_inputs(trainer.model, batch))
+        assert int(counts[0]) == n_tokens
+        assert sums[0].item() == pytest.approx(expected, abs=1e-4)
+        # the same number through the path training takes (TRL's loss, which logs logps/chosen)
+        trainer.model.train()
+        trainer._metrics["train"].clear()
+        with torch.no_grad():
+            trainer.compute_loss(trainer.model, batch)
+        assert trainer._metrics["train"]["logps/chosen"][0] == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("loss_type", [["sigmoid"], ["unidpo"]])
+def test_precomputed_reference_gives_the_same_loss_and_gradients(
+    tiny_models, sample_images, tmp_path, loss_type
+) -> None:
+    pairs = _pairs(sample_images[1])
+    precomputed = _trainer(tiny_models["strong"], tmp_path / "pre", pairs, loss_type=loss_type, precompute_ref=True)
+    in_step = _trainer(tiny_models["strong"], tmp_path / "fly", pairs, loss_type=loss_type, precompute_ref=False)
+    assert precomputed.reference is not None and len(precomputed.reference) == len(pairs)
+    assert in_step.reference is None
+    for trainer in (precomputed, in_step):
+        _set_lora_b(trainer.model)  # after the reference pass: policy != reference from here on
+
+    forwards = []
+    hook = precomputed.model.get_base_model().model.language_model.register_forward_hook(lambda *a: forwards.append(1))
+    loss_pre, grads_pre = _loss_and_grads(precomputed, pairs)
+    hook.remove()
+    loss_fly, grads_fly = _loss_and_grads(in_step, pairs)
+    assert len(forwards) == 1, "with a precomputed reference only the policy forward runs"
+    assert abs(loss_pre - math.log(2)) > 1e-3, "policy and reference must differ for this check to mean anything"
+    assert loss_pre == pytest.approx(loss_fly, abs=1e-4)
+    assert grads_pre.keys() == grads_fly.keys() and any("lora_A" in n for n in grads_pre)
+    for name, grad in grads_pre.items():
+        assert torch.allclose(grad, grads_fly[name], atol=1e-4, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("family", ["strong", "qwen3vl"])
+def test_each_image_is_encoded_once_per_pair(tiny_models, sample_images, tmp_path, family: str) -> None:
+    pairs = _pairs(sample_images[2])
+    shared = _trainer(tiny_models[family], tmp_path / "shared", pairs, precompute_ref=True)
+    repeated = _trainer(
+        tiny_models[family], tmp_path / "repeated", pairs, precompute_ref=True, share_image_features=False
+    )
+    assert shared.share_images and not repeated.share_images
+    results = []
+    for trainer in (shared, repeated):
+        _set_lora_b(trainer.model)
+        images_seen: list[int] = []
+        visual = trainer.model.get_base_model().model.visual
+
+        def count_images(module, args, kwargs, out, seen=images_seen) -> None:
+            seen.append(int(kwargs["grid_thw"].shape[0]))
+
+        hook = visual.register_forward_hook(count_images, with_kwargs=True)
+        results.append((_loss_and_grads(trainer, pairs), images_seen))
+        hook.remove()
+    (loss_shared, grads_shared), seen_shared = results[0]
+    (loss_repeated, grads_repeated), seen_repeated = results[1]
+    assert seen_shared == [len(pairs)]  # one vision pass, one image per pair
+    assert seen_repeated == [2 * len(pairs)]  # TRL's way: every image twice
+    assert loss_shared == pytest.approx(loss_repeated, abs=1e-5)
+    for name, grad in grads_shared.items():
+        assert torch.allclose(grad, grads_repeated[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_every_trl_loss_type_and_mpo_weights_run_on_our_batches(tiny_models, sample_images, tmp_path) -> None:
+    pairs = _pairs(sample_images[3])
+    trainer = _trainer(tiny_models["strong"], tmp_path, pairs, precompute_ref=True, label_smoothing=0.1)
+    _set_lora_b(trainer.model)
+    batch = trainer._prepare_inputs(trainer.data_collator([pair_to_example(p) for p in pairs]))
+    trainer.model.train()
+    values = {}
+    for loss_type in [*[[t] for t, loss in LOSSES.items() if loss.trl], ["sigmoid", "bco_pair", "sft"]]:
+        trainer.loss_types = loss_type
+        trainer.loss_weights = [0.8, 0.2, 1.0] if len(loss_type) == 3 else [1.0]
+        with torch.no_grad():
+            values["+".join(loss_type)] = trainer.compute_loss(trainer.model, batch).item()
+    assert all(math.isfinite(v) for v in values.values()), values
+    mpo = values["sigmoid+bco_pair+sft"]
+    assert mpo == pytest.approx(0.8 * values["sigmoid"] + 0.2 * values["bco_pair"] + 1.0 * values["sft"], rel=1e-5)
+    assert len({round(v, 6) for v in values.values()}) > 10  # the loss types really differ
+
+
+def test_encoder_shortens_completions_and_refuses_cut_images(tiny_models, sample_images) -> None:
+    from capdpo.models.loading import load_processor
+
+    processor = load_processor(str(tiny_models["strong"]))
+    pair = _pairs(sample_images[0])[0]
+    full = PairEncoder(processor, 0).encode(pair)
+    prompt_len = int(full.prompt["input_ids"].shape[1])
+    limit = prompt_len + 3
+    short = PairEncoder(processor, limit).encode(pair)
+    assert short.truncated and len(short.chosen_ids) == 3 and short.chosen_ids == full.chosen_ids[:3]
+    length = PairEncoder(processor, 0).prompt_length(pair)
+    assert length.prompt == prompt_len and length.image_tokens > 0
+    with pytest.raises(InputError, match=r"pair ctx: its prompt is \d+ tokens \(\d+ image tokens"):
+        PairEncoder(processor, length.image_end - 1).encode(pair)
+
+
+@pytest.mark.parametrize("family", ["strong", "qwen3vl"])
+def test_a_frozen_vision_tower_records_no_graph_under_gradient_checkpointing(
+    tiny_models, sample_images, tmp_path, family: str
+) -> None:
+    """Gradient checkpointing makes the vision patch embedding's output require grad; a frozen tower must still be
+    run without autograd (nothing to recompute or back-propagate), with the same loss and LoRA gradients."""
+    pairs = _pairs(sample_images[0])
+    results = {}
+    for name, settings in {
+        "frozen": {"gradient_checkpointing": True},
+        "plain": {"gradient_checkpointing": False},
+        # the vision attention's fused `qkv` exists in both families' towers (their MLP names differ)
+        "vision_lora": {"gradient_checkpointing": True, "lora_vision": True, "lora_targets": ["q_proj", "qkv"]},
+    }.items():
+        trainer = _trainer(tiny_models[family], tmp_path / name, pairs, precompute_ref=True, **settings)
+        _set_lora_b(trainer.model)
+        visual = trainer.model.get_base_model().model.visual
+        recorded: list[bool] = []
+        hook = visual.register_forward_hook(
+            lambda module, args, out, seen=recorded: seen.append(
+                (out.pooler_output if hasattr(out, "pooler_output") else out[0]).requires_grad
+            )
+        )
+        results[name] = _loss_and_grads(trainer, pairs)
+        hook.remove()
+        assert recorded == [name == "vision_lora"], name
+    (loss_frozen, grads_frozen), (loss_plain, grads_plain) = results["frozen"], results["plain"]
+    assert loss_frozen == pytest.approx(loss_plain, abs=1e-5)
+    assert grads_frozen.keys() == grads_plain.keys() and not any("visual" in n for n in grads_frozen)
+    for name, grad in grads_frozen.items():
+        assert torch.allclose(grad, grads_plain[name], atol=1e-5, rtol=1e-4), name
+    assert any("visual" in n for n in results["vision_lora"][1])  # LoRA on the tower still learns
