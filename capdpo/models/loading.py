@@ -90,7 +90,7 @@ def check_model_source(name_or_path: str, field: str = "model") -> None:
     if looks_local or name_or_path.count("/") != 1:
         raise InputError(
             f"{field}: '{name_or_path}' is neither a local model folder nor a hub id (org/name); "
-            "for tiny test models run `python -m capdpo.tiny`"
+            "for tiny test models run `python -m capdpo tiny`"
         )
 
 

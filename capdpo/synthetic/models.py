@@ -1,8 +1,8 @@
 """Untrained Qwen2.5-VL-architecture models sized for the synthetic world (before SFT trains them from scratch).
 
-Same architecture, special tokens, chat template and processor classes as `capdpo.tiny` (so every stage loads
+Same architecture, special tokens, chat template and processor classes as `capdpo.models.tiny` (so every stage loads
 them like a hub checkpoint), with a tokenizer trained on the synthetic language and every pipeline prompt, and
-images fixed at 112 x 112 pixels (16 image tokens after the 2 x 2 merge). Unlike `capdpo.tiny`'s models, no
+images fixed at 112 x 112 pixels (16 image tokens after the 2 x 2 merge). Unlike `capdpo.models.tiny`'s models, no
 sentence prior is planted: training gives them their behaviour.
 """
 
