@@ -40,7 +40,8 @@ from typing import Any
 from capdpo.cli import parse_options, run_cli
 from capdpo.config import option, require_choice, require_known
 from capdpo.jsonl import write_json
-from capdpo.pipeline import run_stage
+from capdpo.pipeline import STAGES, run_stage
+from capdpo.pipeline import stage as stage_info
 from capdpo.synthetic.world import DESCRIBE_PROMPT, Scene, generate_world
 
 _RPO_LOSS = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]}
@@ -292,8 +293,9 @@ def run_seed(settings: Settings, seed: int) -> dict[str, Any]:
     started = time.time()
     base = root / "shared"
     base_yaml = run_yaml(base, settings, seed, "main", world_dir)
-    for section in ("images", "describe", "variants"):
-        _stage(section, base_yaml)
+    shared = STAGES[:3]  # every configuration shares the images, descriptions and variants
+    for info in shared:
+        _stage(info.section, base_yaml)
     timings["stages_1_3"] = round(time.time() - started, 1)
 
     before = evaluate_model(
@@ -306,11 +308,11 @@ def run_seed(settings: Settings, seed: int) -> dict[str, Any]:
         run_dir = root / config
         run_dir.mkdir(parents=True, exist_ok=True)
         config_yaml = run_yaml(run_dir, settings, seed, config, world_dir)
-        _copy_stage_files(base, run_dir, ("01_", "02_", "03_"))
+        _copy_stage_files(base, run_dir, tuple(info.stem for info in shared))
         change = CONFIGS[config]
         key = json.dumps([change.get("validator"), change.get("validate", {})], sort_keys=True)
         if key in scored:
-            _copy_stage_files(scored[key], run_dir, ("04_",))
+            _copy_stage_files(scored[key], run_dir, (stage_info("validate").stem,))
         else:
             _stage("validate", config_yaml)
             scored[key] = run_dir
