@@ -84,7 +84,8 @@ class VariantRecord(Record):
     variants: list[str]  # cleaned, non-empty, distinct, none equal to the original
     generation: dict[str, Any]
     model: str = ""
-    raw_variants: list[str] = field(default_factory=list)  # what the model wrote before cleaning
+    raw_variants: list[str] = field(default_factory=list)  # what the model wrote before cleaning, every round
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # per round: temperature, samples, variants added
 
 
 @dataclass

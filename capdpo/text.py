@@ -108,12 +108,44 @@ def rewrite_prompt(template: str, context: list[str], index: int) -> str:
     return template.replace("{context}", before).replace("{sentence}", context[index])
 
 
-def dedupe_variants(original: str, variants: list[str]) -> list[str]:
-    """Drop empty variants, repeats and copies of the original (compared case- and punctuation-insensitively)."""
-    seen = {normalise(original)}
+# Words whose presence or absence does not change what a sentence claims about an image. Negations, numbers,
+# prepositions and every content word stay: "on" vs "under" and "a" vs "no" are different claims.
+_FUNCTION_WORDS = frozenset(
+    "a an the this that these those it its is are was were be been being there here also very quite just "
+    "and which who whose".split()
+)
+# A candidate that is nothing but a list marker: "-", "*", "•", "2.", "3)", "(b)", "iv."
+_BARE_LIST_MARKER = re.compile(r"[-*•·–—]+|\(?(?:\d{1,3}|[A-Za-z]|[ivxlcIVXLC]{1,6})[.)]")
+
+
+def content_key(text: str) -> tuple[str, ...]:
+    """What a sentence says, for telling rewrites apart: its words in order, lower case, without punctuation and
+    function words ("There is a red circle." and "A red circle." say the same; "a red circle" and "no red circle"
+    do not)."""
+    return tuple(w for w in re.findall(r"\w+(?:['’-]\w+)*", strip_quotes(text).lower()) if w not in _FUNCTION_WORDS)
+
+
+def fragment_reason(text: str, min_words: int) -> str | None:
+    """Why a candidate is a fragment (`list_marker`, `list_header`, `too_few_words`), or None if it is usable."""
+    body = strip_quotes(text)
+    if not body or _BARE_LIST_MARKER.fullmatch(body):
+        return "list_marker"
+    if body.endswith(":"):
+        return "list_header"
+    if word_count(body) < min_words:
+        return "too_few_words"
+    return None
+
+
+def dedupe_variants(original: str, variants: list[str], seen: set[tuple[str, ...]] | None = None) -> list[str]:
+    """Drop empty variants, repeats and copies of the original: two sentences are the same when they share their
+    `content_key` (case, punctuation and function words aside). `seen` (updated) holds keys already taken, e.g.
+    by an earlier round's variants."""
+    seen = seen if seen is not None else set()
+    seen.add(content_key(original))
     kept = []
     for variant in variants:
-        key = normalise(variant)
+        key = content_key(variant)
         if key and key not in seen:
             seen.add(key)
             kept.append(variant)

@@ -69,7 +69,24 @@ class VariantsConfig(SamplingConfig):
     temperature: float = option("Sampling temperature; 0 means greedy (only with k: 1).", 1.0)
     top_p: float = option("Nucleus sampling mass.", 0.95)
     batch_size: int = option("Requests per generate call; halves on CUDA out-of-memory.", 32)
-    k: int = option("Variants sampled per sentence (the original is always kept as a candidate too).", 4)
+    k: int = option(
+        "Distinct usable rewrites wanted per sentence (the original is always kept as a candidate too).", 4
+    )
+    max_rounds: int = option(
+        "Rounds of sampling: after the first k samples, a sentence with fewer than k distinct usable rewrites is "
+        "asked again for the missing ones, up to this many rounds in all (1: one round of k samples).",
+        3,
+    )
+    round_temperature_step: float = option(
+        "Temperature added in each later round (round r samples at temperature + (r - 1) * step): a model that "
+        "keeps repeating itself is pushed to say something else.",
+        0.25,
+    )
+    min_words: int = option(
+        "A rewrite with fewer words, a bare list marker or a list header is not usable: it is kept but does not "
+        "count towards k (stage 5 never pairs it).",
+        3,
+    )
     prompt: str = option(
         "Rewrite instruction. {context} is the description so far, {sentence} the sentence to rewrite.",
         "Here is the beginning of a description of this image:\n{context}\n\nRewrite the next sentence of the "
@@ -83,6 +100,9 @@ class VariantsConfig(SamplingConfig):
             raise ConfigError("variants.k: must be >= 1")
         if self.k > 1 and self.temperature == 0:
             raise ConfigError("variants.k: greedy decoding (temperature 0) makes all k variants identical")
+        require_at_least("variants", self, 1, ("max_rounds",))
+        require_at_least("variants", self, 0, ("min_words",))
+        require(self.round_temperature_step >= 0, "variants.round_temperature_step", "must be >= 0")
         if "{sentence}" not in self.prompt:
             raise ConfigError("variants.prompt: must contain {sentence}")
 

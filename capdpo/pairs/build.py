@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,8 @@ from capdpo.pairs.modes import MODES
 from capdpo.records import Candidate, PairRecord, ScoreRecord, pair_id
 from capdpo.run import progress
 from capdpo.splits import split_of
-from capdpo.text import normalise, strip_quotes, word_count
+from capdpo.text import fragment_reason, normalise, strip_quotes, word_count
 
-# A candidate that is nothing but a list marker: "-", "*", "•", "2.", "3)", "(b)", "iv."
-_BARE_LIST_MARKER = re.compile(r"[-*•·–—]+|\(?(?:\d{1,3}|[A-Za-z]|[ivxlcIVXLC]{1,6})[.)]")
 # What the "removed" stats count, in the order the filters run.
 REMOVALS = (
     "fragment_candidates",
@@ -33,18 +30,6 @@ REMOVALS = (
     "duplicate_pairs",
     "over_image_cap_pairs",
 )
-
-
-def fragment_reason(text: str, min_words: int) -> str | None:
-    """Why a candidate is a fragment (`list_marker`, `list_header`, `too_few_words`), or None if it is usable."""
-    body = strip_quotes(text)
-    if not body or _BARE_LIST_MARKER.fullmatch(body):
-        return "list_marker"
-    if body.endswith(":"):
-        return "list_header"
-    if word_count(body) < min_words:
-        return "too_few_words"
-    return None
 
 
 def pick_chosen_rejected(candidates: list[Candidate]) -> tuple[Candidate, Candidate]:

@@ -81,6 +81,8 @@ class Scale:
     batch_size: int = 64  # generation / scoring batch
     min_gap: float = 0.2
     min_chosen_score: float = 0.8  # stage 5: pair only where the verifier accepts the chosen side (0.0 raised CHAIR_i)
+    variant_rounds: int = 1  # stage 3's max_rounds (every committed result was measured with one round)
+    round_temperature_step: float = 0.25
 
 
 SCALES = {
@@ -166,6 +168,8 @@ def run_yaml(run_dir: Path, settings: Settings, seed: int, config: str, world: P
             "max_new_tokens": 24,
             "temperature": 1.0,
             "top_p": 1.0,
+            "max_rounds": scale.variant_rounds,
+            "round_temperature_step": scale.round_temperature_step,
             "batch_size": scale.batch_size,
         },
         "validate": {"methods": ["yesno"], "batch_size": scale.batch_size},

@@ -13,10 +13,10 @@ import yaml
 from capdpo.errors import ConfigError, InputError
 from capdpo.formats.registry import import_file
 from capdpo.jsonl import read_json, read_jsonl, stable_id
-from capdpo.pairs.build import fragment_reason
 from capdpo.records import PairRecord
 from capdpo.sections import load_config
 from capdpo.stages.build_dpo_dataset import run
+from capdpo.text import fragment_reason
 from tests.helpers import run_script
 
 PROMPT = "Describe this image in detail."
