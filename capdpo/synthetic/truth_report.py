@@ -1,7 +1,7 @@
 """Check a run on synthetic images against their ground truth: every stage's output, then the trained adapter.
 
     python -m capdpo truth-report --run_dir runs/synthetic_demo [--truth capdpo/assets/synthetic/truth.jsonl]
-        [--models models/synthetic --test_images 64]
+        [--models models/synthetic --test_images 128]
 
 Stage 2: how much the strong model hallucinates on the run's own images (CHAIR_i, CHAIR_s, coverage).
 Stage 4: how well the verifier's scores separate right sentences from wrong ones (accuracy of score >= 0.5, mean
@@ -155,7 +155,7 @@ class TruthReportOptions:
     run_dir: str = option("A run directory of stages 1-6 on synthetic images.", "")
     truth: str = option("Ground truth of the run's images.", "capdpo/assets/synthetic/truth.jsonl")
     models: str = option("Folder with strong/ (for --test_images).", "models/synthetic")
-    test_images: int = option("Held-out images for before/after (0: skip).", 64)
+    test_images: int = option("Held-out images for before/after (0: skip).", 128)
     device: str = option("'auto', 'cpu' or 'cuda'.", "auto")
 
 

@@ -342,7 +342,7 @@ class CapdpoDPOTrainer(DPOTrainer):
                     batch = self._prepare_inputs(batch)
                     values = self.reference_values(model, batch)
                     out.write({"id": i, **v} for i, v in zip(ids, values))
-                    if self.accelerator.is_main_process and (r % max(1, rounds // 20) == 0 or r == rounds - 1):
+                    if self.accelerator.is_main_process and ((r + 1) % max(1, rounds // 4) == 0 or r == rounds - 1):
                         done = min((r + 1) * batch_size * state.num_processes, len(missing))
                         print(f"[train] reference log-probs: {done}/{len(missing)} pairs", flush=True)
             model.train(was_training)
