@@ -1,7 +1,8 @@
 """Both demos, stages 1-6, give the records, exports, stats and DPO losses stored in tests/data/regression/.
 
-The snapshots were taken from the code before the package was reorganised around its extension points; a change
-that is meant to change records rewrites them with `python -m tests.regression --update` and says so.
+The snapshots were first taken from the code before the package was reorganised around its extension points (and
+checked equal after it); a change that is meant to change records rewrites them with
+`python -m tests.regression --update` and says so in its commit.
 """
 
 from __future__ import annotations
