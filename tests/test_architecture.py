@@ -12,6 +12,7 @@ PACKAGE = ROOT / "capdpo"
 CROSS_CUTTING = {
     "__init__",
     "__main__",
+    "api",
     "cli",
     "config",
     "errors",

@@ -13,14 +13,11 @@ header line `#| system: ...` sets the system message. Everything after the heade
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import re
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,18 +103,23 @@ class JudgeItem:
 
 
 class HttpJudge:
-    """An OpenAI-compatible chat-completions endpoint, retried with exponential backoff."""
+    """An OpenAI-compatible chat-completions endpoint (`capdpo.api`: retries, no cross-host redirects, key kept)."""
 
     def __init__(self, cfg: JudgeConfig, sleep: Callable[[float], None] = time.sleep) -> None:
+        from capdpo.api import ApiClient, ApiSettings
+
         if not cfg.judge_model:
             raise ConfigError("judge_model: name the model the endpoint should use (e.g. --judge_model gpt-4-0613)")
         base = cfg.judge_url.rstrip("/")
-        self.endpoint = base if base.endswith("/chat/completions") else base + "/chat/completions"
+        self.path = "chat/completions"
+        if base.endswith("/chat/completions"):
+            base = base.removesuffix("/chat/completions")
         self.model = cfg.judge_model
         self.cfg = cfg
-        self.sleep = sleep
-        self._key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
-        if cfg.api_key_env and not self._key:
+        settings = ApiSettings(base, cfg.api_key_env, cfg.timeout, cfg.max_retries, cfg.backoff, "judge endpoint")
+        self.client = ApiClient(settings, sleep=sleep)
+        self.endpoint = self.client.url(self.path)
+        if cfg.api_key_env and not os.environ.get(cfg.api_key_env):
             print(f"note: ${cfg.api_key_env} is not set; calling {self.endpoint} without an API key", file=sys.stderr)
 
     @property
@@ -132,52 +134,17 @@ class HttpJudge:
     def describe(self) -> dict[str, Any]:
         return {"kind": "http", "url": self.endpoint, "api_key_env": self.cfg.api_key_env, **self.identity}
 
-    def _redact(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
-
     def complete(self, messages: list[dict[str, str]]) -> str:
         """One chat completion; retries 429/5xx, timeouts and dropped connections, fails fast on other errors."""
-        body = json.dumps(
-            {
-                "model": self.model,
-                "messages": messages,
-                "temperature": self.cfg.judge_temperature,
-                "max_tokens": self.cfg.judge_max_tokens,
-            }
-        ).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
-        last = ""
-        for attempt in range(self.cfg.max_retries + 1):
-            wait = min(self.cfg.backoff * 2**attempt, 60.0)
-            request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.cfg.timeout) as response:
-                    payload = response.read()
-                return _reply_text(payload)
-            except urllib.error.HTTPError as err:
-                detail = _short(err.read())
-                last = f"HTTP {err.code} {detail}".strip()
-                if err.code not in _RETRYABLE_STATUS and err.code < 500:
-                    raise InputError(f"judge endpoint {self.endpoint}: {self._redact(last)}") from None
-                retry_after = err.headers.get("Retry-After") if err.headers else None
-                if retry_after and retry_after.strip().replace(".", "", 1).isdigit():
-                    wait = min(max(wait, float(retry_after)), 120.0)
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-                last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
-            except _MalformedReply as err:
-                last = f"malformed reply ({err})"
-            if attempt < self.cfg.max_retries:
-                print(
-                    f"judge: {self._redact(last)}; retry {attempt + 1}/{self.cfg.max_retries} in {wait:.1f} s",
-                    file=sys.stderr,
-                )
-                self.sleep(wait)
-        raise InputError(
-            f"judge endpoint {self.endpoint}: gave up after {self.cfg.max_retries + 1} tries (last: {self._redact(last)}); "
-            "replies received so far are cached — rerun the same command to continue"
-        )
+        from capdpo.api import chat_text
+
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": self.cfg.judge_temperature,
+            "max_tokens": self.cfg.judge_max_tokens,
+        }
+        return self.client.post(self.path, body, chat_text)
 
     def complete_many(self, items: Sequence[JudgeItem]) -> Iterator[tuple[str, str]]:
         """(question id, reply) as each request finishes, `workers` requests in flight."""
@@ -193,29 +160,6 @@ class HttpJudge:
                     yield qid, future.result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-
-
-class _MalformedReply(Exception):
-    pass
-
-
-def _short(raw: bytes, limit: int = 200) -> str:
-    text = raw.decode("utf-8", "replace").strip().replace("\n", " ")
-    return text[:limit] + ("…" if len(text) > limit else "")
-
-
-def _reply_text(payload: bytes) -> str:
-    """The message text of a chat-completions response body."""
-    try:
-        data = json.loads(payload)
-        content = data["choices"][0]["message"]["content"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError):
-        raise _MalformedReply(f"not a chat completion: {_short(payload, 120)}") from None
-    if isinstance(content, list):  # content parts
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    if not isinstance(content, str):
-        raise _MalformedReply("message content is not text")
-    return content
 
 
 class LocalJudge:

@@ -62,7 +62,7 @@ def test_rate_limit_is_retried_with_retry_after(monkeypatch: pytest.MonkeyPatch)
     waits: list[float] = []
     with StubChatServer(lambda m: "ok: " + m) as server:
         judge = http_judge(server.url)
-        judge.sleep = waits.append
+        judge.client.sleep = waits.append
         server.fail_next(429, '{"error": {"message": "rate limited"}}', {"Retry-After": "2"})
         server.fail_next(502, "<html>bad gateway</html>")
         server.fail_next(200, "this is not json")  # a malformed body is retried too
@@ -147,3 +147,12 @@ def test_local_judge_on_tiny_model(tmp_path: Path, tiny_models: dict[str, Path])
     again = json.loads(out.read_text())
     assert again["cache"] == {"hits": 5, "requests": 0}
     assert [r["reply"] for r in read_jsonl(tmp_path / "mmhal.reviews.jsonl")] == [r["reply"] for r in reviews]
+
+
+def test_the_judge_never_follows_a_redirect_to_another_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAPDPO_TEST_KEY", "k-123")
+    with StubChatServer(lambda m: "rating: 6") as evil, StubChatServer(lambda m: "ok") as server:
+        server.fail_next(302, "", {"Location": evil.url + "/chat/completions"})
+        with pytest.raises(InputError, match="redirects to another host"):
+            http_judge(server.url).complete([{"role": "user", "content": "hi"}])
+    assert evil.requests == []  # the key and the prompt never reached it, and its reply was not taken
