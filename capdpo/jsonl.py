@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +113,17 @@ class JsonlAppender:
             self.ids.add(rid)
             chunks.append(json.dumps(record, ensure_ascii=False) + "\n")
         if chunks:
-            self._fh.write("".join(chunks).encode("utf-8"))
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
+            data = "".join(chunks).encode("utf-8")
+            start = self._fh.tell()
+            try:
+                self._fh.write(data)
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+            except OSError as err:
+                # nothing half-written stays: the file ends at its last whole record, as before this write
+                self._fh.truncate(start)
+                self.ids -= {json.loads(c)[self.id_field] for c in chunks}
+                raise disk_error(err, self.path, len(data)) from None
         return len(chunks)
 
     def close(self) -> None:
@@ -124,26 +136,60 @@ class JsonlAppender:
         self.close()
 
 
+def disk_error(err: OSError, path: Path, needed: int) -> Exception:
+    """A full disk (or quota) as a one-line `InputError` naming the file and the space needed; other OS errors
+    unchanged."""
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return err
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = 0
+    return InputError(
+        f"{path}: the disk is full ({free / 2**20:.1f} MiB free; writing this needs at least {needed / 2**20:.1f} MiB "
+        "more); free some space and rerun the same command — finished records are kept"
+    )
+
+
+@contextmanager
+def _atomic(path: Path, mode: str) -> Any:
+    """A temporary file beside `path` (a unique name: two writers never share one) that replaces `path` when the
+    block ends, and is removed when it fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, encoding="utf-8") as fh:
+            yield fh
+        os.replace(tmp, path)
+    except OSError as err:
+        written = Path(tmp).stat().st_size if Path(tmp).exists() else 0
+        Path(tmp).unlink(missing_ok=True)
+        raise disk_error(err, path, max(written, 1 << 20)) from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (temp file, then rename)."""
+    with _atomic(Path(path), "w") as fh:
+        fh.write(text)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically (temp file, then rename), so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n"
+    with _atomic(Path(path), "w") as fh:
+        fh.write(text)
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
     """Write a whole JSONL file atomically; return the number of records."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with tmp.open("w", encoding="utf-8") as fh:
+    with _atomic(Path(path), "w") as fh:
         for record in records:
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
             n += 1
-    os.replace(tmp, path)
     return n
 
 

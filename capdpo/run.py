@@ -13,7 +13,7 @@ import yaml
 
 from capdpo.config import LoadedConfig
 from capdpo.errors import InputError
-from capdpo.jsonl import JsonlAppender, iter_jsonl, stable_id, write_json, write_jsonl
+from capdpo.jsonl import JsonlAppender, iter_jsonl, stable_id, write_json, write_jsonl, write_text
 from capdpo.pipeline import stage as stage_info
 from capdpo.provenance import now, provenance
 
@@ -47,6 +47,7 @@ class Stage:
         self.errors: list[dict[str, Any]] = []
         self.counts: Counter[str] = Counter()
         self.started = time.time()
+        self._locks: list[Any] = []
 
     # ---- inputs -------------------------------------------------------------------------------------------
     def read_input(self, previous: str) -> list[dict[str, Any]]:
@@ -71,6 +72,7 @@ class Stage:
         Under `torchrun` (WORLD_SIZE > 1) each rank appends to its own `NN_name.rank<r>.jsonl` and skips what
         any rank, or the merged file, already holds; `gather` merges them.
         """
+        self.claim()
         rank, world = shard()
         finished: set[str] = set()
         for path in [self.output, *sorted(self.run_dir.glob(f"{self._stem}.rank*.jsonl"))]:
@@ -93,6 +95,31 @@ class Stage:
     @property
     def _stem(self) -> str:
         return self.output.name.removesuffix(".jsonl")
+
+    # ---- one writer at a time -------------------------------------------------------------------------------------
+    def claim(self) -> None:
+        """Take this stage's lock in the run directory before anything is read or written for the output.
+
+        A second run of the same stage on the same run directory (another process) is refused at once with a
+        one-line `InputError` naming the holder. The system releases the lock when its process ends, however it
+        ends, so a killed run never blocks the next. Under `torchrun` every rank holds its own shard's lock and
+        rank 0 also the stage's, so ranks of one run work side by side and a second run is still refused.
+        Released by `finish`; the same process may claim again (a rerun in one process, e.g. tests).
+        """
+        if self._locks:
+            return
+        rank, world = shard()
+        names = [f"{self._stem}.lock"] if rank == 0 else []
+        if world > 1:
+            names.append(f"{self._stem}.rank{rank}.lock")
+        for name in names:
+            self._locks.append(_claim(self.output.parent / name, self.name))
+
+    def release(self) -> None:
+        """Give the stage's locks back (the holder notes stay; they only matter while a lock is held)."""
+        for lock in self._locks:
+            lock.release(force=True)
+        self._locks = []
 
     def input_finished(self, previous: str) -> bool:
         """Whether stage `previous` has written its completion marker in this run directory."""
@@ -127,7 +154,7 @@ class Stage:
         """Provenance and the resolved config beside the output (written when a run starts)."""
         write_json(self.meta_path, provenance(self.cfg.resolved(), stage=self.name))
         text = yaml.safe_dump(self.cfg.resolved(), sort_keys=False, allow_unicode=True)
-        self.config_path.write_text(text, encoding="utf-8")
+        write_text(self.config_path, text)
 
     def skip(self, reason: str, **where: Any) -> None:
         """Record an input this stage had to leave out, with the reason; the rest goes on."""
@@ -139,10 +166,37 @@ class Stage:
         write_jsonl(self.errors_path, self.errors)
         stats = {**dict(self.counts), **stats, "seconds": round(time.time() - self.started, 2)}
         write_json(self.stats_path, stats)
-        self.done_path.write_text(json.dumps({"finished": now()}) + "\n")
+        write_text(self.done_path, json.dumps({"finished": now()}) + "\n")
+        self.release()
         skipped = f" {len(self.errors)} input(s) skipped, reasons in {self.errors_path}." if self.errors else ""
         print(f"\n[{self.name}] {summary}{skipped} Output: {self.output} ({stats['seconds']:.1f} s).", flush=True)
         return stats
+
+
+def _claim(path: Path, stage: str) -> Any:
+    """Hold the lock at `path` (an OS lock on the file, released when this process ends) and note who holds it
+    beside it, or refuse naming the holder."""
+    import os
+    import socket
+
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path), is_singleton=True, thread_local=False)
+    note = path.with_name(path.name + ".holder.json")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            holder = json.loads(note.read_text(encoding="utf-8"))
+            who = f"process {holder['pid']} on {holder['host']}, started {holder['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            who = "another process"
+        raise InputError(
+            f"{path.parent}: stage '{stage}' is already running here ({who}); wait for it to finish or stop it "
+            f"(a killed run releases {path.name} by itself), or use another run_dir"
+        ) from None
+    write_json(note, {"pid": os.getpid(), "host": socket.gethostname(), "started": now(), "stage": stage})
+    return lock
 
 
 def progress(total: int, initial: int, desc: str) -> Any:

@@ -33,3 +33,53 @@ def test_reader_names_file_and_line(tmp_path):
     path.write_text('{"id": 1}\n[1, 2]\n')
     with pytest.raises(InputError, match=r"x\.jsonl:2: expected a JSON object"):
         read_jsonl(path)
+
+
+class FullDisk:
+    """A file whose writes fail as on a full disk; everything else goes to the real file."""
+
+    def __init__(self, real):  # noqa: ANN001
+        self.real = real
+
+    def write(self, data):  # noqa: ANN001
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):  # noqa: ANN001
+        return getattr(self.real, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):  # noqa: ANN002
+        self.real.close()
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_loses_no_record(tmp_path, monkeypatch):
+    import os
+
+    import pytest
+
+    from capdpo import jsonl
+    from capdpo.errors import InputError
+    from capdpo.jsonl import JsonlAppender, read_jsonl, write_json
+
+    path = tmp_path / "out.jsonl"
+    with JsonlAppender(path) as out:
+        out.write([{"id": "a"}, {"id": "b"}])
+        real = out._fh
+        out._fh = FullDisk(real)
+        with pytest.raises(InputError, match=r"out.jsonl: the disk is full \(.* MiB free; writing this needs") as err:
+            out.write([{"id": "c"}])
+        out._fh = real
+        assert "\n" not in str(err.value)
+        assert "c" not in out.ids  # a rerun will write it
+    assert read_jsonl(path) == [{"id": "a"}, {"id": "b"}]  # the finished records, whole
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(jsonl.os, "fdopen", lambda *a, **k: FullDisk(real_fdopen(*a, **k)))
+    with pytest.raises(InputError, match="meta.json: the disk is full"):
+        write_json(tmp_path / "meta.json", {"x": 1})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # no stray temporary file

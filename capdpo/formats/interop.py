@@ -88,6 +88,7 @@ def import_pairs(cfg: LoadedConfig) -> dict[str, Any]:
     if sec.image_root and not Path(sec.image_root).is_dir():
         raise InputError(f"--image_root: {sec.image_root} is not a folder")
     stage = Stage("pairs", cfg)
+    stage.claim()  # no stage 5 or second import writes these files at the same time
     ctx = ImportContext(
         path=path,
         image_root=root,

@@ -17,7 +17,6 @@ import difflib
 import html
 import io
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from typing import Any
 from capdpo.cli import parse_options, run_cli
 from capdpo.config import option
 from capdpo.errors import ConfigError, InputError
-from capdpo.jsonl import iter_jsonl, read_json
+from capdpo.jsonl import iter_jsonl, read_json, write_text
 from capdpo.pipeline import stage
 from capdpo.records import PairRecord
 
@@ -428,10 +427,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_pairs: 
         raise ConfigError("--max_pairs: must be >= 0 (0 shows every pair)")
     inputs = read_report_inputs(run_dir)
     out = Path(out) if out else Path(run_dir) / REPORT_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(render_report(inputs, max_pairs), encoding="utf-8")
-    os.replace(tmp, out)
+    write_text(out, render_report(inputs, max_pairs))
     return out
 
 

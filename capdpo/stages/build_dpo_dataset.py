@@ -55,7 +55,11 @@ def _replace_exports(pairs: list[PairRecord], cfg: PairsConfig, run_dir: Path) -
     final, tmp, old = run_dir / EXPORT_DIR, run_dir / f"{EXPORT_DIR}.tmp", run_dir / f"{EXPORT_DIR}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    written = write_exports(pairs, tmp, cfg.exports, cfg.dataset_name)
+    try:
+        written = write_exports(pairs, tmp, cfg.exports, cfg.dataset_name)
+    except BaseException:  # e.g. a full disk: no half-written folder stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
@@ -68,6 +72,7 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
     """Build `05_pairs.jsonl` and `05_exports/` from stage 4's scores; return the stats."""
     sec: PairsConfig = cfg.section
     stage = Stage("pairs", cfg)
+    stage.claim()  # one run of this stage per run directory at a time
     source = stage.run_dir / stage_info("validate").output
     partial = not source.with_name(source.name.removesuffix(".jsonl") + ".done").exists()
     # Read and check everything before any output is touched: bad input never costs finished work.

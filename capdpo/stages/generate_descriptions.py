@@ -42,6 +42,7 @@ def plan_requests(images: list[ImageRecord], cfg: LoadedConfig) -> dict[str, tup
 def run(cfg: LoadedConfig) -> dict[str, Any]:
     """Describe every image of stage 1's output; resumable."""
     stage = Stage("describe", cfg)
+    stage.claim()  # one run of this stage per run directory at a time
     images = [ImageRecord.from_dict(r, f"{stage.run_dir}/01_images.jsonl") for r in stage.read_input("images")]
     sec = cfg.section
     planned = plan_requests(images, cfg)

@@ -158,6 +158,7 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
     """Collect the run's images into `01_images.jsonl`; resumable, and deterministic for a given config."""
     sec: ImagesConfig = cfg.section
     stage = Stage("images", cfg)
+    stage.claim()  # one run of this stage per run directory at a time
     exclusion = load_exclusion(sec.exclude, sec.extensions)
     source = open_source(sec, stage.run_dir)
 

@@ -60,6 +60,7 @@ def round_generation(sec: Any, round_number: int) -> Generation:
 def run(cfg: LoadedConfig) -> dict[str, Any]:
     """Write up to k distinct variants for every sentence of stage 2's descriptions; resumable."""
     stage = Stage("variants", cfg)
+    stage.claim()  # one run of this stage per run directory at a time
     sec = cfg.section
     descriptions = [
         DescriptionRecord.from_dict(r, f"{stage.run_dir}/02_descriptions.jsonl") for r in stage.read_input("describe")

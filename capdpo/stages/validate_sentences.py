@@ -30,6 +30,7 @@ def candidates_of(record: VariantRecord) -> list[str]:
 def run(cfg: LoadedConfig) -> dict[str, Any]:
     """Score the candidates of every sentence of stage 3's output; resumable."""
     stage = Stage("validate", cfg)
+    stage.claim()  # one run of this stage per run directory at a time
     sec = cfg.section
     records = [VariantRecord.from_dict(r, f"{stage.run_dir}/03_variants.jsonl") for r in stage.read_input("variants")]
     # settings that change scores define the record ids; batch size and the shared-prefix switch do not

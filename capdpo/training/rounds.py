@@ -22,7 +22,6 @@ the two (the rank grows by `lora_r` per round; merged, it costs nothing). Evalua
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import yaml
 
 from capdpo.config import CommonConfig, option, read_yaml
 from capdpo.errors import ConfigError, InputError
-from capdpo.jsonl import read_json
+from capdpo.jsonl import read_json, write_text
 from capdpo.sections import validate_config_file
 
 ROUND_CONFIG = "round.yaml"
@@ -90,9 +89,7 @@ def prepare_round(config: str | Path, k: int) -> Path:
         f"{origin}.\n# Written by `python -m capdpo prepare-round --config {config} --round {k}`; run it with "
         f"`bash scripts/run_all.sh {path}`.\n"
     )
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(header + yaml.safe_dump(derived, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, header + yaml.safe_dump(derived, sort_keys=False, allow_unicode=True))
     validate_config_file(path)
     return path
 

@@ -393,6 +393,7 @@ def run_training(recipe: Recipe) -> Outcome:
     is_main = args.process_index == 0
     stage = recipe.stage()
     if is_main:
+        stage.claim()  # one training per output folder at a time
         stage.done_path.unlink(missing_ok=True)
         output.mkdir(parents=True, exist_ok=True)
         stage.write_meta()
