@@ -84,6 +84,13 @@ class CommonConfig:
     max_pixels: int = option("Largest image area in pixels fed to Qwen models (0: the processor's own setting).", 0)
     trust_remote_code: bool = option("Allow model repos to run their own Python code. Off unless you trust it.", False)
     allow_partial: bool = option("Accept an unfinished previous stage as input (its finished records only).", False)
+    allow_empty: bool = option("Accept a previous stage that produced no records (a run on nothing).", False)
+    max_image_pixels: int = option(
+        "Largest image decoded, in pixels (width x height from the file's header, checked before decoding); "
+        "larger ones are refused and listed (100 M: well above any photograph).",
+        100_000_000,
+    )
+    max_image_bytes: int = option("Largest image file or dataset cell read, in bytes (100 MiB).", 100 * 2**20)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float32"):
@@ -92,6 +99,9 @@ class CommonConfig:
             "attn_implementation",
             self.attn_implementation,
             ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"),
+        )
+        require(
+            self.max_image_pixels > 0 and self.max_image_bytes > 0, "max_image_pixels / max_image_bytes", "must be > 0"
         )
         if (self.min_pixels or self.max_pixels) and not 0 < self.min_pixels <= self.max_pixels:
             raise ConfigError("min_pixels/max_pixels: set both, with 0 < min_pixels <= max_pixels (or both 0)")

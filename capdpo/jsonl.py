@@ -23,7 +23,13 @@ def stable_id(*parts: Any) -> str:
 
 
 def iter_jsonl(path: str | Path, *, allow_torn_tail: bool = False) -> Iterator[dict[str, Any]]:
-    """Yield the records of a JSONL file.
+    """Yield the records of a JSONL file (see `iter_numbered`)."""
+    for _, record in iter_numbered(path, allow_torn_tail=allow_torn_tail):
+        yield record
+
+
+def iter_numbered(path: str | Path, *, allow_torn_tail: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, record) for the records of a JSONL file (a byte-order mark at its start is allowed).
 
     Args:
         path: the file.
@@ -36,7 +42,7 @@ def iter_jsonl(path: str | Path, *, allow_torn_tail: bool = False) -> Iterator[d
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     with path.open("rb") as fh:
-        data = fh.read()
+        data = fh.read().removeprefix(b"\xef\xbb\xbf")
     lines = data.split(b"\n")
     torn = lines[-1] != b""  # a finished file ends with a newline
     for number, raw in enumerate(lines, start=1):
@@ -58,7 +64,7 @@ def iter_jsonl(path: str | Path, *, allow_torn_tail: bool = False) -> Iterator[d
             raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         if last and torn and not allow_torn_tail:
             raise InputError(f"{path}:{number}: last line has no newline (a crash mid-write?)")
-        yield record
+        yield number, record
 
 
 def read_jsonl(path: str | Path, *, allow_torn_tail: bool = False) -> list[dict[str, Any]]:
@@ -199,6 +205,8 @@ def read_json(path: str | Path) -> Any:
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as err:
         raise InputError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None

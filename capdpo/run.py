@@ -13,9 +13,10 @@ import yaml
 
 from capdpo.config import LoadedConfig
 from capdpo.errors import InputError
-from capdpo.jsonl import JsonlAppender, iter_jsonl, stable_id, write_json, write_jsonl, write_text
+from capdpo.jsonl import JsonlAppender, iter_jsonl, iter_numbered, stable_id, write_json, write_jsonl, write_text
 from capdpo.pipeline import stage as stage_info
 from capdpo.provenance import now, provenance
+from capdpo.records import R
 
 
 class Stage:
@@ -51,7 +52,12 @@ class Stage:
 
     # ---- inputs -------------------------------------------------------------------------------------------
     def read_input(self, previous: str) -> list[dict[str, Any]]:
-        """Records of a previous stage; refuses an unfinished one unless `allow_partial`."""
+        """Records of a previous stage; refuses an unfinished one unless `allow_partial`, an empty one unless
+        `allow_empty`."""
+        return [record for _, record in self.read_numbered(previous)]
+
+    def read_numbered(self, previous: str) -> list[tuple[int, dict[str, Any]]]:
+        """(line number, record) of a previous stage's records (see `read_input`)."""
         info = stage_info(previous)
         path = self.run_dir / info.output
         done = self.run_dir / f"{info.stem}.done"
@@ -63,7 +69,33 @@ class Stage:
                 f"{path}: stage '{previous}' has not finished (no {done.name}); rerun "
                 f"{info.script} to complete it, or pass --allow_partial to use its finished records"
             )
-        return list(iter_jsonl(path, allow_torn_tail=partial))
+        records = list(iter_numbered(path, allow_torn_tail=partial))
+        if not records and not self.cfg.common.allow_empty:
+            raise InputError(
+                f"{path}: holds no records — stage '{previous}' produced nothing (see its errors file); fix its "
+                "input, or pass --allow_empty to run this stage on nothing"
+            )
+        return records
+
+    def read_records(self, previous: str, cls: type[R], image_field: str = "") -> list[R]:
+        """A previous stage's records as `cls` dataclasses; a record with a missing field, or (with `image_field`)
+        naming an image file that is not there, is an `InputError` naming the file and line."""
+        import os
+
+        path = self.run_dir / stage_info(previous).output
+        records, present = [], set()
+        for line, data in self.read_numbered(previous):
+            record = cls.from_dict(data, f"{path}:{line}")
+            image = getattr(record, image_field) if image_field else None
+            if image is not None and image not in present:
+                if not os.path.isfile(image):
+                    raise InputError(
+                        f"{path}:{line}: image {image} not found (moved or deleted since that stage ran?); restore it "
+                        "or rerun stage 1 into a new run_dir"
+                    )
+                present.add(image)
+            records.append(record)
+        return records
 
     # ---- outputs ------------------------------------------------------------------------------------------
     def open_output(self, planned_ids: set[str] | None = None) -> JsonlAppender:
@@ -112,8 +144,8 @@ class Stage:
         names = [f"{self._stem}.lock"] if rank == 0 else []
         if world > 1:
             names.append(f"{self._stem}.rank{rank}.lock")
-        for name in names:
-            self._locks.append(_claim(self.output.parent / name, self.name))
+        for name in names:  # kept apart in .locks/ (the files stay; only the OS lock on them matters)
+            self._locks.append(_claim(self.output.parent / ".locks" / name, self.name))
 
     def release(self) -> None:
         """Give the stage's locks back (the holder notes stay; they only matter while a lock is held)."""
@@ -181,6 +213,7 @@ def _claim(path: Path, stage: str) -> Any:
 
     from filelock import FileLock, Timeout
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path), is_singleton=True, thread_local=False)
     note = path.with_name(path.name + ".holder.json")
     try:
@@ -192,7 +225,7 @@ def _claim(path: Path, stage: str) -> Any:
         except (OSError, ValueError, KeyError, TypeError):
             who = "another process"
         raise InputError(
-            f"{path.parent}: stage '{stage}' is already running here ({who}); wait for it to finish or stop it "
+            f"{path.parent.parent}: stage '{stage}' is already running here ({who}); wait for it to finish or stop it "
             f"(a killed run releases {path.name} by itself), or use another run_dir"
         ) from None
     write_json(note, {"pid": os.getpid(), "host": socket.gethostname(), "started": now(), "stage": stage})

@@ -20,6 +20,7 @@ from capdpo.errors import ConfigError
 from capdpo.evaluation.config import AnswersConfig, LlavaBenchConfig, MMHalConfig, ReportConfig
 from capdpo.formats.config import InteropConfig
 from capdpo.generation.config import DescribeConfig, VariantsConfig
+from capdpo.images import set_limits
 from capdpo.pairs.config import PairsConfig
 from capdpo.sources.config import ImagesConfig
 from capdpo.training.config import DpoConfig, SftConfig
@@ -99,4 +100,5 @@ def load_config(section: str, argv: list[str] | None = None, description: str = 
     parser.set_defaults(**defaults)
     common, sec, remaining = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
     refuse_remaining(remaining, [CommonConfig, cls], f" for section '{section}'")
+    set_limits(common.max_image_pixels, common.max_image_bytes)
     return LoadedConfig(common=common, section=sec, name=section, path=config, argv=argv)

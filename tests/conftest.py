@@ -19,6 +19,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _default_image_limits():
+    """Image limits are per process (a run config sets them): every test starts from the defaults."""
+    from capdpo.images import Limits, set_limits
+
+    yield
+    set_limits(Limits().pixels, Limits().bytes)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Paths of the tiny random-weight models: strong, weak (Qwen2.5-VL), qwen3vl, llava."""

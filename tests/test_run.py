@@ -77,7 +77,7 @@ def test_ranks_of_one_run_hold_their_own_locks_and_a_single_run_is_still_refused
         with pytest.raises(InputError, match=f"process {ranks[1].pid} "):  # a second rank 1 is refused too
             from capdpo.run import _claim
 
-            _claim(config.parent / "run" / "04_scores.rank1.lock", "validate")
+            _claim(config.parent / "run" / ".locks" / "04_scores.rank1.lock", "validate")
     finally:
         for proc in ranks:
             proc.send_signal(signal.SIGKILL)

@@ -95,6 +95,7 @@ def import_pairs(cfg: LoadedConfig) -> dict[str, Any]:
         images_dir=run_dir / IMAGES_DIR,
         dataset_info=sec.dataset_info or None,
         max_rows=sec.max_rows,
+        allowed_roots=tuple(sec.allowed_roots),
     )
     pairs: list[PairRecord] = []
     first_row: dict[str, tuple[str, int]] = {}
@@ -117,8 +118,11 @@ def import_pairs(cfg: LoadedConfig) -> dict[str, Any]:
             pair.split = split_of(pair.image_id, cfg.common.seed, sec.val_fraction)
         pairs.append(pair)
     if not pairs:
+        write_jsonl(stage.errors_path, stage.errors)  # every row's reason, for the user to read
         where = f" (first: {stage.errors[0]['reason']})" if stage.errors else ""
-        raise InputError(f"{path}: none of its {rows} row(s) gave a usable pair{where}; nothing was written")
+        raise InputError(
+            f"{path}: none of its {rows} row(s) gave a usable pair{where}; no pair was written (every reason: {stage.errors_path})"
+        )
 
     # Everything is read and checked: only now is the previous output (with --overwrite) replaced.
     stage.done_path.unlink(missing_ok=True)

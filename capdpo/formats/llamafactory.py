@@ -88,7 +88,7 @@ def pair_of(row: dict[str, Any], ctx: ImportContext) -> PairRecord:
     """One sharegpt ranking row as a pair."""
     columns, tags = layout(ctx)
     role, content = tags["role_tag"], tags["content_tag"]
-    image = single_image(field_of(row, columns["images"]), ctx.image_root)
+    image = single_image(field_of(row, columns["images"]), ctx)
     messages = field_of(row, columns["messages"])
     if not isinstance(messages, list) or not all(isinstance(t, dict) for t in messages):
         raise RowProblem(f"'{columns['messages']}' must be a list of messages")

@@ -39,7 +39,7 @@ def pair_of(record: dict[str, Any], ctx: ImportContext) -> PairRecord:
     images = record["image"] if isinstance(record["image"], list) else [record["image"]]
     if len(images) != 1 or not isinstance(images[0], str):
         raise RowProblem(f"{len(images)} images; a capdpo pair has exactly one image path")
-    image, image_id = image_file(images[0], ctx.image_root)
+    image, image_id = image_file(images[0], ctx)
     meta: dict[str, Any] = {
         "imported_from": "mmrlhf",
         "source": str(ctx.path),

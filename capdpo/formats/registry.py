@@ -15,7 +15,7 @@ a file that is not JSON), registered below; a round-trip test in tests/formats/.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,7 @@ def import_file(
     image_root: str | None = None,
     images_dir: str | Path | None = None,
     dataset_info: str | Path | None = None,
+    allowed_roots: Sequence[str | Path] = (),
 ) -> list[PairRecord]:
     """Every row of a file as pairs; the first unusable row is an `InputError` naming file and row (the import
     command skips such rows instead).
@@ -119,7 +120,8 @@ def import_file(
         name: a format from `IMPORTERS`.
         path: the file (a parquet folder for `rlaifv`).
         split: put every pair in this split (default: the row's own `split` column, else "train").
-        image_root: resolve relative image paths against this folder (default: the file's folder).
+        image_root: resolve relative image paths against this folder (default: the file's folder); a path that
+            leads outside it (`..`, an absolute path, a symlink) is refused unless it lies in `allowed_roots`.
         images_dir: where embedded image bytes are written (`rlaifv`).
         dataset_info: `llamafactory`: a `dataset_info.json` naming the file's columns and tags.
     """
@@ -130,6 +132,7 @@ def import_file(
         image_root=root,
         images_dir=Path(images_dir) if images_dir else None,
         dataset_info=str(dataset_info) if dataset_info else None,
+        allowed_roots=tuple(str(r) for r in allowed_roots),
     )
     pairs = []
     for parsed in FORMATS[name].rows(ctx, name):

@@ -26,7 +26,7 @@ from capdpo.formats.rows import (
     prompt_text,
     text_of,
 )
-from capdpo.images import materialize_image
+from capdpo.images import materialize_image, row_group_over_limits
 
 REQUIRED = ("image", "question", "chosen", "rejected")
 META = ("ds_name", "origin_dataset", "origin_split", "idx", "image_path")
@@ -85,16 +85,26 @@ def read(ctx: ImportContext) -> Iterator[Parsed]:
             )
         wanted = [c for c in (*REQUIRED, *META, "logps") if c in columns]
         row = 0
-        for batch in handle.iter_batches(batch_size=64, columns=wanted):
-            for record in batch.to_pylist():
-                row += 1
-                try:
-                    yield Parsed(row, str(file), pair=_pair(record, row, str(file), ctx))
-                except RowProblem as problem:
-                    yield Parsed(row, str(file), reason=str(problem))
-                taken += 1
-                if ctx.max_rows and taken >= ctx.max_rows:
-                    return
+        for group in range(handle.num_row_groups):
+            too_large = row_group_over_limits(handle, group, "image")
+            if too_large:
+                batches = [[None] * handle.metadata.row_group(group).num_rows]
+            else:
+                batches = (
+                    b.to_pylist() for b in handle.iter_batches(batch_size=16, row_groups=[group], columns=wanted)
+                )
+            for batch in batches:
+                for record in batch:
+                    row += 1
+                    try:
+                        if too_large:
+                            raise RowProblem(too_large)
+                        yield Parsed(row, str(file), pair=_pair(record, row, str(file), ctx))
+                    except RowProblem as problem:
+                        yield Parsed(row, str(file), reason=str(problem))
+                    taken += 1
+                    if ctx.max_rows and taken >= ctx.max_rows:
+                        return
 
 
 def _image(value: Any, ctx: ImportContext) -> tuple[str, str]:
@@ -115,7 +125,7 @@ def _image(value: Any, ctx: ImportContext) -> tuple[str, str]:
         ctx.counts["images_materialized"] += 1
         return found
     if isinstance(path, str) and path:
-        return image_file(path, ctx.image_root)
+        return image_file(path, ctx)
     raise RowProblem("no image (neither bytes nor a path)")
 
 

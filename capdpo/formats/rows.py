@@ -32,6 +32,7 @@ from typing import Any
 from capdpo.errors import InputError
 from capdpo.images import image_content_id
 from capdpo.jsonl import iter_jsonl, read_json
+from capdpo.paths import resolve_inside
 from capdpo.records import PairRecord, pair_id
 
 IMAGE_TAG = "<image>"  # LLaMA-Factory's image placeholder; one per image in the user turn
@@ -60,7 +61,8 @@ class ImportContext:
     """What every format reader gets."""
 
     path: Path
-    image_root: str  # relative image paths are resolved against this folder
+    image_root: str  # relative image paths are resolved against this folder; no image path leads out of it
+    allowed_roots: tuple[str, ...] = ()  # other folders image paths may point into
     images_dir: Path | None = None  # where embedded image bytes are written (None: such rows are skipped)
     dataset_info: str | None = None
     max_rows: int = 0
@@ -158,8 +160,9 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def single_image(value: Any, image_root: str | None) -> str:
-    """The one image path of a row's image cell (a path, a list of one path, or a `datasets` Image dict)."""
+def single_image(value: Any, ctx: ImportContext) -> str:
+    """The one image path of a row's image cell (a path, a list of one path, or a `datasets` Image dict), resolved
+    inside the input's image folder (`capdpo.paths`)."""
     images = value if isinstance(value, list) else [value]
     if len(images) != 1:
         raise RowProblem(f"{len(images)} images; a capdpo pair has exactly one")
@@ -168,7 +171,17 @@ def single_image(value: Any, image_root: str | None) -> str:
         image = image.get("path")
     if not isinstance(image, str) or not image:
         raise RowProblem("the image has no file path (embedded image bytes are not supported)")
-    return os.path.abspath(os.path.join(image_root, image)) if image_root else os.path.abspath(image)
+    return confined(image, ctx)
+
+
+def confined(path_value: str, ctx: ImportContext) -> str:
+    """An image path a row names, resolved inside `ctx.image_root` (or an allowed root), as an absolute path."""
+    found = resolve_inside(path_value, ctx.image_root, ctx.allowed_roots)
+    if found is None:
+        raise RowProblem(
+            f"image path '{path_value}' leads outside {ctx.image_root} (name more folders with --allowed_roots)"
+        )
+    return str(found)
 
 
 def without_image_tags(text: str, n_images: int) -> str:
@@ -280,9 +293,9 @@ def prompt_text(value: str) -> str:
     return " ".join(value.replace(IMAGE_TAG, " ").split()) if IMAGE_TAG in value else value.strip()
 
 
-def image_file(path_value: str, image_root: str) -> tuple[str, str]:
-    """(absolute path, content id) of an image file a row names."""
-    path = os.path.abspath(os.path.join(image_root, path_value))
+def image_file(path_value: str, ctx: ImportContext) -> tuple[str, str]:
+    """(absolute path, content id) of an image file a row names, inside the input's image folder."""
+    path = confined(path_value, ctx)
     if not os.path.isfile(path):
         raise RowProblem(f"image not found: {path}")
     return path, image_content_id(path)

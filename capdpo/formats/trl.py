@@ -67,7 +67,7 @@ def _completion_text(value: Any, key: str) -> str:
 
 def pair_of(row: dict[str, Any], ctx: ImportContext) -> PairRecord:
     """One TRL row (`images`/`image`, `prompt`, `chosen`, `rejected`) as a pair."""
-    image = single_image(row.get("images", row.get("image")), ctx.image_root)
+    image = single_image(row.get("images", row.get("image")), ctx)
     prompt_value = field_of(row, "prompt")
     prefix = ""
     if isinstance(prompt_value, str):

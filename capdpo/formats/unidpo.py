@@ -76,7 +76,7 @@ def export(
 
 def pair_of(row: dict[str, Any], ctx: ImportContext) -> PairRecord:
     """One alpaca ranking row (optional `score_chosen` / `score_rejected`) as a pair."""
-    image = single_image(field_of(row, "images"), ctx.image_root)
+    image = single_image(field_of(row, "images"), ctx)
     prompt = "\n".join(t for t in (row.get("instruction") or "", row.get("input") or "") if t)
     chosen, rejected = field_of(row, "chosen"), field_of(row, "rejected")
     if not isinstance(chosen, str) or not isinstance(rejected, str):

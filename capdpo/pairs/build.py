@@ -43,11 +43,11 @@ def pick_chosen_rejected(candidates: list[Candidate]) -> tuple[Candidate, Candid
     return candidates[best], candidates[worst]
 
 
-def read_score_records(raw: list[dict[str, Any]], source: Path) -> list[ScoreRecord]:
-    """Stage 4 records, checked: every problem is an `InputError` naming the file and record."""
+def read_score_records(raw: list[tuple[int, dict[str, Any]]], source: Path) -> list[ScoreRecord]:
+    """Stage 4 records (with their line numbers), checked: every problem is an `InputError` naming file and line."""
     records = []
-    for number, data in enumerate(raw, start=1):
-        where = f"{source} record {number}"
+    for number, data in raw:
+        where = f"{source}:{number}"
         try:
             record = ScoreRecord.from_dict(data, where)
         except TypeError as err:  # a candidate with missing or unknown keys

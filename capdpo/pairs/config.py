@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from capdpo.config import option, require_choice, require_known
+from capdpo.config import option, require, require_choice, require_known
 from capdpo.errors import ConfigError
 from capdpo.formats.registry import EXPORTERS
 from capdpo.pairs.modes import MODES
+from capdpo.paths import is_plain_name
 
 
 @dataclass
@@ -36,7 +37,9 @@ class PairsConfig:
         f"Export formats written to 05_exports/: {', '.join(EXPORTERS)}.",
         factory=lambda: ["trl", "llamafactory", "unidpo"],
     )
-    dataset_name: str = option("Dataset name used in exports (LLaMA-Factory's dataset_info.json key).", "capdpo")
+    dataset_name: str = option(
+        "Dataset name used in exports (LLaMA-Factory's dataset_info.json key; letters, digits, . _ -).", "capdpo"
+    )
 
     def __post_init__(self) -> None:
         require_choice("pairs.mode", self.mode, MODES)
@@ -47,3 +50,8 @@ class PairsConfig:
         if not 0 <= self.min_chosen_score <= 1:
             raise ConfigError("pairs.min_chosen_score: must be in [0, 1] (scores are 0..1)")
         require_known("pairs.exports", self.exports, EXPORTERS, "format(s)")
+        require(
+            is_plain_name(self.dataset_name),
+            "pairs.dataset_name",
+            f"'{self.dataset_name}' is not a plain name (letters, digits, . _ -)",
+        )

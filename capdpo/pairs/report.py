@@ -17,6 +17,7 @@ import difflib
 import html
 import io
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any
 from capdpo.cli import parse_options, run_cli
 from capdpo.config import option
 from capdpo.errors import ConfigError, InputError
+from capdpo.images import over_limits
 from capdpo.jsonl import iter_jsonl, read_json, write_text
 from capdpo.pipeline import stage
 from capdpo.records import PairRecord
@@ -142,16 +144,23 @@ def fmt(value: Any) -> str:
 
 
 def thumbnail_uri(path: str, pixels: int = THUMBNAIL_PIXELS) -> tuple[str, int, int] | None:
-    """A base64 JPEG data URI of the image at `path` (and its size), or None when it cannot be read."""
+    """A base64 JPEG data URI of the image at `path` (and its size), or None when it cannot be read or is over
+    the image limits (`capdpo.images.LIMITS`, checked from the header before anything is decoded)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
+        if over_limits(size=os.path.getsize(path)):
+            return None
         with Image.open(path) as image:
+            if over_limits(width=image.width, height=image.height):
+                return None
+            if image.format == "JPEG":  # decode at a reduced scale: a thumbnail needs no more
+                image.draft("RGB", (pixels, pixels))
             image = ImageOps.exif_transpose(image).convert("RGB")
             image.thumbnail((pixels, pixels))
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=80)
-    except (OSError, UnidentifiedImageError, ValueError):
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), image.width, image.height
 

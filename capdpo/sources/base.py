@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capdpo.images import over_limits
+
 
 @dataclass(slots=True)
 class Candidate:
@@ -40,8 +42,11 @@ class Loaded:
 
 
 def read_file(path: Path) -> Loaded:
-    """A file's bytes, or the reason it cannot be read."""
+    """A file's bytes, or the reason it cannot be read (a file over the byte limit is not read at all)."""
     try:
+        problem = over_limits(size=path.stat().st_size)
+        if problem:
+            return Loaded(None, path.name, ("too_large", f"file too large ({problem})"))
         return Loaded(path.read_bytes(), path.name)
     except OSError as err:
         return Loaded(None, path.name, ("unreadable", f"cannot read file ({err.strerror or err})"))

@@ -135,7 +135,7 @@ def add_exclusion_file(exclusion: Exclusion, path: Path, image_suffixes: set[str
             _add_object(exclusion, record, base, image_suffixes)
         return
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark must not hide the first entry
     except UnicodeDecodeError:
         raise InputError(f"{path}: not a text or JSON exclusion list (images.exclude)") from None
     if path.suffix.lower() == ".json" or text.lstrip().startswith(("[", "{")):

@@ -13,8 +13,14 @@ from capdpo.sources.base import Candidate, Loaded, read_file
 from capdpo.sources.config import ImagesConfig
 
 
-def list_image_files(root: Path, extensions: list[str], skip_dirs: tuple[Path, ...] = ()) -> list[tuple[str, Path]]:
-    """Image files under `root` (recursive, hidden entries skipped) as (relative posix path, path), sorted."""
+def list_image_files(
+    root: Path, extensions: list[str], skip_dirs: tuple[Path, ...] = (), unnamed: list[str] | None = None
+) -> list[tuple[str, Path]]:
+    """Image files under `root` (recursive, hidden entries skipped) as (relative posix path, path), sorted.
+
+    A file whose name is not valid UTF-8 (it could not be named in a record) is left out; with `unnamed` given,
+    its path is added there, its undecodable bytes written as `\\xNN` escapes.
+    """
     suffixes = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
     skip = {p.resolve() for p in skip_dirs}
     found = []
@@ -30,6 +36,12 @@ def list_image_files(root: Path, extensions: list[str], skip_dirs: tuple[Path, .
             if name.startswith(".") or os.path.splitext(name)[1].lower() not in suffixes:
                 continue
             path = Path(dirpath) / name
+            try:
+                str(path).encode("utf-8")
+            except UnicodeEncodeError:
+                if unnamed is not None:
+                    unnamed.append(os.fsencode(path).decode("utf-8", "backslashreplace"))
+                continue
             found.append((path.relative_to(root).as_posix(), path))
     found.sort(key=lambda item: item[0])
     return found
@@ -43,6 +55,7 @@ class FileSource:
         self.root = root
         self.stats: dict[str, Any] = {}
         self.candidates: list[Candidate] = []
+        self.unnamed: list[str] = []  # files whose names are not UTF-8 (not candidates: no record can name them)
         for rel, path in files:
             entry = annotations.get(rel) or annotations.get(path.name)
             cand = Candidate(key=rel, path=Path(os.path.abspath(path)))
@@ -70,10 +83,13 @@ def _require_dir(path: str, what: str) -> Path:
 def folder_source(sec: ImagesConfig, run_dir: Path) -> FileSource:
     """All image files under `images.path`."""
     root = _require_dir(sec.path, "image folder")
-    files = list_image_files(root, sec.extensions, skip_dirs=(run_dir,))
+    unnamed: list[str] = []
+    files = list_image_files(root, sec.extensions, skip_dirs=(run_dir,), unnamed=unnamed)
     if not files:
         raise InputError(f"{root}: no image files ({', '.join(sec.extensions)}) in this folder or below (images.path)")
-    return FileSource("folder", root, files, {})
+    source = FileSource("folder", root, files, {})
+    source.unnamed = unnamed
+    return source
 
 
 def read_coco(instances: str, captions: str) -> dict[str, dict[str, Any]]:
@@ -133,10 +149,12 @@ def coco_source(sec: ImagesConfig, run_dir: Path) -> FileSource:
     """Image files of a COCO images folder, with ids, object categories and captions from the json files."""
     root = _require_dir(sec.path, "COCO images folder")
     annotations = read_coco(sec.coco_instances, sec.coco_captions)
-    files = list_image_files(root, sec.extensions, skip_dirs=(run_dir,))
+    unnamed: list[str] = []
+    files = list_image_files(root, sec.extensions, skip_dirs=(run_dir,), unnamed=unnamed)
     if not files:
         raise InputError(f"{root}: no image files ({', '.join(sec.extensions)}) in this folder or below (images.path)")
     source = FileSource("coco", root, files, annotations)
+    source.unnamed = unnamed
     on_disk = {rel for rel, _ in files} | {p.name for _, p in files}
     annotated = sum(1 for c in source.candidates if c.source_id is not None)
     source.stats = {

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from capdpo.errors import ConfigError, InputError, one_line
-from capdpo.images import SUFFIXES
+from capdpo.images import SUFFIXES, row_group_over_limits
+from capdpo.paths import resolve_inside
 from capdpo.sources.base import Candidate, Loaded, read_file
 from capdpo.sources.config import ImagesConfig
 
@@ -125,6 +126,10 @@ class HFSource:
         for number, wanted in sorted(by_group.items()):
             start, path, handle, group_index = self._groups[number]
             if self._cached_group is None or self._cached_group[0] != number:
+                too_large = row_group_over_limits(handle, group_index, self.image_column)
+                if too_large:
+                    cells.update({r: Loaded(None, "", ("too_large", f"{path}: {too_large}")) for r in wanted})
+                    continue
                 try:
                     table = handle.read_row_group(group_index, columns=[self.image_column])
                 except Exception as err:  # noqa: BLE001 - a damaged row group costs its rows, not the run
@@ -152,10 +157,12 @@ class HFSource:
             return Loaded(None, "", ("not_image", f"image cell holds {type(value).__name__}, not image bytes"))
         if not path:
             return Loaded(None, name, ("empty", "empty image cell"))
-        for base in (Path(), self.root if self.root.is_dir() else self.root.parent):
-            candidate = base / path
-            if candidate.is_file():
-                return read_file(candidate)
+        base = self.root if self.root.is_dir() else self.root.parent
+        candidate = resolve_inside(path, base)  # never outside the dataset's folder, whatever the cell says
+        if candidate is None:
+            return Loaded(None, name, ("outside", f"image cell path '{path}' leads outside the dataset folder {base}"))
+        if candidate.is_file():
+            return read_file(candidate)
         return Loaded(None, name, ("unreadable", f"image cell points to a missing file '{path}'"))
 
     def image_path(self, image_id: str, fmt: str) -> Path:

@@ -76,7 +76,7 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
     source = stage.run_dir / stage_info("validate").output
     partial = not source.with_name(source.name.removesuffix(".jsonl") + ".done").exists()
     # Read and check everything before any output is touched: bad input never costs finished work.
-    records = read_score_records(stage.read_input("validate"), source)
+    records = read_score_records(stage.read_numbered("validate"), source)
     pairs, filtered = build_pairs(records, sec, cfg.common.seed, show_progress=True)
 
     stage.done_path.unlink(missing_ok=True)

@@ -43,7 +43,7 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
     """Describe every image of stage 1's output; resumable."""
     stage = Stage("describe", cfg)
     stage.claim()  # one run of this stage per run directory at a time
-    images = [ImageRecord.from_dict(r, f"{stage.run_dir}/01_images.jsonl") for r in stage.read_input("images")]
+    images = stage.read_records("images", ImageRecord, image_field="path")
     sec = cfg.section
     planned = plan_requests(images, cfg)
     gen = Generation.from_section(sec)

@@ -162,6 +162,8 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
     exclusion = load_exclusion(sec.exclude, sec.extensions)
     source = open_source(sec, stage.run_dir)
 
+    for name in getattr(source, "unnamed", []):
+        stage.skip("file name is not valid UTF-8 (rename the file to use it)", kind="bad_name", path=name)
     excluded_early: Counter[str] = Counter()  # by name, path or source id: decided before reading any bytes
     available = []
     for cand in source.candidates:

@@ -62,9 +62,7 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
     stage = Stage("variants", cfg)
     stage.claim()  # one run of this stage per run directory at a time
     sec = cfg.section
-    descriptions = [
-        DescriptionRecord.from_dict(r, f"{stage.run_dir}/02_descriptions.jsonl") for r in stage.read_input("describe")
-    ]
+    descriptions = stage.read_records("describe", DescriptionRecord, image_field="image")
     settings: dict[str, Any] = {**asdict(Generation.from_section(sec)), "k": sec.k, "prompt": sec.prompt}
     if sec.max_rounds > 1:  # one round is what earlier versions did: their record ids stay valid
         settings.update(max_rounds=sec.max_rounds, step=sec.round_temperature_step, min_words=sec.min_words)

@@ -32,7 +32,7 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
     stage = Stage("validate", cfg)
     stage.claim()  # one run of this stage per run directory at a time
     sec = cfg.section
-    records = [VariantRecord.from_dict(r, f"{stage.run_dir}/03_variants.jsonl") for r in stage.read_input("variants")]
+    records = stage.read_records("variants", VariantRecord, image_field="image")
     # settings that change scores define the record ids; batch size and the shared-prefix switch do not
     settings = {k: v for k, v in asdict(sec).items() if k not in ("batch_size", "shared_prefix")}
     validator_info = {"model": cfg.common.weak_model, **settings}

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from capdpo.config import CommonConfig, LoadedConfig
-from capdpo.errors import ConfigError
+from capdpo.errors import ConfigError, InputError
 from capdpo.jsonl import JsonlAppender, iter_jsonl, write_json, write_jsonl
 from capdpo.models.lora import is_vision_parameter, lora_target_regex
 from capdpo.run import Stage
@@ -165,14 +165,59 @@ def signature(recipe: Recipe, example_ids: list[str]) -> dict[str, Any]:
     }
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a `checkpoint-N` folder cannot be resumed from (None: it can): no or unreadable `trainer_state.json`,
+    or no weights whose safetensors header reads."""
+    state = folder / "trainer_state.json"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{'no' if not state.exists() else 'an unreadable'} trainer_state.json"
+    weights = [folder / n for n in ("adapter_model.safetensors", "model.safetensors") if (folder / n).exists()]
+    weights += sorted(folder.glob("model-*-of-*.safetensors"))
+    if not weights:
+        return "no adapter_model.safetensors or model.safetensors"
+    from safetensors import safe_open
+
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                fh.keys()
+        except Exception as err:  # noqa: BLE001 - safetensors raises several types for a damaged file
+            return f"{path.name} is not a readable safetensors file ({type(err).__name__})"
+    return None
+
+
+def newest_valid_checkpoint(checkpoints: Path) -> str | None:
+    """The newest `checkpoint-N` folder that can be resumed from; newer broken ones are named in a warning (a run
+    killed while saving leaves one) and skipped."""
+    if not checkpoints.is_dir():
+        return None
+    found = sorted(
+        (int(p.name.rsplit("-", 1)[1]), p)
+        for p in checkpoints.iterdir()
+        if p.is_dir() and p.name.startswith("checkpoint-") and p.name.rsplit("-", 1)[1].isdigit()
+    )
+    for _, folder in reversed(found):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return str(folder)
+        print(f"warning: skipping {folder}: {problem}; resuming from an older checkpoint if there is one", flush=True)
+    if found:
+        newest = found[-1][1]
+        raise InputError(
+            f"{newest}: {checkpoint_problem(newest)}, and no older checkpoint in {checkpoints} can be resumed "
+            "either; delete the broken checkpoint folders to start this training over"
+        )
+    return None
+
+
 def checkpoint_to_resume(checkpoints: Path, settings: TrainingConfig, new: dict[str, Any], fresh: str) -> str | None:
     """The checkpoint to resume from (None: start fresh); refuses one made with other settings.
 
     `fresh` names what the user changes to start over instead (`run_dir`, `output_dir`).
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    last = newest_valid_checkpoint(checkpoints)
     if last is None:
         return None
     if not settings.resume:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from pathlib import Path
 
@@ -17,9 +16,24 @@ from capdpo.records import PairRecord
 
 PROMPT = "Describe this image in detail."
 
-import_trl = functools.partial(import_file, "trl")
-import_llamafactory = functools.partial(import_file, "llamafactory")
-import_unidpo = functools.partial(import_file, "unidpo")
+ALLOWED: list[Path] = []  # the test images' folder: exports name images outside the export folder
+
+
+@pytest.fixture(autouse=True)
+def _images_folder_allowed(sample_images: list[Path]) -> None:
+    ALLOWED[:] = [sample_images[0].parent]
+
+
+def _importer(name: str):  # noqa: ANN202
+    def importer(path: Path, **options):  # noqa: ANN001, ANN003, ANN202
+        return import_file(name, path, allowed_roots=ALLOWED, **options)
+
+    return importer
+
+
+import_trl = _importer("trl")
+import_llamafactory = _importer("llamafactory")
+import_unidpo = _importer("unidpo")
 
 
 def make_pairs(images: list[Path]) -> list[PairRecord]:

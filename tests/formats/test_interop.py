@@ -368,7 +368,8 @@ def test_llamafactory_sharegpt_columns_from_dataset_info(
     write_json(tmp_path / "dataset_info.json", info)
     run_dir = tmp_path / "run"
     args = ["--format", "llamafactory", "--input", str(tmp_path / "prefs.json"), "--run_dir", str(run_dir)]
-    run_import(*args, "--dataset_info", str(tmp_path / "dataset_info.json"))
+    allowed = ["--allowed_roots", str(sample_images[0].parent)]  # the rows name images outside the input folder
+    run_import(*args, "--dataset_info", str(tmp_path / "dataset_info.json"), *allowed)
     pairs = pairs_of(run_dir)
     assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [("What colour?", "Red.", "Blue.")]
     assert "must be one 'user' turn" in errors_of(run_dir)[0]["reason"]
@@ -395,6 +396,8 @@ def test_command_line_round_trip_of_capdpo_exports(tmp_path: Path, sample_images
             str(run_dir),
             "--val_fraction",
             "0.9",
+            "--allowed_roots",
+            str(sample_images[0].parent),
             *extra,
         )
         assert pairs_of(run_dir) == [p.to_dict() for p in pairs if p.split == split]
@@ -442,3 +445,86 @@ def test_stage6_accepts_and_trains_on_imported_pairs(rlaifv_dir: Path, tmp_path:
     outcome = run_training(cfg)
     assert outcome.summary["steps"] == 1 and outcome.summary["train_pairs"] == 3
     assert (run_dir / "06_train" / "adapter" / "adapter_config.json").is_file()
+
+
+# ---- hostile input ------------------------------------------------------------------------------------------
+def test_image_paths_that_lead_outside_the_input_folder_are_rejected_rows(
+    tmp_path: Path, sample_images: list[Path]
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(sample_images[0], data / "ok.png")
+    outside = tmp_path / "elsewhere.png"
+    shutil.copy(sample_images[1], outside)
+    (data / "link.png").symlink_to(outside)
+    rows = [
+        {"prompt": "Describe.", "chosen": "A red ball.", "rejected": "A dog.", "image": "ok.png"},
+        {"prompt": "Describe.", "chosen": "A red ball.", "rejected": "A cat.", "image": "../../../../etc/passwd"},
+        {"prompt": "Describe.", "chosen": "A red ball.", "rejected": "A cow.", "image": str(outside)},
+        {"prompt": "Describe.", "chosen": "A red ball.", "rejected": "A hen.", "image": "link.png"},
+    ]
+    write_jsonl(data / "dpo_pairs.jsonl", rows)
+    run_dir = tmp_path / "run"
+    run_import("--format", "mmrlhf", "--input", str(data / "dpo_pairs.jsonl"), "--run_dir", str(run_dir))
+    assert [p["image"] for p in pairs_of(run_dir)] == [str((data / "ok.png").resolve())]
+    errors = errors_of(run_dir)
+    assert [e["row"] for e in errors] == [2, 3, 4]
+    assert all("leads outside" in e["reason"] for e in errors)
+    # a folder the user names explicitly is allowed
+    run_import(
+        "--format", "mmrlhf", "--input", str(data / "dpo_pairs.jsonl"), "--run_dir", str(tmp_path / "run2"),
+        "--allowed_roots", str(tmp_path),
+    )  # fmt: skip
+    assert len(pairs_of(tmp_path / "run2")) == 3  # ok, elsewhere.png and the link to it; /etc/passwd never
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/tmp/x", ".hidden", "a/b"])
+def test_a_dataset_name_cannot_become_a_path(tmp_path: Path, capsys: pytest.CaptureFixture, name: str) -> None:
+    err = import_error(
+        capsys, "--format", "trl", "--input", "x.jsonl", "--run_dir", str(tmp_path / "run"), "--dataset_name", name
+    )
+    assert "--dataset_name" in err and "not a plain name" in err
+    from capdpo.errors import ConfigError
+    from capdpo.pairs.config import PairsConfig
+
+    with pytest.raises(ConfigError, match="pairs.dataset_name"):
+        PairsConfig(dataset_name=name)
+
+
+def test_embedded_images_over_the_limits_are_rejected_without_being_decoded(tmp_path: Path) -> None:
+    from tests.stages.test_prepare_images import png_claiming
+
+    rows = [
+        rlaifv_row(1, {"bytes": png_claiming(12_000, 12_000), "path": None}, "Q?", "A red ball.", "A dog."),
+    ]
+    write_rlaifv_shards(tmp_path / "small", rows, 1)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        run_import("--format", "rlaifv", "--input", str(tmp_path / "small"), "--run_dir", str(run_dir))
+    (error,) = errors_of(run_dir)
+    assert "too large" in error["reason"] and "144.0 M pixels" in error["reason"]
+    # a row group whose image data inflates beyond the byte limit is skipped unread
+    bomb = {"bytes": b"\x00" * (3 * 2**20), "path": None}
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{**rows[0], "image": bomb}],
+            schema=pa.schema(
+                [("image", IMAGE_TYPE), ("question", pa.string()), ("chosen", pa.string()), ("rejected", pa.string())]
+            ),
+        ),
+        tmp_path / "bomb.parquet",
+        compression="zstd",
+    )
+    with pytest.raises(SystemExit):
+        run_import(
+            "--format",
+            "rlaifv",
+            "--input",
+            str(tmp_path / "bomb.parquet"),
+            "--run_dir",
+            str(tmp_path / "r2"),
+            "--max_image_bytes",
+            str(2**20),
+        )
+    (error,) = errors_of(tmp_path / "r2")
+    assert "skipped unread" in error["reason"] and "max_image_bytes" in error["reason"]

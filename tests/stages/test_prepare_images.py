@@ -539,3 +539,119 @@ def test_killed_run_resumes_to_the_same_records(tmp_path: Path) -> None:
     assert read_jsonl(crashed / "01_images.errors.jsonl") == read_jsonl(reference / "01_images.errors.jsonl")
     stats = json.loads((crashed / "01_images.stats.json").read_text())
     assert stats["resumed"] == lines and stats["new"] == 280 - lines
+
+
+# ---- hostile input ------------------------------------------------------------------------------------------
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims `width` x `height` pixels (its data is one compressed empty row)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_is_refused_from_its_header_and_the_limits_are_configurable(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    good = make_images(folder, 2)
+    (folder / "bomb.png").write_bytes(png_claiming(12_000, 12_000))  # 144 M pixels in a few hundred bytes
+    (folder / "huge.png").write_bytes(png_claiming(100_000, 100_000))  # 10 G pixels
+    run_dir = tmp_path / "run"
+    run_stage(write_config(tmp_path, run_dir, path=str(folder)))
+    assert sorted(Path(r["path"]).name for r in records_of(run_dir)) == sorted(p.name for p in good)
+    by_name = {Path(e["path"]).name: e for e in errors_of(run_dir)}
+    assert by_name["bomb.png"]["kind"] == by_name["huge.png"]["kind"] == "too_large"
+    assert "144.0 M pixels" in by_name["bomb.png"]["reason"] and "max_image_pixels" in by_name["bomb.png"]["reason"]
+    # the limits are the run's: lower ones refuse the ordinary images too, by pixels or by bytes
+    for flag, name in (("--max_image_pixels", "run2"), ("--max_image_bytes", "run3")):
+        with pytest.raises(InputError, match="no usable images left"):
+            run_stage(write_config(tmp_path, tmp_path / name, path=str(folder)), flag, "100")
+        assert [e["kind"] for e in errors_of(tmp_path / name)] == ["too_large"] * 4
+        reasons = {Path(e["path"]).name: e["reason"] for e in errors_of(tmp_path / name)}
+        assert all(flag[2:] in reasons[p.name] for p in good)  # the ordinary images fall to the lowered limit
+
+
+def test_the_data_report_shows_no_thumbnail_for_an_image_over_the_limits(tmp_path: Path) -> None:
+    from capdpo.pairs.report import thumbnail_uri
+
+    (tmp_path / "huge.png").write_bytes(png_claiming(100_000, 100_000))
+    assert thumbnail_uri(str(tmp_path / "huge.png")) is None
+    assert thumbnail_uri(str(make_image(tmp_path / "ok.png"))) is not None
+
+
+def test_hf_cells_may_not_name_files_outside_the_dataset_and_huge_cells_are_not_read(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    secret = make_image(tmp_path / "private" / "secret.png", colour=(1, 2, 3))
+    inside = make_image(tmp_path / "data" / "inside.png", colour=(4, 5, 6))
+    cells = [
+        {"bytes": None, "path": "inside.png"},
+        {"bytes": None, "path": "../private/secret.png"},
+        {"bytes": None, "path": str(secret)},
+    ]
+    pq.write_table(pa.table({"image": cells}), tmp_path / "data" / "rows.parquet")
+    # a separate file whose single row group inflates far beyond the byte limit
+    pq.write_table(
+        pa.table({"image": [b"\x00" * (3 * 2**20)]}), tmp_path / "data" / "bomb.parquet", compression="zstd"
+    )
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path, run_dir, source="hf", path=str(tmp_path / "data"))
+    run_stage(config, "--max_image_bytes", str(2**20))
+    kept = records_of(run_dir)
+    assert [r["sha256"] for r in kept] == [hashlib.sha256(inside.read_bytes()).hexdigest()]
+    kinds = sorted(e["kind"] for e in errors_of(run_dir))
+    assert kinds == ["outside", "outside", "too_large"]
+    assert all("leads outside the dataset folder" in e["reason"] for e in errors_of(run_dir) if e["kind"] == "outside")
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".json", ".jsonl"])
+def test_a_byte_order_mark_hides_no_entry_of_an_exclusion_list(tmp_path: Path, suffix: str) -> None:
+    folder = tmp_path / "photos"
+    make_images(folder, 3)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    body = {
+        ".txt": "im000.png\nim001.png\n",
+        ".json": json.dumps(["im000.png", "im001.png"]),
+        ".jsonl": "".join(json.dumps({"image": n}) + "\n" for n in ("im000.png", "im001.png")),
+    }[suffix]
+    (lists / f"eval{suffix}").write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    run_dir = tmp_path / "run"
+    stats = run_stage(write_config(tmp_path, run_dir, path=str(folder), exclude=[str(lists / f"eval{suffix}")]))
+    assert [Path(r["path"]).name for r in records_of(run_dir)] == ["im002.png"]  # the first entry counts too
+    assert stats["excluded"] == 2
+
+
+def test_a_file_name_that_is_not_utf8_is_listed_and_the_run_goes_on(tmp_path: Path) -> None:
+    import os
+
+    folder = tmp_path / "photos"
+    good = make_images(folder, 2)
+    odd = os.path.join(os.fsencode(folder), b"caf\xe9.png")  # Latin-1 bytes: not a valid UTF-8 name
+    with open(odd, "wb") as fh:
+        fh.write(good[0].read_bytes()[:-1] + b"\x01")
+    run_dir = tmp_path / "run"
+    for _ in range(2):  # and a rerun does not fail on it either
+        result = run_script(SCRIPT, "--config", str(write_config(tmp_path, run_dir, path=str(folder))))
+        assert result.returncode == 0, result.stderr
+    assert sorted(Path(r["path"]).name for r in records_of(run_dir)) == sorted(p.name for p in good)
+    (error,) = errors_of(run_dir)
+    assert error["kind"] == "bad_name" and error["path"].endswith("caf\\xe9.png")
+
+
+def test_upper_case_truncation_messages_are_still_truncation(tmp_path: Path, monkeypatch) -> None:
+    from PIL import Image as PILImage
+
+    from capdpo.images import ImageProblem, inspect_image
+
+    def load(self):  # noqa: ANN001
+        raise OSError("image file is TRUNCATED (5 bytes not processed)")
+
+    data = make_image(tmp_path / "x.png").read_bytes()
+    monkeypatch.setattr(PILImage.Image, "load", load)
+    monkeypatch.setattr(PILImage.Image, "getexif", lambda self: {})
+    with pytest.raises(ImageProblem) as problem:
+        inspect_image(data)
+    assert problem.value.kind == "truncated"
