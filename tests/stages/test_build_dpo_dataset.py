@@ -461,3 +461,28 @@ def test_min_chosen_score_drops_pairs_whose_best_candidate_is_still_judged_wrong
     assert [p.image_id for p in pairs] == ["accepted"] and stats["removed"]["low_chosen_score_pairs"] == 1
     with pytest.raises(ConfigError, match="min_chosen_score"):
         build(tmp_path, records, "--min_chosen_score", "1.5")
+
+
+def test_an_empty_input_is_refused_unless_allow_empty(tmp_path: Path) -> None:
+    config = write_run(tmp_path, [])
+    result = run_script("5_build_dpo_dataset.py", "--config", str(config))
+    assert result.returncode == 2 and "04_scores.jsonl: holds no records" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run" / "05_pairs.done").exists()
+    stats = run(load_config("pairs", ["--config", str(config), "--allow_empty", "true"]))
+    assert stats["pairs"] == 0 and (tmp_path / "run" / "05_pairs.done").exists()
+
+
+def test_a_full_disk_while_exporting_leaves_no_temporary_folder(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from capdpo.stages import build_dpo_dataset
+
+    def full(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    record = score_record("img", 0, THREE)
+    config = write_run(tmp_path, [record])
+    monkeypatch.setattr(build_dpo_dataset, "write_exports", full)
+    with pytest.raises(OSError):
+        run(load_config("pairs", ["--config", str(config)]))
+    assert not (tmp_path / "run" / "05_exports.tmp").exists() and not (tmp_path / "run" / "05_pairs.done").exists()

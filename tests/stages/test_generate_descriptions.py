@@ -132,3 +132,34 @@ def test_two_ranks_share_the_work_and_merge_into_the_single_process_result(tmp_p
     assert sorted(merged, key=key) == sorted(read_jsonl(single_dir / "02_descriptions.jsonl"), key=key)
     assert (sharded_dir / "02_descriptions.done").exists()
     assert not list(sharded_dir.glob("02_descriptions.rank*"))
+
+
+def test_empty_input_missing_image_and_missing_field_name_the_file_and_line(tmp_path, tiny_models, sample_images):
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", run_dir, tiny_models)
+    run_dir.mkdir()
+    (run_dir / "01_images.jsonl").write_text("")
+    (run_dir / "01_images.done").write_text("{}\n")
+    empty = run_script("2_generate_descriptions.py", "--config", str(config))
+    assert (
+        empty.returncode == 2
+        and "01_images.jsonl: holds no records" in empty.stderr
+        and "--allow_empty" in empty.stderr
+    )
+    assert not (run_dir / "02_descriptions.done").exists()
+
+    records = write_images_stage(run_dir, sample_images[:3])
+    gone = tmp_path / "gone.png"
+    gone.write_bytes(sample_images[0].read_bytes())
+    records[2]["path"] = str(gone)
+    (run_dir / "01_images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    gone.unlink()
+    missing = run_script("2_generate_descriptions.py", "--config", str(config))
+    assert missing.returncode == 2 and f"01_images.jsonl:3: image {gone} not found" in missing.stderr
+
+    del records[1]["sha256"]
+    (run_dir / "01_images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    broken = run_script("2_generate_descriptions.py", "--config", str(config))
+    assert broken.returncode == 2 and "01_images.jsonl:2: missing field(s) sha256" in broken.stderr
+    for result in (empty, missing, broken):
+        assert len(result.stderr.strip().splitlines()) == 1

@@ -354,3 +354,38 @@ def test_a_resumed_full_fine_tune_continues_from_the_checkpoint_weights(
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-4, abs=1e-6), step
+
+
+@pytest.mark.parametrize("damage", ["empty folder", "no trainer state", "corrupt weights"])
+def test_a_broken_newest_checkpoint_is_skipped_with_a_warning(tiny_models, sample_images, tmp_path, capsys, damage):
+    """A run killed while saving leaves a broken checkpoint: the next run resumes from the newest valid one and
+    names the one it skipped; with no valid checkpoint at all it stops with one line naming it."""
+    from capdpo.errors import InputError
+    from capdpo.sections import load_config
+    from capdpo.training.dpo import run_dpo
+
+    run_dir = tmp_path / "run"
+    write_pairs(run_dir, sample_images)
+    config = str(write_config(tmp_path / "run.yaml", run_dir, tiny_models["strong"], max_steps=2, save_steps=1))
+    run_dpo(load_config("train", ["--config", config]))
+    checkpoints = run_dir / "06_train" / "checkpoints"
+    broken = checkpoints / "checkpoint-3"  # newer than the two the run saved
+    if damage == "empty folder":
+        broken.mkdir()
+    else:
+        import shutil
+
+        shutil.copytree(checkpoints / "checkpoint-2", broken)
+        if damage == "no trainer state":
+            (broken / "trainer_state.json").unlink()
+        else:
+            (broken / "adapter_model.safetensors").write_bytes(os.urandom(256))
+    capsys.readouterr()
+    outcome = run_dpo(load_config("train", ["--config", config, "--max_steps", "3"]))
+    assert outcome.summary["resumed_from"].endswith("checkpoint-2")
+    assert f"warning: skipping {broken}" in capsys.readouterr().out
+    for folder in checkpoints.glob("checkpoint-*"):  # now every checkpoint is broken
+        (folder / "trainer_state.json").unlink()
+    with pytest.raises(InputError, match="no older checkpoint .* can be resumed either") as err:
+        run_dpo(load_config("train", ["--config", config, "--max_steps", "4"]))
+    assert "\n" not in str(err.value)
