@@ -18,6 +18,7 @@ CROSS_CUTTING = {
     "errors",
     "images",
     "jsonl",
+    "paths",
     "pipeline",
     "provenance",
     "records",
