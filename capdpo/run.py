@@ -201,6 +201,12 @@ class Stage:
         write_text(self.done_path, json.dumps({"finished": now()}) + "\n")
         self.release()
         skipped = f" {len(self.errors)} input(s) skipped, reasons in {self.errors_path}." if self.errors else ""
+        server = stats.get("server")
+        if isinstance(server, dict):
+            skipped += (
+                f" Server: {server['requests']} requests, {server['requests_per_second']} requests/s, "
+                f"{server['tokens_per_second']} tokens/s."
+            )
         print(f"\n[{self.name}] {summary}{skipped} Output: {self.output} ({stats['seconds']:.1f} s).", flush=True)
         return stats
 

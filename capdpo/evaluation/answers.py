@@ -40,6 +40,7 @@ from capdpo.errors import ConfigError, InputError
 from capdpo.evaluation.benchmarks import BENCHMARKS, Query, model_label
 from capdpo.evaluation.config import AnswersConfig
 from capdpo.generation.sampling import Generation
+from capdpo.generation.server import served_model_id
 from capdpo.jsonl import JsonlAppender, iter_jsonl, stable_id, write_json
 from capdpo.provenance import provenance
 from capdpo.run import progress
@@ -92,8 +93,10 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
     long_gen = Generation(sec.max_new_tokens, sec.temperature, sec.top_p, sec.top_k, sec.repetition_penalty)
     short_gen = Generation(sec.yes_no_max_new_tokens, sec.temperature, sec.top_p, sec.top_k, sec.repetition_penalty)
     family = "amber" if sec.benchmark.startswith("amber") else sec.benchmark
+    # the answering model: the configured one, or (through a server) the backend and served name
+    model = sec.model if sec.backend == "local" else served_model_id(sec, sec.model)
     settings = stable_id(
-        "answers", family, sec.model, sec.adapter, asdict(long_gen), asdict(short_gen), sec.query_suffix,
+        "answers", family, model, sec.adapter, asdict(long_gen), asdict(short_gen), sec.query_suffix,
         sec.yes_no_suffix, sec.caption_prompt, cfg.common.seed, cfg.common.min_pixels, cfg.common.max_pixels,
     )  # fmt: skip
     work_path = Path(sec.work_file) if sec.work_file else side_path(sec.out, ".work.jsonl")
@@ -134,24 +137,12 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
 def _generate(
     cfg: LoadedConfig, queries: list[Query], work: JsonlAppender, settings: str, long_gen: Any, short_gen: Any
 ) -> None:
+    from capdpo.generation.backends import open_backend
     from capdpo.generation.batching import Request, user_message
-    from capdpo.generation.engine import Engine
     from capdpo.generation.sampling import seed_of
-    from capdpo.models.loading import load_vlm
 
     sec: AnswersConfig = cfg.section
-    common = cfg.common
-    lm = load_vlm(
-        sec.model,
-        device=common.device,
-        dtype=common.dtype,
-        attn_implementation=common.attn_implementation,
-        min_pixels=common.min_pixels or None,
-        max_pixels=common.max_pixels or None,
-        trust_remote_code=common.trust_remote_code,
-        adapter=sec.adapter or None,
-    )
-    engine = Engine(lm)
+    engine = open_backend(sec, cfg.common, "answers", model=sec.model, adapter=sec.adapter)
     by_key = {q.key: q for q in queries}
     done = sum(q.key in work.ids for q in queries)
     with progress(len(queries), done, f"answers {sec.benchmark}") as bar:

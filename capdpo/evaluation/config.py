@@ -4,10 +4,12 @@ YAML may carry like the stages' sections. Kept free of heavy imports."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from capdpo.config import option, require_choice
 from capdpo.errors import ConfigError
 from capdpo.evaluation.benchmarks import BENCHMARKS
+from capdpo.generation.config import BackendConfig
 
 
 @dataclass
@@ -47,8 +49,10 @@ class JudgeConfig:
 
 
 @dataclass
-class AnswersConfig:
+class AnswersConfig(BackendConfig):
     """Benchmark answers (`answers:` section)."""
+
+    section: ClassVar[str] = "answers"
 
     benchmark: str = option(f"Which benchmark: {', '.join(BENCHMARKS)}.", "")
     model: str = option("Base model: hub id or local folder.", "")
@@ -78,6 +82,7 @@ class AnswersConfig:
     batch_size: int = option("Requests per generate call; halves on CUDA out-of-memory.", 8)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.benchmark:
             require_choice("answers.benchmark", self.benchmark, BENCHMARKS)
         if self.max_new_tokens < 1 or self.yes_no_max_new_tokens < 1 or self.batch_size < 1:

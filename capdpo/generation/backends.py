@@ -7,9 +7,10 @@ A backend answers three calls, on `Request`s (`capdpo.generation.batching`):
 * `score(requests, batch_size)`: {request key: next-token log-probabilities at the prompt's end and after each
   continuation token}, from forward passes only.
 
-`local` (`capdpo.generation.engine.Engine`) runs the model in this process. To add a backend (e.g. an HTTP
-client of a serving engine): a class with these three methods, a factory `(common, role, **options) -> backend`
-registered below, and a test in tests/generation/ that checks its outputs against the local backend's.
+`local` (`capdpo.generation.engine.Engine`) runs the model in this process; `openai`
+(`capdpo.generation.server.ServerBackend`) sends the same requests to an OpenAI-compatible server. To add a
+backend: a class with these three methods, a factory `(common, role, section, **options) -> backend` registered
+below, and a test in tests/generation/ that checks its outputs against the local backend's.
 """
 
 from __future__ import annotations
@@ -29,17 +30,56 @@ class Backend(Protocol):
     def score(self, requests: Sequence[Request], batch_size: int) -> dict[str, Any]: ...
 
 
-def local(common: Any, role: str, **options: Any) -> Backend:
-    """The run's `strong` or `weak` model loaded in this process (`options`: the Engine's, e.g. prefill_rows)."""
+def local(common: Any, role: str, section: Any = None, model: str = "", adapter: str = "", **options: Any) -> Backend:
+    """The run's `strong` or `weak` model (or `model` + `adapter`) loaded in this process (`options`: the
+    Engine's, e.g. prefill_rows)."""
     from capdpo.generation.engine import Engine
-    from capdpo.models.loading import load_role
+    from capdpo.models.loading import load_role, load_vlm
 
-    return Engine(load_role(common, role), **options)
+    if not model:
+        return Engine(load_role(common, role), **options)
+    lm = load_vlm(
+        model,
+        device=common.device,
+        dtype=common.dtype,
+        attn_implementation=common.attn_implementation,
+        min_pixels=common.min_pixels or None,
+        max_pixels=common.max_pixels or None,
+        trust_remote_code=common.trust_remote_code,
+        adapter=adapter or None,
+    )
+    return Engine(lm, **options)
 
 
-BACKENDS: dict[str, Callable[..., Backend]] = {"local": local}
+def openai(common: Any, role: str, section: Any = None, model: str = "", adapter: str = "", **options: Any) -> Backend:
+    """The run's `strong` or `weak` model (or `model`) behind an OpenAI-compatible server (`section`: its
+    `BackendConfig`; a server serves adapters under their own model names, so `adapter` is refused)."""
+    from capdpo.errors import ConfigError
+    from capdpo.generation.server import ServerBackend
+
+    if adapter:
+        raise ConfigError(
+            "backend openai: the server serves the model; serve the adapter there (e.g. vLLM --lora-modules) and "
+            "name it with server_model instead of --adapter"
+        )
+    return ServerBackend(section, model or (common.strong_model if role == "strong" else common.weak_model))
 
 
-def open_backend(name: str, common: Any, role: str, **options: Any) -> Backend:
-    """The backend `name` serving the run's `role` model."""
-    return BACKENDS[name](common, role, **options)
+BACKENDS: dict[str, Callable[..., Backend]] = {"local": local, "openai": openai}
+
+
+def open_backend(section: Any, common: Any, role: str, **options: Any) -> Backend:
+    """The backend `section.backend` (default local) serving the run's `role` model."""
+    return BACKENDS[getattr(section, "backend", "local")](common, role, section, **options)
+
+
+def model_id(section: Any, common: Any, role: str) -> str:
+    """How records and their ids name the model a stage uses: the configured model (with an adapter's content
+    hash) for the local backend, the backend and served name for a server."""
+    from capdpo.models.loading import role_model_id
+
+    if getattr(section, "backend", "local") == "openai":
+        from capdpo.generation.server import served_model_id
+
+        return served_model_id(section, common.strong_model if role == "strong" else common.weak_model)
+    return role_model_id(common, role)

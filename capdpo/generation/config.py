@@ -5,12 +5,53 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from capdpo.config import option, require, require_at_least
+from capdpo.config import option, require, require_at_least, require_choice
 from capdpo.errors import ConfigError
 
 
 @dataclass
-class SamplingConfig:
+class BackendConfig:
+    """Which generation backend a section's model runs on (`capdpo.generation.backends`)."""
+
+    section: ClassVar[str] = "backend"
+
+    backend: str = option(
+        "'local' (the model in this process; every method) or 'openai' (an OpenAI-compatible server: vLLM, SGLang, "
+        "transformers serve; generation, and yesno / pairwise scoring where the server returns logprobs).",
+        "local",
+    )
+    base_url: str = option("openai backend: the server's URL, e.g. http://127.0.0.1:8000/v1.", "")
+    server_model: str = option("openai backend: the model name the server serves (default: the run's model).", "")
+    server_key_env: str = option(
+        "openai backend: environment variable holding the server's API key (never printed; unset: no key).", ""
+    )
+    max_concurrency: int = option("openai backend: requests in flight at once.", 16)
+    request_timeout: float = option("openai backend: seconds to wait for one reply before retrying it.", 300.0)
+    max_retries: int = option("openai backend: retries of a request on 429/5xx, timeouts and lost connections.", 6)
+    image_transport: str = option(
+        "openai backend: 'data_url' (the image's bytes, base64) or 'file_url' (file://path, for a server on this "
+        "machine that may read local files, e.g. vLLM with --allowed-local-media-path).",
+        "data_url",
+    )
+
+    def __post_init__(self) -> None:
+        from capdpo.generation.backends import BACKENDS
+
+        require_choice(f"{self.section}.backend", self.backend, BACKENDS)
+        require_choice(f"{self.section}.image_transport", self.image_transport, ("data_url", "file_url"))
+        if self.backend == "openai":
+            require(
+                self.base_url.startswith(("http://", "https://")),
+                f"{self.section}.base_url",
+                "give the server's http(s) URL",
+            )
+        require_at_least(self.section, self, 1, ("max_concurrency",))
+        require_at_least(self.section, self, 0, ("max_retries",))
+        require(self.request_timeout > 0, f"{self.section}.request_timeout", "must be > 0")
+
+
+@dataclass
+class SamplingConfig(BackendConfig):
     """How a generating stage samples (its section redeclares the defaults that differ)."""
 
     section: ClassVar[str] = "sampling"
@@ -28,6 +69,7 @@ class SamplingConfig:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_sampling(self.section, self)
 
 

@@ -13,11 +13,10 @@ from typing import Any
 
 from capdpo.cli import run_cli
 from capdpo.config import LoadedConfig
-from capdpo.generation.backends import open_backend
+from capdpo.generation.backends import model_id, open_backend
 from capdpo.generation.batching import Request, user_message
 from capdpo.generation.sampling import Generation, seed_of
 from capdpo.jsonl import iter_jsonl, stable_id
-from capdpo.models.loading import role_model_id
 from capdpo.records import DescriptionRecord, ImageRecord
 from capdpo.run import Stage, run_units
 from capdpo.sections import load_config
@@ -28,7 +27,7 @@ def plan_requests(images: list[ImageRecord], cfg: LoadedConfig) -> dict[str, tup
     """One request per image × prompt × sample, by description id: (request, image, prompt, sample index)."""
     sec = cfg.section
     gen = asdict(Generation.from_section(sec))
-    model = role_model_id(cfg.common, "strong")  # with the adapter's content hash when strong_adapter is set
+    model = model_id(cfg.section, cfg.common, "strong")  # with the adapter's content hash when strong_adapter is set
     planned = {}
     for image in images:
         for prompt in sec.prompts:
@@ -48,7 +47,7 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
     planned = plan_requests(images, cfg)
     gen = Generation.from_section(sec)
     gen_dict = asdict(gen)
-    model = role_model_id(cfg.common, "strong")
+    model = model_id(cfg.section, cfg.common, "strong")
 
     out = stage.open_output(set(planned))
     counts = {"descriptions": 0, "sentences": 0, "cut_tails_dropped": 0, "stopped_by_length": 0, "empty": 0}
@@ -74,9 +73,11 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
         return records
 
     if len(out.ids) < len(planned):  # load the model only when there is work left
-        engine = open_backend("local", cfg.common, "strong", prefill_rows=sec.prefill_batch_size)
+        engine = open_backend(sec, cfg.common, "strong", prefill_rows=sec.prefill_batch_size)
         units = engine.plan([p[0] for p in planned.values()], sec.batch_size)
         run_units(units, out, lambda u: [r.key for r in u], describe, "describe")
+        if hasattr(engine, "throughput"):  # a server: how fast it answered
+            stage.counts["server"] = engine.throughput()
     out.close()
     if not stage.gather():
         return {}

@@ -19,11 +19,10 @@ from typing import Any
 
 from capdpo.cli import run_cli
 from capdpo.config import LoadedConfig
-from capdpo.generation.backends import open_backend
+from capdpo.generation.backends import model_id, open_backend
 from capdpo.generation.batching import Request, user_message
 from capdpo.generation.sampling import Generation, seed_of
 from capdpo.jsonl import iter_jsonl, stable_id
-from capdpo.models.loading import role_model_id
 from capdpo.records import DescriptionRecord, VariantRecord
 from capdpo.run import Stage, run_units
 from capdpo.sections import load_config
@@ -66,7 +65,7 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
     settings: dict[str, Any] = {**asdict(Generation.from_section(sec)), "k": sec.k, "prompt": sec.prompt}
     if sec.max_rounds > 1:  # one round is what earlier versions did: their record ids stay valid
         settings.update(max_rounds=sec.max_rounds, step=sec.round_temperature_step, min_words=sec.min_words)
-    model = role_model_id(cfg.common, "strong")  # with the adapter's content hash when strong_adapter is set
+    model = model_id(cfg.section, cfg.common, "strong")  # with the adapter's content hash when strong_adapter is set
     # one unit of work = a few sentences: all rounds of a sentence run in the same unit
     sentences: dict[str, tuple[DescriptionRecord, int]] = {}
     for desc in descriptions:
@@ -132,7 +131,7 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
         return records
 
     if len(out.ids) < len(sentences):
-        engine = open_backend("local", cfg.common, "strong", prefill_rows=sec.prefill_batch_size)
+        engine = open_backend(sec, cfg.common, "strong", prefill_rows=sec.prefill_batch_size)
         per_unit = max(1, sec.batch_size // sec.k)
         order = sorted(
             sentences,
@@ -140,6 +139,8 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
         )
         units = [order[i : i + per_unit] for i in range(0, len(order), per_unit)]
         run_units(units, out, lambda u: u, rewrite, "variants")
+        if hasattr(engine, "throughput"):  # a server: how fast it answered
+            stage.counts["server"] = engine.throughput()
     out.close()
     if not stage.gather():
         return {}

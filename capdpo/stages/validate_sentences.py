@@ -9,12 +9,13 @@ with a score in [0, 1] (1 = accurate) and each method's raw numbers. Methods: `y
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any
 
 from capdpo.cli import run_cli
 from capdpo.config import LoadedConfig
-from capdpo.generation.backends import open_backend
+from capdpo.generation.backends import model_id, open_backend
+from capdpo.generation.config import BackendConfig
 from capdpo.jsonl import iter_jsonl, stable_id
 from capdpo.records import Candidate, ScoreRecord, VariantRecord
 from capdpo.run import Stage, run_units
@@ -34,9 +35,14 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
     sec = cfg.section
     records = stage.read_records("variants", VariantRecord, image_field="image")
     # settings that change scores define the record ids; batch size and the shared-prefix switch do not
-    settings = {k: v for k, v in asdict(sec).items() if k not in ("batch_size", "shared_prefix")}
-    validator_info = {"model": cfg.common.weak_model, **settings}
-    planned = {stable_id("validate", r.id, candidates_of(r), cfg.common.weak_model, settings): r for r in records}
+    # (nor how the model is reached: the backend enters through the model's name)
+    speed_only = {"batch_size", "shared_prefix", *(f.name for f in fields(BackendConfig))}
+    if sec.backend == "local":
+        speed_only.add("server_top_logprobs")
+    settings = {k: v for k, v in asdict(sec).items() if k not in speed_only}
+    weak = model_id(sec, cfg.common, "weak")
+    validator_info = {"model": weak, **settings}
+    planned = {stable_id("validate", r.id, candidates_of(r), weak, settings): r for r in records}
 
     out = stage.open_output(set(planned))
 
@@ -70,8 +76,8 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
         return written
 
     if len(out.ids) < len(planned):
-        engine = open_backend("local", cfg.common, "weak", shared_prefix=sec.shared_prefix)
-        validator = Validator(engine.lm, sec)
+        engine = open_backend(sec, cfg.common, "weak", shared_prefix=sec.shared_prefix)
+        validator = Validator(getattr(engine, "lm", None), sec)
         # a unit groups whole sentences until it holds about four batches of requests
         units: list[list[str]] = [[]]
         size = 0
@@ -82,6 +88,8 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
                 units.append([])
                 size = 0
         run_units([u for u in units if u], out, lambda u: u, score, "validate")
+        if hasattr(engine, "throughput"):  # a server: how fast it answered
+            stage.counts["server"] = engine.throughput()
     out.close()
     if not stage.gather():
         return {}
@@ -97,7 +105,7 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
         gaps.append(max(scores) - min(scores))
     mean_gap = sum(gaps) / len(gaps) if gaps else 0.0
     summary = (
-        f"{counts['candidates']} candidates of {counts['sentences']} sentences scored by {cfg.common.weak_model} "
+        f"{counts['candidates']} candidates of {counts['sentences']} sentences scored by {weak} "
         f"with {', '.join(sec.methods)}; the original scored best for {counts['originals_best']} sentences and a "
         f"variant beat it for {counts['variants_beat_original']}; mean best-worst gap {mean_gap:.3f}."
     )

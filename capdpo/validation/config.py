@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from capdpo.config import option
 from capdpo.errors import ConfigError
+from capdpo.generation.config import BackendConfig
 from capdpo.validation.methods import METHODS
 
 
 @dataclass
-class ValidateConfig:
+class ValidateConfig(BackendConfig):
     """Stage 4: the weak model scores every candidate against its image."""
+
+    section: ClassVar[str] = "validate"
 
     methods: list[str] = option(
         f"Scoring methods: {', '.join(METHODS)} (combined by weighted mean).", factory=lambda: ["yesno"]
@@ -36,8 +40,21 @@ class ValidateConfig:
         "on that cache (same scores, much faster). false: one full forward per prompt.",
         True,
     )
+    server_top_logprobs: int = option(
+        "openai backend: top log-probabilities asked for the answer's first token (the OpenAI API allows 20, "
+        "vLLM up to its --max-logprobs); yes/no mass outside them is not counted.",
+        20,
+    )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.backend != "local" and "rating" in self.methods:
+            raise ConfigError(
+                "validate.methods: rating reads each number's probability token by token, which needs the model in "
+                "this process (backend: local); through a server use yesno or pairwise"
+            )
+        if self.server_top_logprobs < 1:
+            raise ConfigError("validate.server_top_logprobs: must be >= 1")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ConfigError(f"validate.methods: {unknown or 'empty'} — choose from {', '.join(METHODS)}")

@@ -17,12 +17,50 @@ from dataclasses import dataclass
 from itertools import permutations
 from typing import TYPE_CHECKING, Any
 
-from capdpo.errors import ConfigError
+from capdpo.errors import ConfigError, InputError
 from capdpo.generation.batching import Request, user_message
 
 if TYPE_CHECKING:
     from capdpo.models.loading import LoadedModel
     from capdpo.validation.config import ValidateConfig
+
+
+@dataclass
+class AnswerTokens:
+    """The first token of a one-word answer ("yes", "A"), as token ids of the local tokenizer and as words.
+
+    A local backend's row is a log-probability tensor over the vocabulary (read at `ids`); a server's row is its
+    top log-probabilities by token text (`capdpo.generation.server.TopLogprobs`, read by word).
+    """
+
+    words: tuple[str, ...]
+    ids: list[int]
+
+    def mass(self, row: Any) -> float:
+        """The probability of this answer in one row of log-probabilities."""
+        if isinstance(row, dict):
+            return sum(math.exp(lp) for token, lp in row.items() if token.strip() in self.words)
+        return _mass(row, self.ids)
+
+
+def answer_tokens(lm: LoadedModel | None, words: list[str]) -> AnswerTokens:
+    """`AnswerTokens` of `words` (without a local model, for a server's replies: the words only)."""
+    return AnswerTokens(tuple(words), answer_token_ids(lm, words) if lm is not None else [])
+
+
+def two_way(first: AnswerTokens, second: AnswerTokens, row: Any, what: str) -> tuple[float, float, float]:
+    """(P(first) / (P(first) + P(second)), P(first), P(second)) of one row. A server's reply with neither answer
+    among its top tokens is an error, never a silent 0.5."""
+    p1, p2 = first.mass(row), second.mass(row)
+    if p1 + p2 > 0:
+        return p1 / (p1 + p2), p1, p2
+    if isinstance(row, dict):
+        raise InputError(
+            f"validate: the server's top tokens for a {what} question hold neither {first.words[0]!r} nor "
+            f"{second.words[0]!r} ({', '.join(list(row)[:8])}); use a chat template that answers with one word, or "
+            "backend: local"
+        )
+    return 0.5, p1, p2
 
 
 def answer_token_ids(lm: LoadedModel, words: list[str]) -> list[int]:
@@ -57,11 +95,11 @@ class YesNo:
 
     name = "yesno"
 
-    def __init__(self, lm: LoadedModel, cfg: ValidateConfig) -> None:
+    def __init__(self, lm: LoadedModel | None, cfg: ValidateConfig) -> None:
         self.prompt = cfg.yesno_prompt
-        self.yes = answer_token_ids(lm, ["Yes", "yes", "YES"])
-        self.no = answer_token_ids(lm, ["No", "no", "NO"])
-        if set(self.yes) & set(self.no):
+        self.yes = answer_tokens(lm, ["Yes", "yes", "YES"])
+        self.no = answer_tokens(lm, ["No", "no", "NO"])
+        if set(self.yes.ids) & set(self.no.ids):
             raise ConfigError("validate: yes and no share a token in the weak model's tokenizer")
 
     def jobs(self, key: str, image: str, candidates: list[str]) -> list[Job]:
@@ -79,9 +117,7 @@ class YesNo:
     def scores(self, candidates: list[str], results: dict[Any, Any]) -> list[dict[str, Any]]:
         out = []
         for i in range(len(candidates)):
-            row = results[i][0]
-            p_yes, p_no = _mass(row, self.yes), _mass(row, self.no)
-            score = p_yes / (p_yes + p_no) if p_yes + p_no > 0 else 0.5
+            score, p_yes, p_no = two_way(self.yes, self.no, results[i][0], "yes/no")
             out.append({"score": score, "p_yes": p_yes, "p_no": p_no})
         return out
 
@@ -97,7 +133,12 @@ class Rating:
 
     name = "rating"
 
-    def __init__(self, lm: LoadedModel, cfg: ValidateConfig) -> None:
+    def __init__(self, lm: LoadedModel | None, cfg: ValidateConfig) -> None:
+        if lm is None:
+            raise ConfigError(
+                "validate.methods: rating reads each number's probability token by token, which needs the model "
+                "in this process (backend: local); through a server use yesno or pairwise"
+            )
         self.prompt = cfg.rating_prompt
         tok = lm.tokenizer
         probe = lm.processor.apply_chat_template(
@@ -157,10 +198,10 @@ class Pairwise:
 
     name = "pairwise"
 
-    def __init__(self, lm: LoadedModel, cfg: ValidateConfig) -> None:
+    def __init__(self, lm: LoadedModel | None, cfg: ValidateConfig) -> None:
         self.prompt = cfg.pairwise_prompt
-        self.a = answer_token_ids(lm, ["A"])
-        self.b = answer_token_ids(lm, ["B"])
+        self.a = answer_tokens(lm, ["A"])
+        self.b = answer_tokens(lm, ["B"])
 
     def jobs(self, key: str, image: str, candidates: list[str]) -> list[Job]:
         jobs = []
@@ -179,8 +220,7 @@ class Pairwise:
         n = len(candidates)
         p_first = {}  # P(the candidate shown as A is better), per ordered pair
         for (i, j), rows in results.items():
-            pa, pb = _mass(rows[0], self.a), _mass(rows[0], self.b)
-            p_first[(i, j)] = pa / (pa + pb) if pa + pb > 0 else 0.5
+            p_first[(i, j)] = two_way(self.a, self.b, rows[0], "pairwise")[0]
         out = []
         for i in range(n):
             wins = losses = inconsistent = 0

@@ -12,7 +12,7 @@ from capdpo.validation.methods import METHODS, Job
 class Validator:
     """The configured methods, combined by weighted mean."""
 
-    def __init__(self, lm: LoadedModel, cfg: ValidateConfig) -> None:
+    def __init__(self, lm: LoadedModel | None, cfg: ValidateConfig) -> None:
         self.methods = [METHODS[name](lm, cfg) for name in cfg.methods]
         weights = cfg.weights or [1.0] * len(cfg.methods)
         total = sum(weights)

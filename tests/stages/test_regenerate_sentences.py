@@ -140,7 +140,7 @@ def test_sentences_short_of_k_rewrites_are_asked_again_in_warmer_rounds(run_setu
 
     run_dir, config, _ = run_setup
     fake = ScriptedBackend()
-    monkeypatch.setitem(backends.BACKENDS, "local", lambda common, role, **options: fake)
+    monkeypatch.setitem(backends.BACKENDS, "local", lambda common, role, section, **options: fake)
     args = ["--config", str(config), "--k", "3", "--max_rounds", str(max_rounds), "--round_temperature_step", "0.5"]
     stats = variants.run(load_config("variants", args))
     records = read_jsonl(run_dir / "03_variants.jsonl")

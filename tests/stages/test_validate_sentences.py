@@ -9,7 +9,7 @@ from capdpo.models.loading import load_vlm
 from capdpo.sections import load_config
 from capdpo.stages import validate_sentences as validate
 from capdpo.validation.config import ValidateConfig
-from capdpo.validation.methods import Pairwise
+from capdpo.validation.methods import AnswerTokens, Pairwise
 from tests.helpers import kill_when, run_script
 from tests.pipeline import write_config, write_images_stage
 
@@ -104,7 +104,7 @@ def test_yesno_and_rating_scores_equal_independent_forward_passes(tmp_path, tiny
 
 def test_pairwise_counts_only_consistent_verdicts():
     method = Pairwise.__new__(Pairwise)
-    method.a, method.b = [0], [1]
+    method.a, method.b = AnswerTokens(("A",), [0]), AnswerTokens(("B",), [1])
 
     def rows(p_a):
         return torch.log(torch.tensor([[p_a, 1 - p_a, 1e-9]]))
