@@ -27,9 +27,25 @@ class JudgeConfig:
         "OPENAI_API_KEY",
     )
     judge_local: str = option("Local model folder or hub id used as the judge instead of an endpoint (text only).", "")
-    prompt: str = option("Judge prompt file (default: the benchmark's file in eval/prompts/).", "")
-    judge_temperature: float = option("Judge sampling temperature (0: greedy / deterministic).", 0.0)
-    judge_max_tokens: int = option("Token limit of one judge reply.", 1024)
+    prompt: str = option(
+        "Judge prompt file: the benchmark's own (MMHal-Bench's published template, LLaVA-Bench's rule.json, Object "
+        "HalBench's extraction prompt) or a capdpo prompt file (default: the benchmark's file in eval/prompts/).",
+        "",
+    )
+    protocol: str = option(
+        "published: the benchmark's own prompt file, message layout, temperature, reply parsing and rounding, so "
+        "every figure equals the published scripts'; capdpo: capdpo's stricter parsing (see the README). Empty: "
+        "published when the benchmark's own prompt file is given, else capdpo.",
+        "",
+    )
+    judge_temperature: float = option(
+        "Judge sampling temperature (-1: the protocol's: 0.2 for LLaVA-Bench's published protocol, else 0).", -1.0
+    )
+    judge_max_tokens: int = option(
+        "Token limit of one judge reply (0: none sent; -1: the protocol's: 1024, none for MMHal-Bench's published "
+        "protocol; a local judge without a limit gets 1024).",
+        -1,
+    )
     timeout: float = option("Seconds to wait for one HTTP reply before retrying.", 120.0)
     max_retries: int = option("Retries of one request on HTTP 429/5xx, timeouts and connection errors.", 6)
     backoff: float = option("First retry delay in seconds; doubled after every failure (capped at 60 s).", 2.0)
@@ -42,10 +58,25 @@ class JudgeConfig:
             raise ConfigError("judge_url / judge_local: give one judge, not both")
         if self.judge_url and not self.judge_url.startswith(("http://", "https://")):
             raise ConfigError(f"judge_url: '{self.judge_url}' must start with http:// or https://")
-        if self.judge_max_tokens < 1 or self.workers < 1 or self.judge_batch_size < 1 or self.max_retries < 0:
-            raise ConfigError("judge_max_tokens, workers, judge_batch_size must be >= 1 and max_retries >= 0")
-        if self.judge_temperature < 0 or self.timeout <= 0 or self.backoff < 0:
-            raise ConfigError("judge_temperature and backoff must be >= 0, timeout > 0")
+        if self.judge_max_tokens < -1 or self.workers < 1 or self.judge_batch_size < 1 or self.max_retries < 0:
+            raise ConfigError("judge_max_tokens >= -1, workers and judge_batch_size >= 1, max_retries >= 0")
+        if (self.judge_temperature < 0 and self.judge_temperature != -1) or self.timeout <= 0 or self.backoff < 0:
+            raise ConfigError("judge_temperature must be >= 0 (or -1: the protocol's), backoff >= 0, timeout > 0")
+        if self.protocol not in ("", "published", "capdpo"):
+            raise ConfigError(f"protocol: '{self.protocol}' is not one of published, capdpo")
+
+    def use_protocol(self, published_file: bool, published: tuple[float, int], capdpo: tuple[float, int]) -> str:
+        """Settle `protocol` (published when the benchmark's own prompt file is given) and fill the sampling
+        settings left at their defaults with the protocol's (temperature, max_tokens); max_tokens 0 sends no limit
+        (a local judge then gets 1024)."""
+        if not self.protocol:
+            self.protocol = "published" if published_file else "capdpo"
+        temperature, max_tokens = published if self.protocol == "published" else capdpo
+        if self.judge_temperature == -1:
+            self.judge_temperature = temperature
+        if self.judge_max_tokens == -1:
+            self.judge_max_tokens = max_tokens
+        return self.protocol
 
 
 @dataclass

@@ -89,6 +89,28 @@ class JudgePrompt:
         return hashlib.sha256(json.dumps([self.system, self.template]).encode("utf-8")).hexdigest()
 
 
+@dataclass
+class PublishedPrompt:
+    """A benchmark's own prompt file, kept byte for byte (no header, no stripping): the published protocols fill
+    it exactly as the benchmark's script does."""
+
+    path: Path
+    text: str
+
+    @classmethod
+    def load(cls, path: str | Path) -> PublishedPrompt:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"prompt: {path} not found")
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise ConfigError(f"prompt: {path} is empty")
+        return cls(path, text)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
 def default_prompt(name: str) -> Path:
     return PROMPTS_DIR / f"{name}_judge.txt"
 
@@ -138,12 +160,9 @@ class HttpJudge:
         """One chat completion; retries 429/5xx, timeouts and dropped connections, fails fast on other errors."""
         from capdpo.api import chat_text
 
-        body = {
-            "model": self.model,
-            "messages": messages,
-            "temperature": self.cfg.judge_temperature,
-            "max_tokens": self.cfg.judge_max_tokens,
-        }
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": self.cfg.judge_temperature}
+        if self.cfg.judge_max_tokens > 0:  # 0: no limit sent (MMHal-Bench's published request has none)
+            body["max_tokens"] = self.cfg.judge_max_tokens
         return self.client.post(self.path, body, chat_text)
 
     def complete_many(self, items: Sequence[JudgeItem]) -> Iterator[tuple[str, str]]:
@@ -205,7 +224,10 @@ class LocalJudge:
 
         if not items:
             return
-        gen = Generation(max_new_tokens=self.cfg.judge_max_tokens, temperature=self.cfg.judge_temperature)
+        gen = Generation(
+            max_new_tokens=self.cfg.judge_max_tokens if self.cfg.judge_max_tokens > 0 else 1024,
+            temperature=self.cfg.judge_temperature,
+        )
         requests = [
             Request(
                 key=item.question_id,

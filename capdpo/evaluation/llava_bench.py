@@ -8,8 +8,18 @@
 As published, the judge sees the image's text context, the question, the reference answer (assistant 1) and the
 model's answer (assistant 2), and scores both 1–10 on the first line of its reply. The relative score of a category
 is mean(model) / mean(reference) × 100 over the questions of that category (`conv`, `detail`, `complex`), and over
-all questions for the overall figure. Replies whose first line does not hold exactly two scores are counted as
-unparseable, listed in the metrics and left out of every mean.
+all questions for the overall figure.
+
+Two protocols (`--protocol`):
+- published (the default when `--prompt` is the benchmark's own `rule.json`, as in LLaVA's `llava/eval/table/`):
+  the rule of key `llava_bench_<category>` and the published message layout ([Context], [Question], [Assistant 1],
+  [End of Assistant 1], ..., [System] + the rule's prompt), the published system message, temperature 0.2 and
+  1024 tokens; a reply's scores are its first line with commas read as spaces, split on single spaces: exactly two
+  numbers, else [-1, -1], which stays in the means as published; each mean rounded to 3 decimals before the
+  relative score is taken (round(model / reference × 100, 1)), and the means reported ×10, rounded to 1 decimal.
+- capdpo: a capdpo prompt file (default `eval/prompts/llava_bench_judge.txt`, or a rule.json); the first line must
+  hold exactly two numbers in [0, 10] ("8 7", "8, 7", "**8 7**", "8/10 7/10", "Assistant 1: 8, Assistant 2: 7");
+  other replies are counted as unparseable, listed in the metrics and left out of every mean; means unrounded.
 """
 
 from __future__ import annotations
@@ -27,13 +37,14 @@ from capdpo.evaluation.config import LlavaBenchConfig
 from capdpo.evaluation.judge import (
     JudgeItem,
     JudgePrompt,
+    PublishedPrompt,
     default_prompt,
     default_side_path,
     judge_items,
     make_judge,
     write_judged,
 )
-from capdpo.jsonl import read_jsonl, stable_id, write_jsonl
+from capdpo.jsonl import read_json, read_jsonl, stable_id, write_jsonl
 from capdpo.sections import load_config
 
 CATEGORIES = ("conv", "detail", "complex")
@@ -59,6 +70,79 @@ def parse_scores(reply: str) -> tuple[float, float] | None:
     if len(numbers) != 2 or not all(0 <= n <= 10 for n in numbers):
         return None
     return numbers[0], numbers[1]
+
+
+PUBLISHED_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
+
+
+def parse_scores_published(reply: str) -> tuple[float, float]:
+    """Published protocol: the first line, commas read as spaces, split on single spaces; exactly two numbers, else
+    (-1, -1) (kept in the means, as published)."""
+    parts = reply.split("\n")[0].replace(",", " ").split(" ")
+    if len(parts) != 2:
+        return -1.0, -1.0
+    try:
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        return -1.0, -1.0
+
+
+def _published_summary(pairs: list[tuple[float, float]]) -> dict[str, Any]:
+    ref = round(sum(p[0] for p in pairs) / len(pairs), 3)
+    model = round(sum(p[1] for p in pairs) / len(pairs), 3)
+    return {
+        "relative_score": round(model / ref * 100, 1) if ref else None,
+        "reference_score": round(ref * 10, 1),
+        "model_score": round(model * 10, 1),
+        "n_scored": len(pairs),
+    }
+
+
+def llava_metrics_published(categories: list[str], scores: list[tuple[float, float]]) -> dict[str, Any]:
+    """The published summary: per category and overall, means (malformed replies as -1, -1 included) rounded to 3
+    decimals, then relative = round(model / reference × 100, 1) and both means ×10 rounded to 1 decimal."""
+    order = [c for c in CATEGORIES if c in categories] + sorted({c for c in categories if c not in CATEGORIES})
+    per_category = {
+        c: {**_published_summary([s for cat, s in zip(categories, scores, strict=True) if cat == c]),
+            "n": categories.count(c)}
+        for c in order
+    }  # fmt: skip
+    return {
+        "benchmark": "llava_bench",
+        **_published_summary(scores),
+        "n": len(scores),
+        "unparseable": sum(s == (-1.0, -1.0) for s in scores),
+        "categories": per_category,
+    }
+
+
+def read_rules(prompt: PublishedPrompt) -> dict[str, dict[str, str]] | None:
+    """The rules of a rule.json prompt file (None when the file is a capdpo prompt file)."""
+    if prompt.path.suffix != ".json":
+        return None
+    rules = read_json(prompt.path)
+    if not isinstance(rules, dict) or not all(
+        isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("role"), str)
+        for r in rules.values()
+    ):
+        raise ConfigError(f"prompt: {prompt.path}: a rule file maps keys to objects with 'role' and 'prompt'")
+    return rules
+
+
+def published_messages(rules: dict[str, dict[str, str]], row: dict[str, Any], path: Path) -> list[dict[str, str]]:
+    """The published request of one question: the rule of `llava_bench_<category>` in the published layout."""
+    key = f"llava_bench_{row['category']}"
+    if key not in rules:
+        raise InputError(f"{path}: no rule '{key}' for question_id {row['question_id']} (category {row['category']})")
+    role, rule = rules[key]["role"], rules[key]["prompt"]
+    content = (
+        f"[Context]\n{row['context']}\n\n"
+        f"[Question]\n{row['question']}\n\n"
+        f"[{role} 1]\n{row['reference_answer']}\n\n[End of {role} 1]\n\n"
+        f"[{role} 2]\n{row['model_answer']}\n\n[End of {role} 2]\n\n"
+        f"[System]\n{rule}\n\n"
+    )
+    return [{"role": "system", "content": PUBLISHED_SYSTEM}, {"role": "user", "content": content}]
 
 
 def _relative(pairs: list[tuple[float, float]]) -> dict[str, Any]:
@@ -147,19 +231,40 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
     """Judge every question's reference and model answers; write metrics, reviews and cache."""
     sec: LlavaBenchConfig = cfg.section
     rows = load_inputs(sec)
-    prompt = JudgePrompt.load(sec.prompt or default_prompt("llava_bench"), PLACEHOLDERS)
-    items = [
-        JudgeItem(
-            str(r["question_id"]),
-            prompt.render(**{k: r[k] for k in PLACEHOLDERS if k != "category"}, category=r["category"]),
+    rules = read_rules(PublishedPrompt.load(sec.prompt)) if sec.prompt else None
+    protocol = sec.use_protocol(rules is not None, published=(0.2, 1024), capdpo=(0.0, 1024))
+    if protocol == "published" and rules is None:
+        raise ConfigError(
+            "llava_bench: --protocol published reads the benchmark's own rules; pass --prompt "
+            "llava/eval/table/rule.json (from the LLaVA repository)"
         )
-        for r in rows
-    ]
+    prompt: JudgePrompt | PublishedPrompt
+    if rules is not None:
+        prompt = PublishedPrompt.load(sec.prompt)
+        items = [JudgeItem(str(r["question_id"]), published_messages(rules, r, prompt.path)) for r in rows]
+    else:
+        prompt = JudgePrompt.load(sec.prompt or default_prompt("llava_bench"), PLACEHOLDERS)
+        items = [
+            JudgeItem(
+                str(r["question_id"]),
+                prompt.render(**{k: r[k] for k in PLACEHOLDERS if k != "category"}, category=r["category"]),
+            )
+            for r in rows
+        ]
     judge = make_judge(sec, cfg.common)
     result = judge_items(items, judge, sec.cache or default_side_path(sec.out, ".judge_cache.jsonl"))
 
-    scores = [parse_scores(result.replies[str(r["question_id"])]) for r in rows]
-    metrics = llava_metrics([r["category"] for r in rows], scores)
+    categories = [r["category"] for r in rows]
+    replies = [result.replies[str(r["question_id"])] for r in rows]
+    scores: list[tuple[float, float] | None]
+    if protocol == "published":
+        published = [parse_scores_published(reply) for reply in replies]
+        metrics = llava_metrics_published(categories, published)
+        scores = [None if s == (-1.0, -1.0) else s for s in published]
+    else:
+        scores = [parse_scores(reply) for reply in replies]
+        metrics = llava_metrics(categories, scores)
+    metrics["protocol"] = protocol
     metrics["unparseable_ids"] = [r["question_id"] for r, s in zip(rows, scores, strict=True) if s is None]
     reviews = (
         {
@@ -183,7 +288,8 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 def format_summary(metrics: dict[str, Any], source: str | Path) -> str:
     """Relative score, reference and model mean per category (as the published summary prints them)."""
     lines = [
-        f"LLaVA-Bench (In-the-Wild) — {source}",
+        f"LLaVA-Bench (In-the-Wild) — {source} (protocol {metrics.get('protocol', 'capdpo')}"
+        + ("; means ×10 as published)" if metrics.get("protocol") == "published" else ")"),
         "  category   relative  reference  model   n",
         f"  {'all':<9}  {_fmt(metrics['relative_score']):>8}  {_fmt(metrics['reference_score'], 2):>9}  "
         f"{_fmt(metrics['model_score'], 2):>5}  {metrics['n_scored']}",

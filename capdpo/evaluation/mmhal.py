@@ -9,13 +9,21 @@ as `eval/answers.py --benchmark mmhal` writes it. `--out` gets the metrics JSON:
 rate overall and per question type; beside it `<stem>.reviews.jsonl` (every judge reply with its parsed rating)
 and `<stem>.judge_cache.jsonl` (replies reused by a rerun).
 
-A reply must hold exactly one rating ("Rating: N", N in 0–6). Others are counted as unparseable, listed in the
-metrics and left out of the averages (`--unparseable zero` scores them 0 instead, as the published script did).
+Two protocols (`--protocol`):
+- published (the default when `--prompt` is the benchmark's own template, the `template` string of LLaVA-RLHF's
+  `Eval/eval_gpt_mmhal.py` saved as a file, with its four positional `{}`): the template filled in order (image
+  contents joined by ", ", question, standard answer, model answer), sent as one user message at temperature 0
+  with no token limit; a reply's rating is the one N in 0–6 for which "rating: N" occurs in the lower-cased reply,
+  0 when none or several do; question types by position (i mod 8); figures rounded to 2 decimals as printed.
+- capdpo: a capdpo prompt file (default `eval/prompts/mmhal_judge.txt`); a reply must hold exactly one rating
+  ("Rating: N", "**Rating:** N", "Rating: 2."; not "Rating: 5.5"). Others are counted as unparseable, listed in the
+  metrics and left out of the averages (`--unparseable zero` scores them 0 instead).
 """
 
 from __future__ import annotations
 
 import re
+import string
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +36,7 @@ from capdpo.evaluation.config import MMHalConfig
 from capdpo.evaluation.judge import (
     JudgeItem,
     JudgePrompt,
+    PublishedPrompt,
     default_prompt,
     default_side_path,
     judge_items,
@@ -41,13 +50,29 @@ from capdpo.sections import load_config
 QUESTION_TYPES = ("attribute", "adversarial", "comparison", "counting", "relation", "environment", "holistic", "other")
 HALLUCINATION_BELOW = 3
 PLACEHOLDERS = ("image_content", "question", "gt_answer", "model_answer")
-_RATING = re.compile(r"rating\s*\**\s*[:：]\s*\**\s*([0-6])(?![0-9.])", re.IGNORECASE)
+_RATING = re.compile(r"rating\s*\**\s*[:：]\s*\**\s*([0-6])(?![0-9]|\.[0-9])", re.IGNORECASE)
 
 
 def parse_rating(reply: str) -> int | None:
-    """The 0–6 rating in a judge reply, or None when it holds none or several different ones."""
+    """capdpo protocol: the 0–6 rating in a judge reply, or None when it holds none or several different ones."""
     found = {int(m) for m in _RATING.findall(reply)}
     return found.pop() if len(found) == 1 else None
+
+
+def parse_rating_published(reply: str) -> int | None:
+    """Published protocol: the one N in 0–6 with "rating: N" in the lower-cased reply; None (scored 0) when no N or
+    several do. "Rating: 5.5" is 5, "Rating:6" and "**Rating:** 6" hold no rating."""
+    found = [n for n in range(7) if f"rating: {n}" in reply.lower()]
+    return found[0] if len(found) == 1 else None
+
+
+def published_template(prompt: PublishedPrompt) -> bool:
+    """Whether a prompt file is a published-style template: exactly four positional `{}` fields."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(prompt.text) if f is not None]
+    except ValueError as err:
+        raise ConfigError(f"prompt: {prompt.path}: not a format template ({err})") from None
+    return len(fields) == len(PLACEHOLDERS) and all(f == "" for f in fields)
 
 
 def question_type(record: dict[str, Any], index: int) -> str:
@@ -94,6 +119,37 @@ def mmhal_metrics(types: list[str], ratings: list[int | None], unparseable: str 
     }
 
 
+def mmhal_metrics_published(ratings: list[int | None]) -> dict[str, Any]:
+    """The published script's figures: unreadable replies score 0, types by position, means rounded to 2
+    decimals as printed (`exact` keeps the unrounded overall figures)."""
+    scores = [r if r is not None else 0 for r in ratings]
+    by_type: dict[str, list[int]] = {name: [] for name in QUESTION_TYPES}
+    for i, score in enumerate(scores):
+        by_type[QUESTION_TYPES[i % len(QUESTION_TYPES)]].append(score)
+    avg = sum(scores) / len(scores)
+    rate = sum(s < HALLUCINATION_BELOW for s in scores) / len(scores)
+    per_type = {
+        name: {
+            "avg_score": round(sum(v) / len(v), 2) if v else None,
+            "hallucination_rate": round(sum(s < HALLUCINATION_BELOW for s in v) / len(v), 2) if v else None,
+            "n_scored": len(v),
+            "n": len(v),
+        }
+        for name, v in by_type.items()
+    }
+    return {
+        "benchmark": "mmhal",
+        "avg_score": round(avg, 2),
+        "hallucination_rate": round(rate, 2),
+        "n_scored": len(scores),
+        "n": len(scores),
+        "unparseable": sum(r is None for r in ratings),
+        "unparseable_policy": "zero",
+        "question_types": per_type,
+        "exact": {"avg_score": avg, "hallucination_rate": rate},
+    }
+
+
 def read_answers(path: str | Path) -> list[dict[str, Any]]:
     """The answers file: a JSON list of question records, each with question, gt_answer and model_answer."""
     records = read_json(path)
@@ -111,11 +167,20 @@ def read_answers(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def judge_messages(prompt: JudgePrompt, record: dict[str, Any]) -> list[dict[str, str]]:
+def _image_content(record: dict[str, Any]) -> str:
     content = record.get("image_content", "")
-    content = ", ".join(map(str, content)) if isinstance(content, list) else str(content)
+    return ", ".join(map(str, content)) if isinstance(content, list) else str(content)
+
+
+def published_messages(prompt: PublishedPrompt, record: dict[str, Any]) -> list[dict[str, str]]:
+    """The published request: the template's four `{}` filled in order, one user message."""
+    text = prompt.text.format(_image_content(record), record["question"], record["gt_answer"], record["model_answer"])
+    return [{"role": "user", "content": text}]
+
+
+def judge_messages(prompt: JudgePrompt, record: dict[str, Any]) -> list[dict[str, str]]:
     return prompt.render(
-        image_content=content,
+        image_content=_image_content(record),
         question=record["question"],
         gt_answer=record["gt_answer"],
         model_answer=record["model_answer"],
@@ -130,14 +195,35 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
     records = read_answers(sec.answers)
     if len(records) != 96:
         print(f"note: {sec.answers} has {len(records)} questions (the full benchmark has 96)", file=sys.stderr)
-    prompt = JudgePrompt.load(sec.prompt or default_prompt("mmhal"), PLACEHOLDERS)
-    items = [JudgeItem(str(i), judge_messages(prompt, r)) for i, r in enumerate(records)]
+    published_file = False
+    if sec.prompt:
+        own = PublishedPrompt.load(sec.prompt)
+        published_file = published_template(own)
+    protocol = sec.use_protocol(published_file, published=(0.0, 0), capdpo=(0.0, 1024))
+    if protocol == "published" and not published_file:
+        raise ConfigError(
+            "mmhal: --protocol published fills the benchmark's own judge template; pass it with --prompt FILE (the "
+            "`template` string of LLaVA-RLHF's Eval/eval_gpt_mmhal.py, four positional {} placeholders)"
+        )
+    prompt: JudgePrompt | PublishedPrompt
+    if published_file:
+        prompt = own
+        items = [JudgeItem(str(i), published_messages(own, r)) for i, r in enumerate(records)]
+    else:
+        prompt = JudgePrompt.load(sec.prompt or default_prompt("mmhal"), PLACEHOLDERS)
+        items = [JudgeItem(str(i), judge_messages(prompt, r)) for i, r in enumerate(records)]
     judge = make_judge(sec, cfg.common)
     result = judge_items(items, judge, sec.cache or default_side_path(sec.out, ".judge_cache.jsonl"))
 
-    types = [question_type(r, i) for i, r in enumerate(records)]
-    ratings = [parse_rating(result.replies[str(i)]) for i in range(len(records))]
-    metrics = mmhal_metrics(types, ratings, sec.unparseable)
+    if protocol == "published":
+        types = [QUESTION_TYPES[i % len(QUESTION_TYPES)] for i in range(len(records))]
+        ratings = [parse_rating_published(result.replies[str(i)]) for i in range(len(records))]
+        metrics = mmhal_metrics_published(ratings)
+    else:
+        types = [question_type(r, i) for i, r in enumerate(records)]
+        ratings = [parse_rating(result.replies[str(i)]) for i in range(len(records))]
+        metrics = mmhal_metrics(types, ratings, sec.unparseable)
+    metrics["protocol"] = protocol
     metrics["unparseable_ids"] = [i for i, r in enumerate(ratings) if r is None]
     reviews = (
         {
@@ -145,7 +231,11 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
             "question_type": t,
             "image_id": r.get("image_id"),
             "rating": rating,
-            "hallucination": None if rating is None else rating < HALLUCINATION_BELOW,
+            "hallucination": (
+                (rating or 0) < HALLUCINATION_BELOW
+                if protocol == "published"
+                else (None if rating is None else rating < HALLUCINATION_BELOW)
+            ),
             "parsed": rating is not None,
             "reply": result.replies[str(i)],
         }

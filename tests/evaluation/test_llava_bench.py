@@ -112,3 +112,99 @@ def test_missing_answer_is_named(tmp_path: Path) -> None:
         from capdpo.sections import load_config
 
         run(load_config("llava_bench", argv))
+
+
+# ---- the published protocol --------------------------------------------------------------------------------
+RULES = Path(__file__).resolve().parents[2] / "../shared/data/judges/llava_bench_rule.json"
+# (category, judge reply): what the published parser and capdpo's read differs on the marked lines
+PUBLISHED_CASES = [
+    ("conv", "1 1\nBoth fine."),
+    ("conv", "1 1"),
+    ("conv", "2 3"),
+    ("detail", "8 7 \nA trailing space: three parts, [-1, -1] when published."),
+    ("detail", "Assistant 1: 8, Assistant 2: 7"),  # published: [-1, -1]
+    ("complex", "7.5 9"),
+    ("complex", "**8 7**"),  # published: float('**8') fails -> [-1, -1]
+]
+
+
+def write_published_inputs(tmp_path: Path) -> list[str]:
+    def jsonl(name: str, rows: list[dict]) -> str:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return str(path)
+
+    n = len(PUBLISHED_CASES)
+    return [
+        "--questions", jsonl("q.jsonl", [{"question_id": i, "image": f"{i}.jpg", "text": f"Q{i}?", "category": c}
+                                         for i, (c, _) in enumerate(PUBLISHED_CASES)]),
+        "--context", jsonl("ctx.jsonl", [{"image": f"{i}.jpg", "caption": [f"Line {i}.", "Second line."]}
+                                         for i in range(n)]),
+        "--reference", jsonl("ref.jsonl", [{"question_id": i, "text": f"Reference {i}."} for i in range(n)]),
+        "--answers", jsonl("ans.jsonl", [{"question_id": i, "text": f"[case={i}] Answer {i}."} for i in range(n)]),
+    ]  # fmt: skip
+
+
+def test_published_protocol_end_to_end(tmp_path: Path) -> None:
+    """rule.json prompts in the published layout, system message and temperature; the published first-line
+    parser keeping [-1, -1] in the means; means rounded to 3 decimals before the relative score."""
+    inputs = write_published_inputs(tmp_path)
+
+    def reply(user: str) -> str:
+        return PUBLISHED_CASES[int(re.search(r"\[case=(\d+)\]", user).group(1))][1]
+
+    out = tmp_path / "published.json"
+    with StubChatServer(reply) as server:
+        main([*inputs, "--out", str(out), "--judge_url", server.url, "--judge_model", "gpt-4-0314",
+              "--prompt", str(RULES)])  # fmt: skip
+        bodies = {json.dumps(r["body"]["messages"]): r["body"] for r in server.requests}
+    rule = json.loads(RULES.read_text())["llava_bench_detail"]
+    expected_user = (
+        "[Context]\nLine 3.\nSecond line.\n\n[Question]\nQ3?\n\n"
+        "[Assistant 1]\nReference 3.\n\n[End of Assistant 1]\n\n"
+        f"[Assistant 2]\n[case=3] Answer 3.\n\n[End of Assistant 2]\n\n[System]\n{rule['prompt']}\n\n"
+    )
+    messages = [
+        {
+            "role": "system",
+            "content": "You are a helpful and precise assistant for checking the quality of the answer.",
+        },
+        {"role": "user", "content": expected_user},
+    ]
+    body = bodies[json.dumps(messages)]
+    assert body["temperature"] == 0.2 and body["max_tokens"] == 1024
+    assert all(b["temperature"] == 0.2 for b in bodies.values())
+
+    m = json.loads(out.read_text())
+    assert m["protocol"] == "published" and m["unparseable"] == 3
+    # conv: means 4/3 -> 1.333 and 5/3 -> 1.667 before dividing: 125.1 (125.0 unrounded)
+    assert {k: m["categories"]["conv"][k] for k in ("relative_score", "reference_score", "model_score")} == {
+        "relative_score": 125.1, "reference_score": 13.3, "model_score": 16.7}  # fmt: skip
+    # detail: both replies malformed -> means -1 and -1
+    assert (m["categories"]["detail"]["relative_score"], m["categories"]["detail"]["reference_score"]) == (
+        100.0,
+        -10.0,
+    )
+    # complex: (7.5 - 1) / 2 = 3.25 and (9 - 1) / 2 = 4.0
+    assert [m["categories"]["complex"][k] for k in ("relative_score", "reference_score", "model_score")] == [
+        123.1, 32.5, 40.0]  # fmt: skip
+    # all: 8.5 / 7 -> 1.214, 11 / 7 -> 1.571; 1.571 / 1.214 -> 129.4
+    assert (m["relative_score"], m["reference_score"], m["model_score"]) == (129.4, 12.1, 15.7)
+
+    # capdpo's protocol on the same rules and replies (from the cache): every reply parses, means unrounded
+    strict = tmp_path / "capdpo.json"
+    main([*inputs, "--out", str(strict), "--judge_url", "http://127.0.0.1:9/v1", "--judge_model", "gpt-4-0314",
+          "--prompt", str(RULES), "--protocol", "capdpo", "--judge_temperature", "0.2", "--max_retries", "0",
+          "--cache", str(tmp_path / "published.judge_cache.jsonl")])  # fmt: skip
+    c = json.loads(strict.read_text())
+    assert c["unparseable"] == 0
+    assert c["categories"]["conv"]["relative_score"] == 125.0
+    assert c["categories"]["detail"]["relative_score"] == 87.5  # 7 / 8
+    assert c["categories"]["complex"]["relative_score"] == 103.2  # 8 / 7.75
+
+
+def test_published_protocol_needs_the_rules(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main([*write_published_inputs(tmp_path), "--out", str(tmp_path / "o.json"), "--judge_url",
+              "http://127.0.0.1:9/v1", "--judge_model", "x", "--protocol", "published"])  # fmt: skip
+    assert "rule.json" in capsys.readouterr().err

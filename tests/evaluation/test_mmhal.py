@@ -169,3 +169,96 @@ def test_cli_script_exit_code(tmp_path: Path) -> None:
     done = run_script("eval/mmhal.py", "--answers", str(ANSWERS), "--out", str(tmp_path / "m.json"))
     assert done.returncode == 2
     assert "error: judge: give --judge_url" in done.stderr
+
+
+# ---- the published protocol --------------------------------------------------------------------------------
+TEMPLATE = Path(__file__).resolve().parents[2] / "../shared/data/judges/mmhal_template.txt"
+# judge replies by question index, with what the published rule and capdpo's parser read in each
+PUBLISHED_CASES = [
+    ("Explanation.\nRating: 2.", 2, 2),
+    ("Rating: 5. The answer is good.", 5, 5),
+    ("**Rating:** 6", 0, 6),
+    ("Rating:6", 0, 6),
+    ("Rating: 5.5", 5, None),
+    ("The answer is fine. Rating: 3", 3, 3),
+    ("Rating: 1 ... on reflection Rating: 4", 0, None),
+    ("rating: 4\nRating: 4", 4, 4),
+    ("I cannot rate this.", 0, None),
+    ("Rating: 0", 0, 0),
+]
+
+
+def published_records(tmp_path: Path) -> Path:
+    records = [
+        {
+            "question_type": "other",  # ignored by the published protocol: types come from the position
+            "image_content": ["Cat", "Lynx"],
+            "question": f"How many cats? {{q{i}}}",
+            "gt_answer": "Two cats.",
+            "model_answer": f"[case={i}] There are {{two}} cats.",
+            "image_id": f"img{i}",
+        }
+        for i in range(len(PUBLISHED_CASES))
+    ]
+    path = tmp_path / "answers.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def case_reply(user_message: str) -> str:
+    return PUBLISHED_CASES[int(re.search(r"\[case=(\d+)\]", user_message).group(1))][0]
+
+
+@pytest.mark.parametrize("reply, published, capdpo", PUBLISHED_CASES)
+def test_published_and_capdpo_rating_rules(reply: str, published: int, capdpo: int | None) -> None:
+    from capdpo.evaluation.mmhal import parse_rating_published
+
+    assert (parse_rating_published(reply) or 0) == published
+    assert parse_rating(reply) == capdpo
+
+
+def test_published_protocol_end_to_end(tmp_path: Path) -> None:
+    """The benchmark's template filled positionally, one user message at temperature 0 with no token limit, the
+    published rating rule (unreadable = 0), types by position, figures rounded to 2 decimals as printed."""
+    answers = published_records(tmp_path)
+    out = tmp_path / "mmhal.json"
+    with StubChatServer(case_reply) as server:
+        main(["--answers", str(answers), "--out", str(out), "--judge_url", server.url, "--judge_model", "gpt-4-0314",
+              "--prompt", str(TEMPLATE)])  # fmt: skip
+        bodies = [r["body"] for r in server.requests]
+    metrics = json.loads(out.read_text())
+    assert metrics["protocol"] == "published"
+    template = TEMPLATE.read_text(encoding="utf-8")
+    first = next(b for b in bodies if "[case=0]" in b["messages"][0]["content"])
+    assert first["messages"] == [
+        {"role": "user", "content": template.format("Cat, Lynx", "How many cats? {q0}", "Two cats.",
+                                                    "[case=0] There are {two} cats.")}
+    ]  # fmt: skip
+    assert all(b["temperature"] == 0.0 and "max_tokens" not in b for b in bodies)
+    # scores [2, 5, 0, 0, 5, 3, 0, 4, 0, 0]: mean 19 / 10; below 3: questions 0, 2, 3, 6, 8, 9
+    assert metrics["avg_score"] == 1.9 and metrics["hallucination_rate"] == 0.6
+    assert metrics["unparseable"] == 4 and metrics["unparseable_ids"] == [2, 3, 6, 8]
+    per_type = {name: row["avg_score"] for name, row in metrics["question_types"].items()}
+    # position i mod 8: attribute = questions 0 and 8, adversarial = 1 and 9, then one question each
+    assert per_type == {"attribute": 1.0, "adversarial": 2.5, "comparison": 0.0, "counting": 0.0, "relation": 5.0,
+                        "environment": 3.0, "holistic": 0.0, "other": 4.0}  # fmt: skip
+
+    # the capdpo protocol on the same replies (from the cache): stricter parsing, unreadable replies left out
+    capdpo = tmp_path / "mmhal_capdpo.json"
+    main(["--answers", str(answers), "--out", str(capdpo), "--judge_url", "http://127.0.0.1:9/v1",
+          "--judge_model", "gpt-4-0314", "--prompt", str(TEMPLATE), "--protocol", "capdpo",
+          "--judge_temperature", "0", "--judge_max_tokens", "0", "--max_retries", "0",
+          "--cache", str(tmp_path / "mmhal.judge_cache.jsonl")])  # fmt: skip
+    strict = json.loads(capdpo.read_text())
+    # read: 2, 5, 6, 6, -, 3, -, 4, -, 0 -> 26 / 7; below 3: 2 and 0
+    assert strict["avg_score"] == round(26 / 7, 4) and strict["hallucination_rate"] == round(2 / 7, 4)
+    assert strict["unparseable_ids"] == [4, 6, 8]
+
+
+def test_published_protocol_needs_the_published_template(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    answers = published_records(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--answers", str(answers), "--out", str(tmp_path / "m.json"), "--judge_url", "http://127.0.0.1:9/v1",
+              "--judge_model", "x", "--protocol", "published"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "pass it with --prompt" in capsys.readouterr().err
