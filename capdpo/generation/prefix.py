@@ -58,7 +58,7 @@ def shared_prefix_length(ids: list[list[int]], continuations: list[int]) -> int:
     read) falls in its suffix."""
     shared = len(ids[0])
     for row in ids[1:]:
-        shared = next((i for i, (a, b) in enumerate(zip(ids[0], row)) if a != b), min(shared, len(row)))
+        shared = min(shared, next((i for i, (a, b) in enumerate(zip(ids[0], row)) if a != b), len(row)))
     return min(shared, min(len(row) - c for row, c in zip(ids, continuations)) - 1)
 
 

@@ -13,6 +13,8 @@ def test_shared_prefix_leaves_every_read_position_in_the_suffix():
     assert shared_prefix_length(ids, [0, 0, 0]) == 3
     assert shared_prefix_length(ids, [0, 0, 2]) == 3  # the third prompt ends at 4 tokens: read position 3
     assert shared_prefix_length([[1, 2, 3], [1, 2, 3]], [0, 0]) == 2
+    # a row that parts early from the first is not outvoted by a later row that parts late
+    assert shared_prefix_length([[1, 2, 3, 4, 5, 6], [1, 7, 3, 4, 5, 6], [1, 2, 3, 4, 9, 9]], [0, 0, 0]) == 1
 
 
 @pytest.mark.parametrize("arch", ["weak", "qwen3vl", "llava"])
