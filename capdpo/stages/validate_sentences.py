@@ -4,7 +4,8 @@
 
 Reads `03_variants.jsonl`, writes `04_scores.jsonl`: per sentence, the original and its variants as candidates
 with a score in [0, 1] (1 = accurate) and each method's raw numbers. Methods: `yesno` (default), `rating`,
-`pairwise`; several combine by weighted mean. Scores come from forward passes only: deterministic.
+`pairwise`, `claims` (atomic claims, each a yes/no question; decompositions cached in
+`04_scores.claims.jsonl`); several combine by weighted mean. Scores come from forward passes only: deterministic.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
     speed_only = {"batch_size", "shared_prefix", *(f.name for f in fields(BackendConfig))}
     if sec.backend == "local":
         speed_only.add("server_top_logprobs")
+    speed_only |= {"claims_base_url", "claims_key_env"}  # how the decomposer is reached (its id says which)
     settings = {k: v for k, v in asdict(sec).items() if k not in speed_only}
+    if "claims" not in sec.methods:  # runs without claims keep the record ids they always had
+        settings = {k: v for k, v in settings.items() if not k.startswith("claims_")}
     weak = model_id(sec, cfg.common, "weak")
     validator_info = {"model": weak, **settings}
     planned = {stable_id("validate", r.id, candidates_of(r), weak, settings): r for r in records}
@@ -76,14 +80,20 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
         return written
 
     if len(out.ids) < len(planned):
+        unfinished = [r for rid, r in planned.items() if rid not in out.ids]
+        decompositions = decompose_candidates(stage, cfg, unfinished) if "claims" in sec.methods else {}
         engine = open_backend(sec, cfg.common, "weak", shared_prefix=sec.shared_prefix)
         validator = Validator(getattr(engine, "lm", None), sec)
-        # a unit groups whole sentences until it holds about four batches of requests
+        for method in validator.methods:
+            if hasattr(method, "decompositions"):
+                method.decompositions = decompositions
+        # a unit groups whole sentences until it holds about four batches of requests (claims counted as four
+        # requests per candidate, so the plan never depends on what has been decomposed yet)
         units: list[list[str]] = [[]]
         size = 0
         for rid, record in planned.items():
             units[-1].append(rid)
-            size += len(validator.jobs(rid, record.image, candidates_of(record)))
+            size += validator.request_estimate(rid, record.image, candidates_of(record))
             if size >= 4 * sec.batch_size:
                 units.append([])
                 size = 0
@@ -110,6 +120,56 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
         f"variant beat it for {counts['variants_beat_original']}; mean best-worst gap {mean_gap:.3f}."
     )
     return stage.finish({**counts, "mean_gap": mean_gap}, summary)
+
+
+def decompose_candidates(stage: Stage, cfg: LoadedConfig, records: list[VariantRecord]) -> dict[str, Any]:
+    """Claims of every candidate of `records` (sentence -> claims), decomposed where the cache lacks them."""
+    import gc
+
+    from capdpo.run import shard
+    from capdpo.validation.claims import ClaimCache, Decomposer
+
+    sec = cfg.section
+    identity, opener = decomposer_of(sec, cfg.common)
+    decomposer = Decomposer(sec, identity, opener)
+    cache = ClaimCache(stage.run_dir, *shard())
+    sentences = {text for record in records for text in candidates_of(record)}
+    stage.counts["claims_decomposed"] += decomposer.fill(cache, sentences, sec.batch_size)
+    gc.collect()  # the decomposer model goes before the weak model loads
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
+    return {text: decomposer.claims_of(cache, text) for text in sentences}
+
+
+def decomposer_of(sec: Any, common: Any) -> tuple[str, Any]:
+    """(how records name the claim decomposer, a function opening its backend or None for the rules)."""
+    from capdpo.generation.backends import BACKENDS
+
+    name = sec.claims_decomposer
+    if name == "rules":
+        return "rules", None
+    if sec.claims_base_url:
+        from capdpo.generation.config import BackendConfig
+
+        server = BackendConfig(
+            backend="openai",
+            base_url=sec.claims_base_url,
+            server_model="" if name in ("strong", "weak") else name,
+            server_key_env=sec.claims_key_env,
+            max_concurrency=sec.max_concurrency,
+            request_timeout=sec.request_timeout,
+            max_retries=sec.max_retries,
+        )
+        role = name if name in ("strong", "weak") else "strong"
+        return model_id(server, common, role), lambda: BACKENDS["openai"](common, role, server)
+    if name in ("strong", "weak"):
+        return model_id(sec, common, name), lambda: open_backend(sec, common, name)
+    return name, lambda: BACKENDS["local"](common, "strong", sec, model=name)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,6 +34,34 @@ class ValidateConfig(BackendConfig):
         "Question for `pairwise`; {a} and {b} are the two candidates.",
         "Which sentence describes this image more accurately?\nA: {a}\nB: {b}\nAnswer A or B.",
     )
+    claims_prompt: str = option(
+        "Question for `claims`, asked once per claim; {question} is the claim's yes/no question.",
+        "{question} Answer yes or no.",
+    )
+    claims_combine: str = option(
+        "How `claims` combines a candidate's claim scores: min, mean, or false_count (1 / (1 + claims judged "
+        "false), RLAIF-V's count).",
+        "min",
+    )
+    claims_threshold: float = option("`claims`: a claim scoring below this is judged false (false_count).", 0.5)
+    claims_max: int = option("`claims`: at most this many claims per sentence (0: all).", 8)
+    claims_decomposer: str = option(
+        "Who splits sentences into claims: 'strong' (the run's strong model), 'weak', 'rules' (word lists, no "
+        "model), or a model path / hub id; a model's answer without a usable question falls back to the rules.",
+        "strong",
+    )
+    claims_base_url: str = option(
+        "`claims`: an OpenAI-compatible endpoint that decomposes instead of a local model (e.g. "
+        "http://127.0.0.1:8000/v1); claims_decomposer then names the served model.",
+        "",
+    )
+    claims_key_env: str = option("`claims`: environment variable holding that endpoint's API key.", "")
+    claims_decompose_prompt: str = option(
+        "Instruction for the claim decomposer; {sentence} is the candidate.",
+        "Split the following sentence into atomic claims: each object, count, attribute and relation it states. "
+        "Write each claim as a yes/no question about the image, one per line, nothing else.\nSentence: {sentence}",
+    )
+    claims_max_new_tokens: int = option("`claims`: token limit of the decomposer's answer.", 160)
     batch_size: int = option("Prompts per forward pass; halves on CUDA out-of-memory.", 32)
     shared_prefix: bool = option(
         "Run each image and the shared start of the instruction once, then score all its candidates' suffixes "
@@ -69,5 +97,19 @@ class ValidateConfig(BackendConfig):
                 raise ConfigError(f"validate.{name}: must contain {{sentence}}")
         if "{a}" not in self.pairwise_prompt or "{b}" not in self.pairwise_prompt:
             raise ConfigError("validate.pairwise_prompt: must contain {a} and {b}")
+        if self.claims_combine not in ("min", "mean", "false_count"):
+            raise ConfigError(f"validate.claims_combine: {self.claims_combine!r} — choose min, mean or false_count")
+        if "{question}" not in self.claims_prompt:
+            raise ConfigError("validate.claims_prompt: must contain {question}")
+        if "{sentence}" not in self.claims_decompose_prompt:
+            raise ConfigError("validate.claims_decompose_prompt: must contain {sentence}")
+        if not 0 < self.claims_threshold < 1:
+            raise ConfigError("validate.claims_threshold: must be between 0 and 1")
+        if self.claims_max < 0 or self.claims_max_new_tokens < 1:
+            raise ConfigError("validate.claims_max / claims_max_new_tokens: must be >= 0 / >= 1")
+        if not self.claims_decomposer:
+            raise ConfigError("validate.claims_decomposer: give strong, weak, rules or a model")
+        if self.claims_base_url and not self.claims_base_url.startswith(("http://", "https://")):
+            raise ConfigError("validate.claims_base_url: give the endpoint's http(s) URL")
         if self.batch_size < 1:
             raise ConfigError("validate.batch_size: must be >= 1")

@@ -241,4 +241,70 @@ class Pairwise:
         return out
 
 
-METHODS: dict[str, type] = {"yesno": YesNo, "rating": Rating, "pairwise": Pairwise}
+class Claims:
+    """Claim-level verification: each candidate's atomic claims (`capdpo.validation.claims`), each asked as a yes/no
+    question; the candidate's score combines the claims' P(yes) / (P(yes) + P(no)).
+
+    `claims_combine`: `min` (the least credible claim), `mean`, or `false_count`: 1 / (1 + the number of claims
+    judged false, P(yes) share < `claims_threshold`), RLAIF-V's count of rejected claims mapped into [0, 1].
+    The stage fills `decompositions` (sentence -> claims) before asking for jobs.
+    """
+
+    name = "claims"
+
+    def __init__(self, lm: LoadedModel | None, cfg: ValidateConfig) -> None:
+        self.prompt = cfg.claims_prompt
+        self.combine = cfg.claims_combine
+        self.threshold = cfg.claims_threshold
+        self.yes = answer_tokens(lm, ["Yes", "yes", "YES"])
+        self.no = answer_tokens(lm, ["No", "no", "NO"])
+        self.decompositions: dict[str, list[dict[str, str]]] = {}
+
+    def claims_of(self, candidate: str) -> list[dict[str, str]]:
+        if candidate not in self.decompositions:
+            raise InputError(f"validate: no claims for {candidate!r} (the stage decomposes candidates first)")
+        return self.decompositions[candidate]
+
+    def jobs(self, key: str, image: str, candidates: list[str]) -> list[Job]:
+        jobs = []
+        for i, candidate in enumerate(candidates):
+            for c, claim in enumerate(self.claims_of(candidate)):
+                text = self.prompt.replace("{question}", claim["question"])
+                jobs.append(
+                    Job(
+                        Request(key=f"{key}:claims:{i}:{c}", image=image, messages=[user_message(text)]),
+                        self.name,
+                        (i, c),
+                    )
+                )
+        return jobs
+
+    def scores(self, candidates: list[str], results: dict[Any, Any]) -> list[dict[str, Any]]:
+        out = []
+        for i, candidate in enumerate(candidates):
+            claims = []
+            for c, claim in enumerate(self.claims_of(candidate)):
+                score, p_yes, p_no = two_way(self.yes, self.no, results[(i, c)][0], "claims")
+                claims.append({**claim, "score": score, "p_yes": p_yes, "p_no": p_no})
+            out.append(
+                {**combine_claims([c["score"] for c in claims], self.combine, self.threshold), "claims": claims}
+            )
+        return out
+
+
+def combine_claims(scores: list[float], how: str, threshold: float = 0.5) -> dict[str, Any]:
+    """A candidate's score from its claims' scores: `min`, `mean` or `false_count` (1 / (1 + claims below
+    `threshold`)); also the number judged false."""
+    false = sum(s < threshold for s in scores)
+    if not scores:
+        return {"score": 0.5, "false_claims": 0}
+    if how == "min":
+        score = min(scores)
+    elif how == "mean":
+        score = sum(scores) / len(scores)
+    else:
+        score = 1.0 / (1.0 + false)
+    return {"score": score, "false_claims": false}
+
+
+METHODS: dict[str, type] = {"yesno": YesNo, "rating": Rating, "pairwise": Pairwise, "claims": Claims}

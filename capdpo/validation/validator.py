@@ -21,6 +21,14 @@ class Validator:
     def jobs(self, key: str, image: str, candidates: list[str]) -> list[Job]:
         return [job for method in self.methods for job in method.jobs(key, image, candidates)]
 
+    def request_estimate(self, key: str, image: str, candidates: list[str]) -> int:
+        """Requests the candidates will need, for planning work units: exact for every method but `claims` (four
+        per candidate, before anything is decomposed)."""
+        return sum(
+            4 * len(candidates) if hasattr(m, "decompositions") else len(m.jobs(key, image, candidates))
+            for m in self.methods
+        )
+
     def combine(
         self, candidates: list[str], jobs: list[Job], results: dict[str, Any]
     ) -> list[tuple[float, dict[str, Any]]]:
