@@ -130,6 +130,13 @@ class PairRecord(Record):
     split: str = "train"  # train / val
     assistant_prefix: str = ""  # sentence mode: the description before the sentence, part of the prompt
     meta: dict[str, Any] = field(default_factory=dict)
+    rejected_image: str = ""  # mdpo: the image the chosen answer must fit worse (none: a corruption of `image`)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if not self.rejected_image:  # records without one keep the fields they always had
+            del data["rejected_image"]
+        return data
 
 
 def pair_id(image_id: str, mode: str, prompt: str, assistant_prefix: str, chosen: str, rejected: str) -> str:

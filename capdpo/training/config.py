@@ -171,6 +171,23 @@ class DpoConfig(TrainingConfig):
         "'the validator found the chosen side accurate with probability >= 0.5'.",
         5.0,
     )
+    mdpo_conditional_weight: float = option(
+        "mdpo: weight of the conditional term (the chosen answer likelier with the true image than a corrupted one).",
+        1.0,
+    )
+    mdpo_anchor_weight: float = option(
+        "mdpo: weight of the anchor term (keeps the chosen reward above the anchor).", 1.0
+    )
+    mdpo_anchor: float = option("mdpo: the anchor delta (0: the chosen reward is kept positive).", 0.0)
+    mdpo_corruption: str = option(
+        "mdpo, for pairs without rejected_image: 'crop' (a random crop keeping a small share of the area, resized "
+        "back), 'mask' (most of an 8 x 8 grid filled with the mean colour) or 'noise' (Gaussian pixel noise).",
+        "crop",
+    )
+    mdpo_crop_keep: float = option("mdpo crop: the kept share of the area is uniform in [keep / 10, keep].", 0.2)
+    mdpo_mask_share: float = option("mdpo mask: share of the grid cells masked.", 0.8)
+    mdpo_noise_std: float = option("mdpo noise: standard deviation on pixels scaled to [0, 1].", 0.5)
+    mdpo_seed: int = option("mdpo: seed of the corruptions (each pair's is fixed by this and its id).", 0)
 
     # ---- reference and speed ---------------------------------------------------------------------------------
     precompute_ref: bool = option(
@@ -229,6 +246,20 @@ class DpoConfig(TrainingConfig):
         require(
             self.unidpo_gamma >= 0 and self.unidpo_nll_lambda >= 0,
             "train.unidpo_gamma / unidpo_nll_lambda",
+            "must be >= 0",
+        )
+        require(
+            "mdpo" not in self.loss_type or any(LOSSES[t].trl for t in self.loss_type),
+            "train.loss_type",
+            "mdpo adds to a preference loss: list it with one, e.g. [sigmoid, mdpo] (mDPO)",
+        )
+        require_choice("train.mdpo_corruption", self.mdpo_corruption, ("crop", "mask", "noise"))
+        require(0 < self.mdpo_crop_keep <= 1, "train.mdpo_crop_keep", "must be in (0, 1]")
+        require(0 < self.mdpo_mask_share <= 1, "train.mdpo_mask_share", "must be in (0, 1]")
+        require(self.mdpo_noise_std > 0, "train.mdpo_noise_std", "must be > 0")
+        require(
+            self.mdpo_conditional_weight >= 0 and self.mdpo_anchor_weight >= 0,
+            "train.mdpo_conditional_weight / mdpo_anchor_weight",
             "must be >= 0",
         )
         require_at_least("train", self, 1, ("ref_batch_size",))

@@ -180,6 +180,21 @@ class PairEncoder:
             chosen, rejected = chosen[:room], rejected[:room]
         return EncodedPair(prompt=dict(prompt), chosen_ids=chosen, rejected_ids=rejected, truncated=truncated)
 
+    def encode_corrupted(self, pair: PairRecord, encoded: EncodedPair, corruption: Any) -> dict[str, Any]:
+        """The image tensors of the pair's prompt with its corrupted image (`capdpo.training.conditional`); its
+        tokens must be the true prompt's (the corrupted image has the true image's size)."""
+        from capdpo.training.corruption import corrupted_image
+
+        prompt_text, _ = self.render(pair, pair.chosen)
+        image = corrupted_image(pair, load_image(pair.image), corruption)
+        prompt = self.processor(text=[prompt_text], images=[image], return_tensors="pt")
+        if not bool((prompt["input_ids"] == encoded.prompt["input_ids"]).all()):
+            raise InputError(
+                f"pairs: pair {pair.id}: its corrupted image gives other prompt tokens than its image; check "
+                "rejected_image and the processor's pixel limits"
+            )
+        return {k: v for k, v in prompt.items() if k not in SEQUENCE_KEYS and hasattr(v, "shape")}
+
 
 def _has_orientation(image: Any) -> bool:
     try:
@@ -202,12 +217,18 @@ class PairCollator:
     """
 
     def __init__(
-        self, encoder: PairEncoder, share_images: bool = True, reference: Any = None, ld_alpha: float | None = None
+        self,
+        encoder: PairEncoder,
+        share_images: bool = True,
+        reference: Any = None,
+        ld_alpha: float | None = None,
+        corruption: Any = None,
     ) -> None:
         self.encoder = encoder
         self.share_images = share_images
         self.reference = reference
         self.ld_alpha = ld_alpha
+        self.corruption = corruption  # mdpo: add each pair's corrupted image (`capdpo.training.conditional`)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -243,6 +264,12 @@ class PairCollator:
             batch[key] = images if self.share_images else torch.cat([images, images], dim=0)
         batch[EXTRA_PREFIX + "score_chosen"] = torch.tensor([p.score_chosen for p in pairs], dtype=torch.float32)
         batch[EXTRA_PREFIX + "score_rejected"] = torch.tensor([p.score_rejected for p in pairs], dtype=torch.float32)
+        if self.corruption is not None:
+            from capdpo.training.corruption import CORRUPT_PREFIX
+
+            corrupted = [self.encoder.encode_corrupted(p, e, self.corruption) for p, e in zip(pairs, encoded)]
+            for key in corrupted[0]:
+                batch[EXTRA_PREFIX + CORRUPT_PREFIX + key] = torch.cat([c[key] for c in corrupted], dim=0)
         if self.reference is not None:
             self._add_reference(batch, pairs, encoded)
         return batch
@@ -277,6 +304,12 @@ class PairCollator:
         batch[EXTRA_PREFIX + "ref_rejected_sum"] = torch.tensor(
             [v["rejected_sum"] for v in values], dtype=torch.float32
         )
+        if self.corruption is not None:
+            if any("corrupt_sum" not in v for v in values):
+                raise InputError(f"{self.reference.folder}: cached without the corrupted image's log-probs (mdpo)")
+            batch[EXTRA_PREFIX + "ref_corrupt_sum"] = torch.tensor(
+                [v["corrupt_sum"] for v in values], dtype=torch.float32
+            )
 
 
 PAIR_COLUMNS = (
@@ -290,6 +323,7 @@ PAIR_COLUMNS = (
     "assistant_prefix",
     "image_id",
     "mode",
+    "rejected_image",
 )
 
 

@@ -10,6 +10,7 @@ adapter trained here is composed with it into `06_train/policy_adapter/`.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -63,15 +64,48 @@ def reference_fingerprint(
         "max_length": settings.max_length,
         "chat_template": hashlib.sha256(str(template).encode()).hexdigest()[:16],
         **strong_adapter_key(common),
+        **({"conditional": asdict(corruption_of(settings))} if "mdpo" in settings.loss_type else {}),
     }
+
+
+def corruption_of(settings: DpoConfig) -> Any:
+    """The corruption recipe of the `mdpo` loss type's corrupted images."""
+    from capdpo.training.corruption import Corruption
+
+    return Corruption(
+        kind=settings.mdpo_corruption,
+        crop_keep=settings.mdpo_crop_keep,
+        mask_share=settings.mdpo_mask_share,
+        noise_std=settings.mdpo_noise_std,
+        seed=settings.mdpo_seed,
+    )
+
+
+def mdpo_params(settings: DpoConfig) -> Any:
+    """The `mdpo` loss type's constants, or None when it is not listed."""
+    from capdpo.training.conditional import MdpoParams
+
+    if "mdpo" not in settings.loss_type:
+        return None
+    weights = list(settings.loss_weights) or [1.0] * len(settings.loss_type)
+    return MdpoParams(
+        beta=settings.resolved_beta(),
+        conditional_weight=settings.mdpo_conditional_weight,
+        anchor_weight=settings.mdpo_anchor_weight,
+        anchor=settings.mdpo_anchor,
+        weight=weights[settings.loss_type.index("mdpo")],
+    )
 
 
 def dpo_loss_arguments(settings: DpoConfig) -> dict[str, Any]:
     """DPOConfig's loss arguments for our settings."""
+    # TRL computes every listed type but mdpo, whose terms capdpo's trainer adds
+    trl_types = [(t, w) for t, w in zip(settings.loss_type, settings.loss_weights or [None] * len(settings.loss_type))]
+    trl_types = [(t, w) for t, w in trl_types if t != "mdpo"]
     return dict(
         beta=settings.resolved_beta(),
-        loss_type=list(settings.loss_type),
-        loss_weights=list(settings.loss_weights) or None,
+        loss_type=[t for t, _ in trl_types],
+        loss_weights=[w for _, w in trl_types] if settings.loss_weights else None,
         label_smoothing=settings.label_smoothing,
         ld_alpha=settings.ld_alpha,
         use_weighting=settings.use_weighting,
@@ -127,7 +161,10 @@ def build_trainer(
     reference = None
     if settings.precompute_ref and reference_root is not None:
         reference = ReferenceCache(reference_root, fingerprint or {})
-    collator = PairCollator(encoder, settings.share_image_features, reference=reference, ld_alpha=settings.ld_alpha)
+    corruption = corruption_of(settings) if "mdpo" in settings.loss_type else None
+    collator = PairCollator(
+        encoder, settings.share_image_features, reference=reference, ld_alpha=settings.ld_alpha, corruption=corruption
+    )
     unidpo = UniDPOParams(
         beta=settings.resolved_beta(),
         eta=settings.unidpo_eta,
@@ -149,7 +186,8 @@ def build_trainer(
         unidpo=unidpo,
         score_range=(settings.unidpo_score_low, settings.unidpo_score_high),
         reference=reference,
-        reference_collator=PairCollator(encoder, settings.share_image_features),
+        reference_collator=PairCollator(encoder, settings.share_image_features, corruption=corruption),
+        mdpo=mdpo_params(settings),
         reference_batch_size=settings.ref_batch_size,
     )
 

@@ -20,6 +20,17 @@ Uni-DPO's own scale (see `map_scores`)::
 
 The last term (calibrated NLL) pulls the chosen completion back up where the policy has pushed it below the
 reference, for good chosen answers only. The formulas follow Uni-DPO's published trainer.
+
+## mDPO (`mdpo`)
+
+Added to the other listed loss types, from summed log-probs of the chosen answer with the true image (π_c, ref_c)
+and with a corrupted one (π_k, ref_k)::
+
+    conditional = −log σ(β · ((π_c − ref_c) − (π_k − ref_k)))
+    anchor      = −log σ(β · (π_c − ref_c) − δ)
+    loss        = w · (w_cond · conditional + w_anchor · anchor)
+
+(`capdpo.training.conditional` makes the corrupted image and runs its rows.)
 """
 
 from __future__ import annotations
@@ -59,6 +70,10 @@ LOSSES: dict[str, Loss] = {
     **{name: Loss(summary) for name, summary in _TRL.items()},
     "unidpo": Loss(
         "Uni-DPO: quality- and performance-weighted DPO with a calibrated NLL term", combines=False, trl=False
+    ),
+    "mdpo": Loss(
+        "mDPO's image-conditional term and anchor, added to the other listed loss ([sigmoid, mdpo] is mDPO)",
+        trl=False,
     ),
 }
 
@@ -112,3 +127,27 @@ def unidpo_loss(
     if params.nll_lambda > 0:
         losses = losses - params.nll_lambda * nll_active.detach() * policy_chosen
     return losses, {"w_qual": w_qual, "w_perf": w_perf, "nll_active": nll_active, "margin": margin}
+
+
+def mdpo_loss(
+    policy_chosen: Any, ref_chosen: Any, policy_corrupt: Any, ref_corrupt: Any, params: Any
+) -> tuple[Any, dict[str, Any]]:
+    """Per-pair mDPO terms (conditional + anchor, weighted) and their parts.
+
+    Args:
+        policy_chosen, ref_chosen: summed log-probs of the chosen answer with the true image, shape [B].
+        policy_corrupt, ref_corrupt: the same with the corrupted image.
+        params: `capdpo.training.conditional.MdpoParams` (beta, conditional_weight, anchor_weight, anchor δ,
+            weight).
+
+    Returns:
+        (losses [B], parts) where parts holds conditional, anchor and conditional_margin.
+    """
+    import torch.nn.functional as F
+
+    chosen_reward = policy_chosen - ref_chosen
+    margin = chosen_reward - (policy_corrupt - ref_corrupt)
+    conditional = -F.logsigmoid(params.beta * margin)
+    anchor = -F.logsigmoid(params.beta * chosen_reward - params.anchor)
+    losses = params.weight * (params.conditional_weight * conditional + params.anchor_weight * anchor)
+    return losses, {"conditional": conditional, "anchor": anchor, "conditional_margin": margin}

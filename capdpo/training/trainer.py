@@ -29,6 +29,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from capdpo.models.patches import use_grouped_vision_attention
+from capdpo.training.conditional import ConditionalTerm, MdpoParams
 from capdpo.training.data import EXTRA_PREFIX, PairCollator
 from capdpo.training.losses import LOSSES, UniDPOParams, map_scores, unidpo_loss
 from capdpo.training.reference import ReferenceCache
@@ -174,6 +175,7 @@ class CapdpoDPOTrainer(DPOTrainer):
         reference: the reference cache, or None to run the reference forward in every step.
         reference_collator: a `PairCollator` without reference columns, for the reference pass.
         reference_batch_size: pairs per forward in the reference pass.
+        mdpo: the `mdpo` loss type's constants (None: not listed); its terms are added to TRL's loss.
     """
 
     def __init__(
@@ -193,6 +195,7 @@ class CapdpoDPOTrainer(DPOTrainer):
         reference: ReferenceCache | None = None,
         reference_collator: PairCollator | None = None,
         reference_batch_size: int = 4,
+        mdpo: MdpoParams | None = None,
     ) -> None:
         full_finetune = peft_config is None and not _is_peft(model)
         guard = _no_reference_model_load() if (reference is not None and full_finetune) else contextlib.nullcontext()
@@ -207,8 +210,9 @@ class CapdpoDPOTrainer(DPOTrainer):
                 peft_config=peft_config,
                 callbacks=callbacks,
             )
-        own = [t for t in (loss_type or []) if not LOSSES[t].trl]
+        own = [t for t in (loss_type or []) if not LOSSES[t].trl and not LOSSES[t].combines]
         self.own_loss = own[0] if own else None  # a loss capdpo computes, not TRL (it stands alone: see LOSSES)
+        self.conditional = ConditionalTerm(mdpo) if mdpo is not None else None  # mdpo: added to TRL's loss
         self.unidpo_params = unidpo or UniDPOParams(beta=self.beta)
         self.score_range = score_range
         use_grouped_vision_attention()  # one SDPA call per window size, not per window (SDPA only; exact)
@@ -254,6 +258,11 @@ class CapdpoDPOTrainer(DPOTrainer):
             if self.own_loss is not None:
                 own_losses = {"unidpo": self._unidpo_loss}
                 return own_losses[self.own_loss](model, kwargs, extras, return_outputs)
+            if self.conditional is not None:
+                trl_loss = super()._compute_loss
+                return self.conditional.compute(
+                    self, model, kwargs, extras, lambda m, k: trl_loss(m, k, return_outputs)
+                )
             return super()._compute_loss(model, kwargs, return_outputs)
 
     # ---- log-probs --------------------------------------------------------------------------------------------
@@ -341,6 +350,8 @@ class CapdpoDPOTrainer(DPOTrainer):
                     batch = collator([examples[i] for i in (ids or filler)])
                     batch = self._prepare_inputs(batch)
                     values = self.reference_values(model, batch)
+                    if self.conditional is not None:  # mdpo: the chosen answer's sum with the corrupted image too
+                        self.conditional.add_reference(self, model, batch, values)
                     out.write({"id": i, **v} for i, v in zip(ids, values))
                     if self.accelerator.is_main_process and ((r + 1) % max(1, rounds // 4) == 0 or r == rounds - 1):
                         done = min((r + 1) * batch_size * state.num_processes, len(missing))
