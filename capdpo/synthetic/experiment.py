@@ -20,6 +20,10 @@ Configurations (one change each from `main` = weak model, yesno, context pairs, 
   unfiltered         stage 5 without the chosen-score filter (min_chosen_score 0)
   unfiltered_shuffled  the shuffled control of `unfiltered`
   unfiltered_rpo     `unfiltered` with the `rpo` loss
+  claims             stage 4 method: claim-level yes/no (rule-based decomposition), the least credible claim counts
+  claims_false_count `claims` scored by the number of claims judged false (RLAIF-V)
+  mdpo               stage 6 loss: sigmoid DPO plus mDPO's image-conditional term and anchor (random-crop images)
+  mdpo_shuffled      the shuffled control of `mdpo`
 
 Outputs in `--out`: `seed<N>/<config>/` (run directories with every stage's files), `seed<N>/eval/<config>/`
 (descriptions, answers, metrics), `results.json` (every number), `results.md` (mean ± std over seeds, pair
@@ -58,6 +62,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "unfiltered": {"pairs": {"min_chosen_score": 0.0}},
     "unfiltered_shuffled": {"pairs": {"min_chosen_score": 0.0}, "shuffle": True},
     "unfiltered_rpo": {"pairs": {"min_chosen_score": 0.0}, "train": _RPO_LOSS},
+    # the tiny strong model only describes and rewrites, so the word-list rules split sentences into claims
+    "claims": {"validate": {"methods": ["claims"], "claims_decomposer": "rules"}},
+    "claims_false_count": {
+        "validate": {"methods": ["claims"], "claims_decomposer": "rules", "claims_combine": "false_count"}
+    },
+    "mdpo": {"train": {"loss_type": ["sigmoid", "mdpo"]}},
+    "mdpo_shuffled": {"train": {"loss_type": ["sigmoid", "mdpo"]}, "shuffle": True},
 }
 # Targets of the experiment (issue 7): after one round, CHAIR_i down by >= 30% relative with coverage down by no
 # more than 5 points, on every seed.
