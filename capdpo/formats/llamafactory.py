@@ -22,6 +22,8 @@ from capdpo.formats.rows import (
     image_path,
     pair_from_row,
     provenance_columns,
+    rejected_image_columns,
+    rejected_image_of,
     single_image,
     without_image_tags,
 )
@@ -41,6 +43,7 @@ def row_of(pair: PairRecord, image_root: str | None = None) -> dict[str, Any]:
         "chosen": {"from": "gpt", "value": chosen},
         "rejected": {"from": "gpt", "value": rejected},
         "images": [image_path(pair.image, image_root)],
+        **rejected_image_columns(pair, image_root),
         **provenance_columns(pair),
     }
 
@@ -109,4 +112,5 @@ def pair_of(row: dict[str, Any], ctx: ImportContext) -> PairRecord:
         rejected=texts[1],
         prefix="",
         source="llamafactory",
+        rejected_image=rejected_image_of(row, ctx),
     )

@@ -174,6 +174,17 @@ def single_image(value: Any, ctx: ImportContext) -> str:
     return confined(image, ctx)
 
 
+def rejected_image_columns(pair: PairRecord, image_root: str | None) -> dict[str, Any]:
+    """`rejected_images` ([path], ms-swift's column) for a pair with a rejected image (mdpo); nothing otherwise."""
+    return {"rejected_images": [image_path(pair.rejected_image, image_root)]} if pair.rejected_image else {}
+
+
+def rejected_image_of(row: dict[str, Any], ctx: ImportContext) -> str:
+    """A row's rejected image (`rejected_images`, ms-swift's column, or `rejected_image`), or "" without one."""
+    value = row.get("rejected_images", row.get("rejected_image"))
+    return single_image(value, ctx) if value else ""
+
+
 def confined(path_value: str, ctx: ImportContext) -> str:
     """An image path a row names, resolved inside `ctx.image_root` (or an allowed root), as an absolute path."""
     found = resolve_inside(path_value, ctx.image_root, ctx.allowed_roots)
@@ -206,7 +217,15 @@ def _strip_prefix(completion: str, prefix: str, key: str) -> str:
 
 
 def pair_from_row(
-    row: dict[str, Any], *, image: str, prompt: str, chosen: str, rejected: str, prefix: str, source: str
+    row: dict[str, Any],
+    *,
+    image: str,
+    prompt: str,
+    chosen: str,
+    rejected: str,
+    prefix: str,
+    source: str,
+    rejected_image: str = "",
 ) -> PairRecord:
     """A pair from the parts a format holds, restoring capdpo's own columns when the row has them."""
     if all(key in row for key in PROVENANCE):  # written by capdpo: restore exactly
@@ -228,12 +247,15 @@ def pair_from_row(
             split=row["split"],
             assistant_prefix=prefix,
             meta=meta,
+            rejected_image=rejected_image,
         )
     has_scores = is_number(row.get("score_chosen")) and is_number(row.get("score_rejected"))
     scores = (float(row["score_chosen"]), float(row["score_rejected"])) if has_scores else None
-    return new_pair(
+    pair = new_pair(
         image, image_content_id(image), prompt, chosen, rejected, scores, {"imported_from": source}, prefix
     )
+    pair.rejected_image = rejected_image
+    return pair
 
 
 def new_pair(

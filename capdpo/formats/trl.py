@@ -1,7 +1,8 @@
 """TRL's conversational preference format for vision data (`trl_{split}.jsonl`).
 
 A row holds `images` ([path]), `prompt` ([user message: an image part + the prompt text]), `chosen` / `rejected`
-([assistant message]), plus capdpo's own columns (`capdpo.formats.rows`). It loads with
+([assistant message]), plus capdpo's own columns (`capdpo.formats.rows`), and `rejected_images` ([path], ms-swift's column) for a pair
+with a rejected image (the `mdpo` loss type's). It loads with
 `datasets.load_dataset("json", ...)` and goes straight into `trl.DPOTrainer` (its vision collator opens the image
 paths itself). On import, a prompt is one user message (optionally after a system message, which is dropped) and
 may end with an assistant message: that message becomes the pair's `assistant_prefix`.
@@ -22,6 +23,8 @@ from capdpo.formats.rows import (
     message_text,
     pair_from_row,
     provenance_columns,
+    rejected_image_columns,
+    rejected_image_of,
     single_image,
 )
 from capdpo.jsonl import write_jsonl
@@ -39,6 +42,7 @@ def row_of(pair: PairRecord, image_root: str | None = None) -> dict[str, Any]:
         "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": pair.prompt}]}],
         "chosen": [{"role": "assistant", "content": [{"type": "text", "text": chosen}]}],
         "rejected": [{"role": "assistant", "content": [{"type": "text", "text": rejected}]}],
+        **rejected_image_columns(pair, image_root),
         **provenance_columns(pair),
     }
 
@@ -88,4 +92,5 @@ def pair_of(row: dict[str, Any], ctx: ImportContext) -> PairRecord:
         rejected=_completion_text(field_of(row, "rejected"), "rejected"),
         prefix=prefix,
         source="trl",
+        rejected_image=rejected_image_of(row, ctx),
     )

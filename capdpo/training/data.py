@@ -361,6 +361,8 @@ def check_pairs(pairs: list[tuple[int, PairRecord]], encoder: PairEncoder, sourc
         seen.add(pair.id)
         if not Path(pair.image).is_file():
             raise InputError(f"{where}: pair {pair.id}: image {pair.image} not found")
+        if pair.rejected_image and not Path(pair.rejected_image).is_file():
+            raise InputError(f"{where}: pair {pair.id}: rejected_image {pair.rejected_image} not found")
         length = encoder.prompt_length(pair)
         encoder.check_fits(pair, length, where)
         _, chosen_text = encoder.render(pair, pair.chosen)

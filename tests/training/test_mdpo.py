@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-from PIL import Image
 
-from capdpo.errors import ConfigError
+from capdpo.errors import ConfigError, InputError
 from capdpo.images import load_image
 from capdpo.training.conditional import ConditionalTerm, MdpoParams, conditional_inputs
 from capdpo.training.config import DpoConfig
@@ -138,9 +137,14 @@ def test_mdpo_training_loss_with_cached_and_in_step_reference(
     assert precomputed._metrics["train"]["mdpo/conditional"], "the mDPO terms are logged"
 
 
-def test_rejected_image_is_optional_in_pair_records(sample_images) -> None:
+def test_rejected_image_is_optional_and_checked_before_training(sample_images, tiny_models, tmp_path) -> None:
+    from capdpo.models.loading import load_vlm
+    from capdpo.training.data import PairEncoder, check_pairs
+
     pair = _pairs(sample_images[0])[0]
     assert "rejected_image" not in pair.to_dict()
-    pair.rejected_image = "/x/y.png"
-    assert pair.to_dict()["rejected_image"] == "/x/y.png"
-    assert Image  # PIL is what the corruptions return
+    pair.rejected_image = str(tmp_path / "missing.png")
+    assert pair.to_dict()["rejected_image"] == pair.rejected_image
+    encoder = PairEncoder(load_vlm(str(tiny_models["strong"])).processor)
+    with pytest.raises(InputError, match=r"pairs.jsonl: record 1: pair ctx: rejected_image .*missing.png not found"):
+        check_pairs([(1, pair)], encoder, tmp_path / "pairs.jsonl")
