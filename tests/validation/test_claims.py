@@ -146,3 +146,27 @@ def test_claims_stage_resumes_after_a_crash_in_decomposition(tmp_path, tiny_mode
         for cand in record["candidates"]:
             got = [c["question"] for c in cand["details"]["claims"]["claims"]]
             assert got == [c["question"] for c in by_sentence[cand["text"]]]
+
+
+def test_decomposition_through_an_endpoint_equals_the_local_model(tmp_path, tiny_models, sample_images):
+    from tests.generation.model_server import ModelServer
+
+    raw = {}
+    for name in ("local", "served"):
+        run_dir = tmp_path / name
+        write_variants(run_dir, write_images_stage(run_dir, sample_images[:1]), per_image=1)
+        settings = {"methods": ["claims"], "claims_max_new_tokens": 12, "batch_size": 4}
+        if name == "local":
+            config = write_config(tmp_path / f"{name}.yaml", run_dir, tiny_models, validate=settings)
+            validate.run(load_config("validate", ["--config", str(config)]))
+        else:
+            with ModelServer(str(tiny_models["strong"])) as server:
+                settings.update(claims_base_url=server.url, claims_decomposer="strong")
+                config = write_config(tmp_path / f"{name}.yaml", run_dir, tiny_models, validate=settings)
+                validate.run(load_config("validate", ["--config", str(config)]))
+        cached = read_jsonl(run_dir / "04_scores.claims.jsonl")
+        raw[name] = {r["sentence"]: (r["raw"], r["claims"]) for r in cached}
+        assert len(cached) == 3
+    assert raw["served"] == raw["local"]  # greedy answers of the same model, the same claims
+    assert all(text for text, _ in raw["local"].values())
+    assert read_jsonl(tmp_path / "served" / "04_scores.claims.jsonl")[0]["decomposer"].startswith("openai:")
