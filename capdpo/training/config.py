@@ -200,6 +200,11 @@ class DpoConfig(TrainingConfig):
         "Encode each pair's image once and give the features to both completions (instead of once per completion).",
         True,
     )
+    share_prompt: bool = option(
+        "Run each pair's prompt once with both completions attending to it (one packed row per pair under a block "
+        "attention mask; sdpa/eager attention, Qwen2.5-VL, Qwen3-VL and LLaVA), instead of once per completion.",
+        True,
+    )
 
     # ---- input -------------------------------------------------------------------------------------------------
     pairs_file: str = option("Train on this pairs JSONL (05_pairs format) instead of <run_dir>/05_pairs.jsonl.", "")

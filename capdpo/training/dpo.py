@@ -189,6 +189,7 @@ def build_trainer(
         reference_collator=PairCollator(encoder, settings.share_image_features, corruption=corruption),
         mdpo=mdpo_params(settings),
         reference_batch_size=settings.ref_batch_size,
+        share_prompt=settings.share_prompt,
     )
 
 

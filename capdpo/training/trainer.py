@@ -10,6 +10,9 @@
    caches them by pair id (`capdpo.training.reference`), and training then reads them from the batch: no
    reference forward, no reference model in memory.
 3. **Uni-DPO**, which needs per-token averages and the pairs' quality scores (`capdpo.training.losses`).
+4. **One prompt per pair** (`share_prompt`): each pair's prompt runs once and both completions attend to it, in
+   one packed row under a block attention mask (`capdpo.training.packing`); the per-token log-probs come back in
+   the two-row layout, so every loss reads them unchanged.
 
 Every TRL loss type and loss-weight combination (MPO included) still runs through TRL's own `_compute_loss`;
 this class only prepares its inputs.
@@ -32,6 +35,7 @@ from capdpo.models.patches import use_grouped_vision_attention
 from capdpo.training.conditional import ConditionalTerm, MdpoParams
 from capdpo.training.data import EXTRA_PREFIX, PairCollator
 from capdpo.training.losses import LOSSES, UniDPOParams, map_scores, unidpo_loss
+from capdpo.training.packing import install_prompt_sharing, prompts_shared
 from capdpo.training.reference import ReferenceCache
 
 _NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
@@ -176,6 +180,7 @@ class CapdpoDPOTrainer(DPOTrainer):
         reference_collator: a `PairCollator` without reference columns, for the reference pass.
         reference_batch_size: pairs per forward in the reference pass.
         mdpo: the `mdpo` loss type's constants (None: not listed); its terms are added to TRL's loss.
+        share_prompt: run each pair's prompt once for both completions (`capdpo.training.packing`).
     """
 
     def __init__(
@@ -196,6 +201,7 @@ class CapdpoDPOTrainer(DPOTrainer):
         reference_collator: PairCollator | None = None,
         reference_batch_size: int = 4,
         mdpo: MdpoParams | None = None,
+        share_prompt: bool = True,
     ) -> None:
         full_finetune = peft_config is None and not _is_peft(model)
         guard = _no_reference_model_load() if (reference is not None and full_finetune) else contextlib.nullcontext()
@@ -223,6 +229,8 @@ class CapdpoDPOTrainer(DPOTrainer):
         data_collator.share_images = self.share_images
         if reference_collator is not None:
             reference_collator.share_images = self.share_images
+        # after DPOTrainer's constructor, which gives the model the fused LM head this wraps
+        self.share_prompt = share_prompt and install_prompt_sharing(hf_model(self.model), _SHARED_FLAG)
         self.reference = reference
         self.reference_seconds = 0.0
         self.reference_computed = 0
@@ -254,7 +262,7 @@ class CapdpoDPOTrainer(DPOTrainer):
     def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
         extras = {k[len(EXTRA_PREFIX) :]: v for k, v in inputs.items() if k.startswith(EXTRA_PREFIX)}
         kwargs = self._model_inputs(model, inputs)
-        with images_shared([model, self.ref_model], self.share_images):
+        with images_shared([model, self.ref_model], self.share_images), self._prompts_shared(model):
             if self.own_loss is not None:
                 own_losses = {"unidpo": self._unidpo_loss}
                 return own_losses[self.own_loss](model, kwargs, extras, return_outputs)
@@ -264,6 +272,9 @@ class CapdpoDPOTrainer(DPOTrainer):
                     self, model, kwargs, extras, lambda m, k: trl_loss(m, k, return_outputs)
                 )
             return super()._compute_loss(model, kwargs, return_outputs)
+
+    def _prompts_shared(self, model: Any) -> Any:
+        return prompts_shared([hf_model(model)], self.share_prompt)
 
     # ---- log-probs --------------------------------------------------------------------------------------------
     def completion_logps(self, model: Any, kwargs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
@@ -276,7 +287,7 @@ class CapdpoDPOTrainer(DPOTrainer):
         forward = {k: v for k, v in kwargs.items() if k not in _NON_MODEL_KEYS}
         forward["use_cache"] = False
         labels = kwargs["input_ids"].masked_fill(completion_mask == 0, -100)
-        with images_shared([model], self.share_images):
+        with images_shared([model], self.share_images), self._prompts_shared(model):
             out = model(**forward, labels=labels, fused_lm_head=True)
         mask = completion_mask[:, 1:]
         per_token = out.log_probs[:, -mask.size(1) :]

@@ -266,9 +266,15 @@ def test_precomputed_reference_gives_the_same_loss_and_gradients(
 @pytest.mark.parametrize("family", ["strong", "qwen3vl"])
 def test_each_image_is_encoded_once_per_pair(tiny_models, sample_images, tmp_path, family: str) -> None:
     pairs = _pairs(sample_images[2])
-    shared = _trainer(tiny_models[family], tmp_path / "shared", pairs, precompute_ref=True)
+    # two rows per pair (the packed step holds each image once anyway: tests/training/test_packing.py)
+    shared = _trainer(tiny_models[family], tmp_path / "shared", pairs, precompute_ref=True, share_prompt=False)
     repeated = _trainer(
-        tiny_models[family], tmp_path / "repeated", pairs, precompute_ref=True, share_image_features=False
+        tiny_models[family],
+        tmp_path / "repeated",
+        pairs,
+        precompute_ref=True,
+        share_image_features=False,
+        share_prompt=False,
     )
     assert shared.share_images and not repeated.share_images
     results = []
