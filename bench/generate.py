@@ -69,7 +69,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU: a smoke test of this script")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--images", type=int, default=512, help="images per measured configuration (per GPU)")
-    parser.add_argument("--baseline-batch", type=int, default=64)
+    parser.add_argument(
+        "--baseline-batches", type=int, nargs="+", default=[64], help="plain generate batch sizes to try"
+    )
     parser.add_argument(
         "--batches", type=int, nargs="+", default=[256, 512, 1024, 2048], help="capdpo batch sizes to try"
     )
@@ -97,7 +99,8 @@ def main() -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if args.tiny:
-        args.size, args.new_tokens, args.images, args.baseline_batch, args.batches = "tiny", 8, 8, 4, [4, 8]
+        args.size, args.new_tokens, args.images, args.batches = "tiny", 8, 8, [4, 8]
+        args.baseline_batches = [min(b, 4) for b in args.baseline_batches]
         args.prefill_rows = 4
         shapes = Shapes(image_side=56)
     else:
@@ -124,22 +127,25 @@ def main() -> None:
             torch.distributed.barrier()
 
     # -- baseline: plain generate, as a user runs it today ------------------------------------------------
-    if not args.skip_baseline:
-        b = args.baseline_batch
+    def plain(inputs: dict) -> None:
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=T, min_new_tokens=T, do_sample=False)
+
+    for i, b in enumerate([] if args.skip_baseline else args.baseline_batches):
         warm = batches_of(b, b, seed=1000)
-
-        def plain(inputs: dict) -> None:
-            with torch.inference_mode():
-                model.generate(**inputs, max_new_tokens=T, min_new_tokens=T, do_sample=False)
-
-        time_batches(plain, warm + warm, device)  # two full warm-up calls
-        data = batches_of(b, min(args.images, 4 * b), seed=0)  # >= 4 batches: the baseline's speed varies
+        time_batches(plain, warm + warm if i == 0 else warm, device)  # two full warm-up calls at first
+        data = batches_of(b, max(b, min(args.images, 4 * b)), seed=0)  # >= 4 batches where the images allow
         barrier()
         seconds = time_batches(plain, data, device)
         barrier()
         n = b * len(data) * world
         floor = floor_images_per_s(b, T, shapes, params, rates, kv_bytes) * world
-        result["baseline"] = {"batch": b, "images": n, "seconds": seconds, "images_per_s": n / seconds}
+        entry = {"batch": b, "images": n, "seconds": seconds, "images_per_s": n / seconds}
+        result.setdefault("baselines", []).append(entry)
+        if i == 0:
+            result["baseline"] = entry  # the first batch size (64): what a user runs by default
+        if entry["images_per_s"] > result.get("best_baseline", {}).get("images_per_s", 0.0):
+            result["best_baseline"] = entry
         rows.append(("transformers generate", str(b), str(n), f"{seconds:.2f}", f"{n / seconds:.2f}", f"{floor:.1f}",
                      f"{n / seconds / floor:.0%}"))  # fmt: skip
         del data, warm
@@ -227,12 +233,14 @@ def main() -> None:
             best = entry
     if best is not None and "baseline" in result:
         result["speedup"] = best["images_per_s"] / result["baseline"]["images_per_s"]
+        result["speedup_vs_best_baseline"] = best["images_per_s"] / result["best_baseline"]["images_per_s"]
         result["share_of_floor"] = best["images_per_s"] / best["floor_images_per_s"]
     if rank == 0:
         print(table(rows))
         if "speedup" in result:
-            print(f"\ncapdpo / baseline: {result['speedup']:.2f}x images/s (target >= 5x); "
-                  f"share of the physical floor: {result['share_of_floor']:.0%} (target >= 50%)")  # fmt: skip
+            print(f"\ncapdpo / baseline: {result['speedup']:.2f}x images/s at batch {result['baseline']['batch']}, "
+                  f"{result['speedup_vs_best_baseline']:.2f}x at its best batch {result['best_baseline']['batch']} "
+                  f"(target >= 4x); share of the physical floor: {result['share_of_floor']:.0%} (target >= 80%)")  # fmt: skip
         write_result(args.out, result)
     if world > 1:
         torch.distributed.destroy_process_group()

@@ -45,6 +45,11 @@ def load(path: Path) -> dict | None:
         return None
 
 
+def _percent(result: dict, key: str) -> str:
+    value = result.get(key)
+    return f"{value:.0%}" if isinstance(value, (int, float)) else "n/a"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tag", default="gpu", help="names the device in the result files, e.g. h200")
@@ -64,13 +69,17 @@ def main() -> None:
     if not args.multi_gpu:
         if "generate" in only:
             f = out / f"generate_{args.tag}.json"
-            run([py, "bench/generate.py", *tiny, "--sampled", "--out", str(f)], log)
+            sizes = ["--baseline-batches", "64", "256", "512", "--batches", "1024", "2048"] if not args.tiny else []
+            run([py, "bench/generate.py", *tiny, *sizes, "--out", str(f)], log)
             r = load(f)
             if r and "speedup" in r:
                 best = max(r["capdpo"], key=lambda e: e["images_per_s"])
-                rows.append(("captioning 7B, images/s", f"{r['baseline']['images_per_s']:.1f}",
-                             f"{best['images_per_s']:.1f} (batch {best['batch']})", f"{r['speedup']:.2f}x", ">= 5x"))  # fmt: skip
-                rows.append(("  share of physical floor", "", f"{r['share_of_floor']:.0%}", "", ">= 50%"))
+                rows.append(("captioning 7B, images/s", f"{r['baseline']['images_per_s']:.1f} (batch {r['baseline']['batch']})",
+                             f"{best['images_per_s']:.1f} (batch {best['batch']})", f"{r['speedup']:.2f}x", ""))  # fmt: skip
+                top = r["best_baseline"]
+                rows.append(("  vs generate at its best batch", f"{top['images_per_s']:.1f} (batch {top['batch']})",
+                             "", f"{r['speedup_vs_best_baseline']:.2f}x", ">= 4x"))  # fmt: skip
+                rows.append(("  share of physical floor", "", f"{r['share_of_floor']:.0%}", "", ">= 80%"))
         if "validate" in only:
             f = out / f"validate_{args.tag}.json"
             # 64 images and 640 suffixes per pass: the settings the README reports (16 images leave fixed costs)
@@ -79,21 +88,36 @@ def main() -> None:
             r = load(f)
             if r and "speedup" in r:
                 rows.append(("validation 3B, candidates/s", f"{r['baseline']['candidates_per_s']:.1f}",
-                             f"{r['capdpo_shared_prefix']['candidates_per_s']:.1f}", f"{r['speedup']:.1f}x", ">= 20x"))  # fmt: skip
+                             f"{r['capdpo_shared_prefix']['candidates_per_s']:.1f}", f"{r['speedup']:.1f}x", ">= 40x"))  # fmt: skip
+                if "share_of_floor" in r:
+                    rows.append(("  share of floor (measured matmul rate)", "", f"{r['share_of_floor']:.0%}", "",
+                                 ">= 50%"))  # fmt: skip
         if "train" in only:
             fb, fo = out / f"train_{args.tag}_trl.json", out / f"train_{args.tag}_capdpo.json"
+            fn = out / f"train_{args.tag}_capdpo_nogc.json"
             # one process through the launcher, as users run it (DeepSpeed expects a launcher's environment)
             launch = [] if args.tiny else ["accelerate", "launch", "--config_file", "configs/accelerate/zero2.yaml",
                                            "--num_processes", "1"]  # fmt: skip
             launch = launch or [py]
             run([*launch, "bench/train_gpu.py", *tiny, "--baseline", "--out", str(fb)], log)
             run([*launch, "bench/train_gpu.py", *tiny, "--out", str(fo)], log)
-            b, o = load(fb), load(fo)
+            run([*launch, "bench/train_gpu.py", *tiny, "--no-gradient-checkpointing", "--out", str(fn)], log)
+            b, o, n = load(fb), load(fo), load(fn)
             if b and o:
                 rows.append(("DPO 7B LoRA, pairs/s", f"{b['pairs_per_second']:.2f}", f"{o['pairs_per_second']:.2f}",
-                             f"{o['pairs_per_second'] / b['pairs_per_second']:.2f}x", ">= 4x"))  # fmt: skip
+                             f"{o['pairs_per_second'] / b['pairs_per_second']:.2f}x", ">= 10x"))  # fmt: skip
                 rows.append(("  peak memory, GiB", f"{b['peak_memory_gib']:.1f}", f"{o['peak_memory_gib']:.1f}",
                              f"{o['peak_memory_gib'] / max(b['peak_memory_gib'], 1e-9):.2f}x", "<= 1x"))  # fmt: skip
+                rows.append(("  MFU / share of floor", "", _percent(o, "mfu") + " / " + _percent(o, "share_of_floor"),
+                             "", ""))  # fmt: skip
+            if b and n:
+                rows.append(("DPO, recomputation off, pairs/s", f"{b['pairs_per_second']:.2f}",
+                             f"{n['pairs_per_second']:.2f}", f"{n['pairs_per_second'] / b['pairs_per_second']:.2f}x",
+                             ""))  # fmt: skip
+                rows.append(("  peak memory, GiB", f"{b['peak_memory_gib']:.1f}", f"{n['peak_memory_gib']:.1f}",
+                             f"{n['peak_memory_gib'] / max(b['peak_memory_gib'], 1e-9):.2f}x", ""))  # fmt: skip
+                rows.append(("  MFU / share of floor", "", _percent(n, "mfu") + " / " + _percent(n, "share_of_floor"),
+                             "", ""))  # fmt: skip
     else:
         import torch
 

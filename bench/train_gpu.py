@@ -113,6 +113,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-precompute", action="store_true", help="Stage 6 with the reference forward in every step.")
     p.add_argument(
+        "--no-share-prompt", action="store_true", help="Stage 6 with each pair's prompt run once per completion."
+    )
+    p.add_argument(
         "--no-gradient-checkpointing", action="store_true", help="Keep activations (faster, more memory); both modes."
     )
     p.add_argument("--seed", type=int, default=0)
@@ -270,6 +273,44 @@ def synthetic_pairs(
     }
 
 
+PEAK_BF16 = 989e12  # dense bf16 tensor-core peak of an H100 SXM and an H200 (FLOP/s)
+
+
+def _matmul_rate(cuda: bool) -> float:
+    """bf16 matmul rate measured on this card (FLOP/s), from an 8192^3 product."""
+    if not cuda:
+        return float("nan")
+    import torch
+
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    rate = 2 * n**3 * 20 / (time.perf_counter() - start)
+    del a, b
+    torch.cuda.empty_cache()
+    return rate
+
+
+def pair_flops(model: Any, shapes: dict[str, int]) -> float:
+    """Matmul FLOPs one pair needs in a LoRA step with a precomputed reference: the text layers forward and
+    backward to their inputs (4 per parameter and token) over the prompt once and both completions, the LM head
+    on the completion tokens, and the frozen vision tower's forward on the image's patches."""
+    backbone = model.model
+    layers = sum(p.numel() for p in backbone.language_model.layers.parameters())
+    vision = sum(p.numel() for p in backbone.visual.parameters())
+    head = model.get_output_embeddings().weight.numel()
+    prompt, completion = shapes["prompt_tokens"], shapes["completion_tokens"]
+    patches = shapes["image_tokens"] * 4
+    return float(4 * layers * (prompt + 2 * completion) + 4 * head * 2 * completion + 2 * vision * patches)
+
+
 def _timer_callback(warmup: int, cuda: bool, profile_step: int = 0, profile_out: Path | None = None) -> Any:
     """Times every optimizer step after `warmup`; with `profile_step`, records that step with torch.profiler and
     writes its operator table (sorted by device time) to `profile_out`."""
@@ -359,6 +400,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         save_steps=10**9,
         precompute_ref=not args.no_precompute,
         share_image_features=not args.no_share,
+        share_prompt=not args.no_share_prompt,
         dataloader_workers=2 if cuda else 0,
         ref_batch_size=micro,
         gradient_checkpointing=not args.no_gradient_checkpointing,
@@ -386,8 +428,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         work,
         args.seed,
     )
+    rates = _matmul_rate(cuda)
     built = time.perf_counter()
     model = build_model(processor, args.tiny, device, dtype)
+    flops_per_pair = pair_flops(model, shapes)
     build_seconds = time.perf_counter() - built
     name = "tiny Qwen2.5-VL (random)" if args.tiny else "Qwen2.5-VL-7B architecture (random bf16 weights)"
     lm = LoadedModel(
@@ -400,7 +444,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.baseline:
         trainer = _trl_baseline(settings, lm, pairs, dpo, timer)
-        reference_seconds, share, precomputed = 0.0, False, False
+        reference_seconds, share, precomputed, packed = 0.0, False, False, False
     else:
         trainer = build_trainer(
             settings,
@@ -412,10 +456,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             fingerprint={"bench": args.seed},
             callbacks=[timer],
         )
-        reference_seconds, share, precomputed = (
+        reference_seconds, share, precomputed, packed = (
             trainer.reference_seconds,
             trainer.share_images,
             trainer.reference is not None,
+            trainer.share_prompt,
         )
     from transformers import PrinterCallback
 
@@ -455,6 +500,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "gradient_checkpointing": not args.no_gradient_checkpointing,
         "share_image_features": share,
+        "share_prompt": packed,
         "precomputed_reference": precomputed,
         "reference_pass_seconds": round(reference_seconds, 3),
         "reference_pass_pairs": len(pairs) if precomputed else 0,
@@ -464,6 +510,15 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "step_seconds": [round(s, 4) for s in seconds],
         "pairs_per_second": round(pairs_per_step / mean, 4) if seconds else None,
         "peak_memory_gib": round(peak, 2),
+        # model FLOPs of a step's useful work (prompt once, both completions, frozen base: forward + input
+        # gradients, recomputation not counted) over the card's dense bf16 peak and over the matmul rate measured here
+        "flops_per_pair": flops_per_pair,
+        "peak_flops": PEAK_BF16,
+        "measured_matmul_flops": rates,
+        "mfu": round(flops_per_pair * pairs_per_step / mean / world / PEAK_BF16, 4) if seconds and cuda else None,
+        "share_of_floor": round(flops_per_pair * pairs_per_step / mean / world / rates, 4)
+        if seconds and cuda
+        else None,
         "losses": timer.losses,
         "train_wall_seconds": round(wall, 2),
         "command": [sys.executable, *sys.argv] if argv is None else ["bench/train_gpu.py", *argv],
@@ -476,7 +531,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             json.dumps(
                 {
                     k: result[k]
-                    for k in ("mode", "device", "gpus", "pairs_per_second", "peak_memory_gib", "step_seconds")
+                    for k in (
+                        "mode",
+                        "device",
+                        "gpus",
+                        "pairs_per_second",
+                        "peak_memory_gib",
+                        "mfu",
+                        "share_of_floor",
+                        "step_seconds",
+                    )
                 }
             )
         )
