@@ -6,6 +6,8 @@
         --images DATA/MMHal-Bench/images --out .../answers/mmhal.json
     python eval/answers.py --benchmark llava_bench --model ... --data DATA/llava-bench-in-the-wild/questions.jsonl \
         --images DATA/llava-bench-in-the-wild/images --out .../answers/llava_bench.jsonl
+    python eval/answers.py --benchmark pope --model ... --data DATA/POPE/output/coco --images DATA/coco/val2014 \
+        --out .../answers/pope.jsonl
     python eval/answers.py --benchmark coco --model ... --images DATA/coco/val2014 --num_images 500 \
         --data DATA/coco/annotations/instances_val2014.json --out .../answers/coco.json
 
@@ -20,6 +22,9 @@ and what `--out` gets:
   name of `image_src` (or from `image_path`). Output: the same list with `model_answer` filled in.
 * `llava_bench`: LLaVA-Bench's `questions.jsonl`; output JSONL with `question_id`, `prompt`, `text`, `answer_id`,
   `model_id`, `metadata`, as its review script reads them.
+* `pope`: POPE's `coco_pope_<split>.json` question files (`--data`: one file or the folder of all splits), yes/no
+  questions answered with the short token limit. Output JSONL with `question_id`, `split`, `image`, `prompt`,
+  `text` and `answer` (the same text, under the key POPE's own script reads), `model_id`.
 * `coco`: COCO images for CHAIR, from a COCO annotation file's `images` list (or every image in the folder, ids
   from the file names), optionally a seeded sample of `--num_images`. Output `[{"image_id", "caption"}]`.
 

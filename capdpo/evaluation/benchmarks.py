@@ -129,6 +129,23 @@ BENCHMARKS: dict[str, Benchmark] = {
             ),
         ),
     ),
+    "pope": Benchmark(
+        "POPE: yes/no object probing on COCO (random, popular, adversarial splits)",
+        "capdpo.evaluation.pope:pope_queries",
+        "capdpo.evaluation.pope:write_pope",
+        "eval/pope.py",
+        Report(
+            "pope",
+            "POPE (COCO)",
+            ("pope.json",),
+            (
+                Row("F1 (mean of splits)", (("mean", "f1"),), True, None),
+                Row("Accuracy (mean of splits)", (("mean", "accuracy"),), True, None),
+                Row("Precision (mean of splits)", (("mean", "precision"),), True, None),
+                Row("Recall (mean of splits)", (("mean", "recall"),), True, None),
+            ),
+        ),
+    ),
     "coco": Benchmark(
         "COCO captions scored with CHAIR",
         "capdpo.evaluation.chair:coco_queries",

@@ -89,8 +89,9 @@ class AnswersConfig(BackendConfig):
     model: str = option("Base model: hub id or local folder.", "")
     adapter: str = option("Trained PEFT adapter folder applied on top of the base model (empty: the base alone).", "")
     data: str = option(
-        "Queries: AMBER query_*.json, MMHal response_template.json, LLaVA-Bench questions.jsonl, or (coco, optional) "
-        "a COCO annotation json whose 'images' list names the images.",
+        "Queries: AMBER query_*.json, MMHal response_template.json, LLaVA-Bench questions.jsonl, POPE's "
+        "coco_pope_<split>.json or the folder of them, or (coco, optional) a COCO annotation json whose 'images' list "
+        "names the images.",
         "",
     )
     images: str = option("Folder holding the benchmark's images.", "")
