@@ -4,8 +4,14 @@
         --coco-instances COCO/annotations/instances_val2014.json \
         --coco-captions COCO/annotations/captions_val2014.json --out EVAL_DIR/chair.json
 
-Options (several annotation files, a critic score, per-caption details): `python eval/chair.py --help` and
-`capdpo/evaluation/chair.py`.
+With capdpo's VLM critic (a 0-100 score per caption from a judge that sees the image and the references; a local
+model, or an OpenAI-compatible endpoint with --critic_url URL --critic_model NAME):
+
+    python eval/chair.py ... --coco-images COCO/val2014 --critic vlm --critic-model MODELS/llava-critic-7b-hf \
+        --out EVAL_DIR/chair.json   # replies cached in EVAL_DIR/chair.critic_cache.jsonl
+
+Options (several annotation files, a critic score, per-caption details): `python eval/chair.py --help`,
+`capdpo/evaluation/chair.py` and `capdpo/evaluation/critic.py`.
 """
 
 import sys

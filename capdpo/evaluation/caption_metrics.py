@@ -5,8 +5,10 @@
   compare them only with other sacreBLEU figures.
 - ROUGE-L: Google's `rouge-score` F-measure of the longest common subsequence, the best reference per caption,
   averaged over captions.
-- Critic: a judge model rates every caption 0-100. capdpo's scorers do not build a judge; any function with the
-  `CaptionCritic` signature plugs in (`--critic package.module:function`, options from `--critic-config`).
+- Critic: a judge model rates every caption 0-100. capdpo's own is a VLM judge that sees the image and the reference
+  captions (`capdpo.evaluation.critic`: `--critic vlm`, default model LLaVA-Critic-7B, local or through an
+  OpenAI-compatible endpoint); any other function with the `CaptionCritic` signature plugs in the same way
+  (`--critic package.module:function`, options from `--critic-config`).
 """
 
 from __future__ import annotations
@@ -70,11 +72,24 @@ def text_metrics(captions: Sequence[str], references: Sequence[Sequence[str]]) -
     return metrics, per_caption
 
 
+BUILTIN_CRITIC = "capdpo.evaluation.critic:vlm_critic"
+CRITIC_NAMES = {"vlm": BUILTIN_CRITIC, "llava-critic": BUILTIN_CRITIC}  # --critic NAME for capdpo's own critic
+
+
+def critic_spec(spec: str) -> str:
+    """`package.module:function` of a critic given by that or by the name of a built-in (`CRITIC_NAMES`)."""
+    return CRITIC_NAMES.get(spec, spec)
+
+
 def load_critic(spec: str) -> CaptionCritic:
-    """Import a critic given as `package.module:function`."""
+    """Import a critic given as `package.module:function`, or a built-in by name (`vlm`, `llava-critic`)."""
+    spec = critic_spec(spec)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ConfigError(f"--critic: '{spec}' should look like package.module:function")
+        raise ConfigError(
+            f"--critic: '{spec}' should look like package.module:function, or name a built-in critic "
+            f"({', '.join(CRITIC_NAMES)})"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:

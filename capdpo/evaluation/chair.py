@@ -1,4 +1,5 @@
-"""CHAIR object hallucination for captions of COCO images, plus BLEU / ROUGE-L and an optional critic score.
+"""CHAIR object hallucination for captions of COCO images, plus BLEU / ROUGE-L and an optional critic score (capdpo's
+own VLM judge, `--critic vlm`, in `capdpo.evaluation.critic`, or any `CaptionCritic` function).
 
 CHAIR (Rohrbach et al., 2018) reads the COCO objects a caption mentions and checks them against the objects the
 image holds: those of its instance annotations plus those its reference captions mention.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import random
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -30,7 +31,15 @@ from typing import Any
 from capdpo.cli import parse_options
 from capdpo.errors import ConfigError, InputError
 from capdpo.evaluation.benchmarks import Query, need
-from capdpo.evaluation.caption_metrics import CriticRequest, critic_scores, load_critic, text_metrics
+from capdpo.evaluation.caption_metrics import (
+    BUILTIN_CRITIC,
+    CaptionCritic,
+    CriticRequest,
+    critic_scores,
+    critic_spec,
+    load_critic,
+    text_metrics,
+)
 from capdpo.evaluation.nltk_setup import require_nltk_data
 from capdpo.jsonl import read_json, read_jsonl, write_json, write_jsonl
 
@@ -162,12 +171,23 @@ def _image_id(record: dict[str, Any], where: str) -> int:
 
 
 def load_coco_ground_truth(
-    instances: list[str], captions: list[str], image_ids: set[int], synonyms: CocoSynonyms
+    instances: list[str],
+    captions: list[str],
+    image_ids: set[int],
+    synonyms: CocoSynonyms,
+    objects_of: Callable[[str], Iterable[str]] | None = None,
 ) -> CocoGroundTruth:
     """Objects per image from COCO instance annotations and from the reference captions' object words.
 
-    Several files of each kind may be given (e.g. train2014 and val2014); only `image_ids` are kept.
+    Several files of each kind may be given (e.g. train2014 and val2014); only `image_ids` are kept. `objects_of`
+    reads a reference caption's categories (default: CHAIR's reading, `caption_objects`).
     """
+
+    def chair_objects(text: str) -> Iterable[str]:
+        return (m.category for m in caption_objects(text, synonyms))
+
+    read_objects = objects_of or chair_objects
+
     truth = CocoGroundTruth(objects={i: set() for i in image_ids}, references={i: [] for i in image_ids})
     for path in instances:
         data = _annotation_file(path, "instances", ("categories", "annotations"))
@@ -209,7 +229,7 @@ def load_coco_ground_truth(
             if not isinstance(text, str):
                 raise InputError(f"{path}: annotations[{n}]: 'caption' should be a string")
             truth.references[image_id].append(text)
-            truth.objects[image_id].update(m.category for m in caption_objects(text, synonyms))
+            truth.objects[image_id].update(read_objects(text))
     return truth
 
 
@@ -431,9 +451,32 @@ class ChairArgs:
     no_text_metrics: bool = field(default=False, metadata={"help": "Skip BLEU / ROUGE-L."})
     critic: str = field(
         default="",
-        metadata={"help": "Optional judge: package.module:function rating each caption 0-100 (see caption_metrics)."},
+        metadata={
+            "help": "Optional judge rating each caption 0-100: 'vlm' (or 'llava-critic'), capdpo's VLM critic that "
+            "sees the image and the references (capdpo/evaluation/critic.py; needs --coco_images), or any "
+            "package.module:function (see caption_metrics)."
+        },
     )
-    critic_config: str = field(default="", metadata={"help": "JSON/YAML file of keyword options for the critic."})
+    critic_config: str = field(
+        default="", metadata={"help": "JSON/YAML file of keyword options for the critic (the flags below override)."}
+    )
+    critic_model: str = field(
+        default="",
+        metadata={
+            "help": "--critic vlm: the critic model, a local folder or hub id (default lmms-lab/llava-critic-7b, "
+            "which needs converting to the transformers format), or with --critic_url the served model's name."
+        },
+    )
+    critic_url: str = field(
+        default="",
+        metadata={
+            "help": "--critic vlm: OpenAI-compatible endpoint serving the critic, e.g. http://127.0.0.1:30000/v1."
+        },
+    )
+    critic_cache: str = field(
+        default="",
+        metadata={"help": "--critic vlm: reply cache (JSONL; default <out stem>.critic_cache.jsonl beside --out)."},
+    )
     coco_images: str = field(default="", metadata={"help": "COCO images folder, so the critic gets image paths."})
     nltk_data: str = field(default="", metadata={"help": "Folder with NLTK data, searched before $NLTK_DATA."})
 
@@ -471,10 +514,52 @@ def _critic_options(path: str) -> dict[str, Any]:
     return options
 
 
+_BUILTIN_FLAGS = ("critic_model", "critic_url", "critic_cache")
+
+
+def critic_setup(args: ChairArgs) -> tuple[CaptionCritic | None, dict[str, Any]]:
+    """The critic `--critic` names and its options (`--critic_config`, then the built-in critic's flags), checked
+    before anything is scored."""
+    given = [name for name in _BUILTIN_FLAGS if getattr(args, name)]
+    if not args.critic:
+        if given:
+            raise ConfigError(f"--{given[0]}: only with --critic vlm (the built-in critic)")
+        return None, {}
+    critic = load_critic(args.critic)
+    options = _critic_options(args.critic_config)
+    if critic_spec(args.critic) != BUILTIN_CRITIC:
+        if given:
+            raise ConfigError(
+                f"--{given[0]}: only for the built-in critic (--critic vlm); give {args.critic}'s options in "
+                "--critic_config"
+            )
+        return critic, options
+    if not args.coco_images:
+        raise ConfigError(f"--critic {args.critic}: the critic looks at the images; pass --coco_images FOLDER")
+    if args.critic_url:
+        options["critic_url"] = args.critic_url
+    if args.critic_model:
+        options["critic_model" if options.get("critic_url") else "model"] = args.critic_model
+    if args.critic_cache:
+        options["cache"] = args.critic_cache
+    elif not options.get("cache"):
+        if not args.out:
+            raise ConfigError(
+                f"--critic {args.critic}: pass --critic_cache FILE for the critic's replies (or --out, which puts "
+                "the cache beside it)"
+            )
+        from capdpo.evaluation.judge import default_side_path
+
+        options["cache"] = str(default_side_path(args.out, ".critic_cache.jsonl"))
+    from capdpo.evaluation.critic import critic_options
+
+    critic_options(options, args.critic_config or f"--critic {args.critic}")
+    return critic, options
+
+
 def evaluate(args: ChairArgs) -> dict[str, Any]:
     """Score a captions file; write `--out`/`--details`; return the figures."""
-    critic = load_critic(args.critic) if args.critic else None
-    options = _critic_options(args.critic_config)
+    critic, options = critic_setup(args)
     require_nltk_data(NLTK_PACKAGES, args.nltk_data or None)
     synonyms = CocoSynonyms.load(args.synonyms or None)
     captions = read_captions(args.captions, args.image_id_key, args.caption_key)

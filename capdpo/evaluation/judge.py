@@ -118,10 +118,12 @@ def default_prompt(name: str) -> Path:
 # ---- judges -----------------------------------------------------------------------------------------------
 @dataclass
 class JudgeItem:
-    """One question to judge: its id (as in the answers file) and the chat messages."""
+    """One question to judge: its id (as in the answers file), the chat messages and, for a judge that looks at
+    images, the image file shown with them (its content hash joins the cache key)."""
 
     question_id: str
     messages: list[dict[str, str]]
+    image: str | None = None
 
 
 class HttpJudge:
@@ -257,12 +259,27 @@ def make_judge(cfg: JudgeConfig, common: Any) -> HttpJudge | LocalJudge:
 
 
 # ---- cache and the judging loop ---------------------------------------------------------------------------
-def cache_key(identity: dict[str, Any], messages: list[dict[str, str]]) -> tuple[str, str]:
-    """(cache id, prompt sha256): the id hashes the judge identity with the exact prompt."""
+def cache_key(identity: dict[str, Any], messages: list[dict[str, str]], image_sha256: str = "") -> tuple[str, str]:
+    """(cache id, prompt sha256): the id hashes the judge identity with the exact prompt (and the image's sha256
+    when the judge sees one)."""
     from capdpo.jsonl import stable_id
 
     prompt_sha = hashlib.sha256(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
+    if image_sha256:
+        return stable_id("judge", identity, prompt_sha, image_sha256), prompt_sha
     return stable_id("judge", identity, prompt_sha), prompt_sha
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (an image shown to a judge)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as err:
+        raise InputError(f"{path}: cannot read the image ({err.strerror or err})") from None
+    return digest.hexdigest()
 
 
 @dataclass
@@ -277,8 +294,8 @@ class JudgeRun:
 def judge_items(items: Sequence[JudgeItem], judge: Any, cache_path: str | Path) -> JudgeRun:
     """Ask `judge` every item not yet in the cache; append each reply to the cache as it arrives.
 
-    The cache is keyed by (judge identity, prompt hash), so a changed prompt, answer or judge asks again while
-    an unchanged one costs nothing.
+    The cache is keyed by (judge identity, prompt hash, image hash if any), so a changed prompt, answer, image or
+    judge asks again while an unchanged one costs nothing.
     """
     from capdpo.jsonl import JsonlAppender, iter_jsonl
 
@@ -289,9 +306,12 @@ def judge_items(items: Sequence[JudgeItem], judge: Any, cache_path: str | Path) 
             if "id" not in record or not isinstance(record.get("reply"), str):
                 raise InputError(f"{cache_path}: not a judge cache (a record lacks 'id' or 'reply')")
             cached[record["id"]] = record["reply"]
-    keys = {}
+    keys, image_shas, images = {}, {}, {}
     for item in items:
-        keys[item.question_id] = cache_key(judge.identity, item.messages)
+        if item.image and item.image not in images:
+            images[item.image] = file_sha256(item.image)
+        image_shas[item.question_id] = images[item.image] if item.image else ""
+        keys[item.question_id] = cache_key(judge.identity, item.messages, image_shas[item.question_id])
     replies = {qid: cached[key] for qid, (key, _) in keys.items() if key in cached}
     todo = [item for item in items if item.question_id not in replies]
     if todo:
@@ -299,9 +319,10 @@ def judge_items(items: Sequence[JudgeItem], judge: Any, cache_path: str | Path) 
     with JsonlAppender(cache_path) as cache:
         for qid, reply in judge.complete_many(todo):
             key, prompt_sha = keys[qid]
-            cache.write(
-                [{"id": key, "question_id": qid, "judge": judge.identity, "prompt_sha256": prompt_sha, "reply": reply}]
-            )
+            record = {"id": key, "question_id": qid, "judge": judge.identity, "prompt_sha256": prompt_sha}
+            if image_shas[qid]:
+                record["image_sha256"] = image_shas[qid]
+            cache.write([{**record, "reply": reply}])
             replies[qid] = reply
     return JudgeRun(replies=replies, cached=len(items) - len(todo), requested=len(todo))
 
