@@ -72,6 +72,30 @@ def read_jsonl(path: str | Path, *, allow_torn_tail: bool = False) -> list[dict[
     return list(iter_jsonl(path, allow_torn_tail=allow_torn_tail))
 
 
+def foreign_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of a JSON-lines file written by another tool: CRLF line ends and a missing last newline
+    are fine (no torn-tail check, which only capdpo's own append-only files need)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise InputError(f"{path}:{number}: not valid JSON") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        records.append((number, record))
+    return records
+
+
 def repair_torn_tail(path: Path) -> int:
     """Cut an incomplete last line off a JSONL file; return the number of bytes removed."""
     if not path.exists():

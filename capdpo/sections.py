@@ -17,7 +17,7 @@ from typing import Any
 from capdpo.cli import parser_for, refuse_remaining
 from capdpo.config import COMMON_KEYS, CommonConfig, LoadedConfig, build, read_yaml
 from capdpo.errors import ConfigError
-from capdpo.evaluation.config import AnswersConfig, LlavaBenchConfig, MMHalConfig, ReportConfig
+from capdpo.evaluation.config import AnswersConfig, LlavaBenchConfig, MMHalConfig, ObjHalConfig, ReportConfig
 from capdpo.formats.config import InteropConfig
 from capdpo.generation.config import DescribeConfig, VariantsConfig
 from capdpo.images import set_limits
@@ -40,6 +40,7 @@ SECTIONS: dict[str, type] = {
     "answers": AnswersConfig,
     "mmhal": MMHalConfig,
     "llava_bench": LlavaBenchConfig,
+    "objhal": ObjHalConfig,
     "report": ReportConfig,
 }
 

@@ -25,6 +25,10 @@ and what `--out` gets:
 * `pope`: POPE's `coco_pope_<split>.json` question files (`--data`: one file or the folder of all splits), yes/no
   questions answered with the short token limit. Output JSONL with `question_id`, `split`, `image`, `prompt`,
   `text` and `answer` (the same text, under the key POPE's own script reads), `model_id`.
+* `objhal`: Object HalBench's question file (RLAIF-V's `obj_halbench_300_with_image.jsonl`: `question`, `image_id`
+  and the image as base64 `image`, written once by content to `<out stem>.images/`, or `image_path`; else
+  `--images` + the COCO val2014 file name). Output JSONL with `question_id` (line index), `image_id`, `prompt`,
+  `text`, `model_id`, the fields RLAIF-V's scorer reads.
 * `coco`: COCO images for CHAIR, from a COCO annotation file's `images` list (or every image in the folder, ids
   from the file names), optionally a seeded sample of `--num_images`. Output `[{"image_id", "caption"}]`.
 

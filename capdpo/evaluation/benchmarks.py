@@ -146,6 +146,22 @@ BENCHMARKS: dict[str, Benchmark] = {
             ),
         ),
     ),
+    "objhal": Benchmark(
+        "Object HalBench: 300 COCO descriptions, objects extracted by a judge and matched to COCO",
+        "capdpo.evaluation.objhal:objhal_queries",
+        "capdpo.evaluation.objhal:write_objhal",
+        "eval/objhal.py",
+        Report(
+            "objhal",
+            "Object HalBench",
+            ("objhal.json",),
+            (
+                Row("Response Hall", (("Response Hall",),), False, 2),
+                Row("Object Hall", (("Object Hall",),), False, 2),
+                Row("Object Recall", (("Object Recall",),), True, 2),
+            ),
+        ),
+    ),
     "coco": Benchmark(
         "COCO captions scored with CHAIR",
         "capdpo.evaluation.chair:coco_queries",

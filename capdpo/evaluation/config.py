@@ -151,6 +151,24 @@ class LlavaBenchConfig(JudgeConfig):
 
 
 @dataclass
+class ObjHalConfig(JudgeConfig):
+    """Object HalBench judging (`objhal:` section): object extraction by a judge, matched to COCO."""
+
+    answers: str = option(
+        "Answers JSONL (image_id, prompt, text), as eval/answers.py --benchmark objhal writes it.", ""
+    )
+    questions: str = option("The benchmark's question file, for answer files without image_id (matched by line).", "")
+    coco_annotations: list[str] = option(
+        "COCO instances_*.json and captions_*.json files (train2014 and val2014), or the annotations folder.",
+        factory=list,
+    )
+    synonyms: str = option("The benchmark's synonym list (RLAIF-V's eval/data/synonyms_refine.txt).", "")
+    spacy_model: str = option("spaCy pipeline for tags and lemmas (published: en_core_web_trf); empty: NLTK.", "")
+    nltk_data: str = option("Folder with NLTK data (punkt_tab, the tagger, WordNet), searched before $NLTK_DATA.", "")
+    out: str = option("Metrics JSON to write (reviews and judge cache go beside it).", "")
+
+
+@dataclass
 class ReportConfig:
     """Run comparison (`report:` section)."""
 

@@ -19,7 +19,6 @@ the same; every question must have exactly one answer.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from typing import Any
 from capdpo.cli import parse_options
 from capdpo.errors import InputError
 from capdpo.evaluation.benchmarks import Query, model_label, need
-from capdpo.jsonl import write_json, write_jsonl
+from capdpo.jsonl import foreign_jsonl, write_json, write_jsonl
 
 FIGURES = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 _SPLIT = re.compile(r"_pope_([A-Za-z0-9]+)$")
@@ -73,28 +72,6 @@ def confusion_metrics(predictions: list[bool], labels: list[bool]) -> dict[str, 
 
 
 # ---- question and answer files ----------------------------------------------------------------------------
-def json_lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) of a JSON-lines file written by any tool (CRLF and a missing last newline are fine)."""
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text") from None
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise InputError(f"{path}:{number}: not valid JSON") from None
-        if not isinstance(record, dict):
-            raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        records.append((number, record))
-    return records
-
-
 @dataclass
 class PopeQuestion:
     split: str
@@ -137,7 +114,7 @@ def read_questions(paths: list[str]) -> list[PopeQuestion]:
             raise InputError(f"{path}: split '{split}' is also given by {splits[split]}")
         splits[split] = path
         seen: set[Any] = set()
-        for number, q in json_lines(path):
+        for number, q in foreign_jsonl(path):
             where = f"{path}:{number}"
             if "question_id" not in q or not isinstance(q.get("image"), str) or not isinstance(q.get("text"), str):
                 raise InputError(f"{where}: a POPE question needs 'question_id', 'image' and 'text'")
@@ -159,7 +136,7 @@ def read_answers(path: str | Path, splits: list[str]) -> dict[tuple[str, str], t
     if not path.is_file():
         raise InputError(f"{path}: answer file not found")
     answers: dict[tuple[str, str], tuple[str, str]] = {}
-    for number, a in json_lines(path):
+    for number, a in foreign_jsonl(path):
         where = f"{path}:{number}"
         text = a.get("text", a.get("answer"))
         if "question_id" not in a or not isinstance(text, str):

@@ -11,6 +11,7 @@ Each `--runs` entry is `NAME=PATH` (or just `PATH`, named after its folder). PAT
     <eval_dir>/llava_bench.json  python eval/llava_bench.py ... --out <eval_dir>/llava_bench.json
     <eval_dir>/chair.json        python eval/chair.py ... --out <eval_dir>/chair.json
     <eval_dir>/pope.json         python eval/pope.py ... --out <eval_dir>/pope.json
+    <eval_dir>/objhal.json       python eval/objhal.py ... --out <eval_dir>/objhal.json
 
 or a single metrics file (its benchmark recognised from its keys or name). Missing files simply leave their rows
 empty. The first run is the baseline: every other run's cell shows its value, the change against the baseline

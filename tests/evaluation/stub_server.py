@@ -1,6 +1,6 @@
 """A local stand-in for an OpenAI-compatible chat-completions endpoint (threaded, 127.0.0.1, random port).
 
-Replies come from a function of the request's last user message, or from a queue of scripted failures that are
+Replies come from a function of the request's last user message (else its last message), or from a queue of scripted failures that are
 served first (`fail_next`). Every request's path, headers and body are recorded for the test to inspect.
 """
 
@@ -39,7 +39,11 @@ class StubChatServer:
                 if self.path != "/v1/chat/completions":
                     self._send(404, b'{"error": {"message": "unknown path"}}')
                     return
-                user = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
+                # the last user message (a system-only request, as Object HalBench's, gives its system message)
+                user = [m["content"] for m in body["messages"] if m["role"] == "user"] or [
+                    body["messages"][-1]["content"]
+                ]
+                user = user[-1]
                 payload = {
                     "id": f"chatcmpl-{len(stub.requests)}",
                     "object": "chat.completion",
