@@ -114,3 +114,24 @@ def test_fractions_get_three_decimals(tmp_path: Path) -> None:
     rows = table_rows((tmp_path / "r" / "report.md").read_text())
     assert rows[("CHAIR (COCO)", "CHAIR_s")] == ["↓", "0.480", "0.412 (-0.068 ✓)"]
     assert rows[("CHAIR (COCO)", "CHAIR_i")] == ["↓", "0.139", "0.100 (-0.039 ✓)"]
+
+
+def test_pope_and_object_halbench_rows(tmp_path: Path) -> None:
+    runs = {}
+    for name, f1, hall in (("base", 0.8512, 15.33), ("dpo", 0.8601, 9.67)):
+        folder = tmp_path / name
+        folder.mkdir()
+        pope = {"benchmark": "pope", "mean": {"f1": f1, "accuracy": 0.86, "precision": 0.9, "recall": 0.8},
+                "all": {"yes_ratio": 0.45}, "splits": {}}  # fmt: skip
+        (folder / "pope.json").write_text(json.dumps(pope))
+        objhal = {"benchmark": "objhal", "Response Hall": hall, "Object Hall": hall / 2, "Object Recall": 60.0}
+        (folder / "objhal.json").write_text(json.dumps(objhal))
+        runs[name] = folder
+    out = tmp_path / "report"
+    main(["--runs", *(f"{k}={v}" for k, v in runs.items()), "--out", str(out)])
+    markdown = (out / "report.md").read_text()
+    rows = table_rows(markdown)
+    assert rows[("POPE (COCO)", "F1 (mean of splits)")] == ["↑", "0.851", "0.860 (+0.009 ✓)"]
+    assert rows[("Object HalBench", "Response Hall")] == ["↓", "15.33", "9.67 (-5.66 ✓)"]
+    assert rows[("Object HalBench", "Object Recall")] == ["↑", "60.00", "60.00 (±0)"]
+    assert (out / "pope.png").is_file() and (out / "objhal.png").is_file()
