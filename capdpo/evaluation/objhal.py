@@ -349,6 +349,8 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
     missing = [p for p in ("{question}", "{answer}") if p not in prompt.text]
     if missing:
         raise ConfigError(f"objhal: {sec.prompt} lacks {' and '.join(missing)} (the extraction prompt fills both)")
+    if sec.protocol == "capdpo":
+        raise ConfigError("objhal: only the published protocol exists for Object HalBench; leave --protocol empty")
     sec.use_protocol(True, published=(0.0, 0), capdpo=(0.0, 0))
     tag = spacy_tagger(sec.spacy_model) if sec.spacy_model else nltk_tagger()
 

@@ -204,6 +204,8 @@ def test_bad_inputs_name_the_problem(bench: dict[str, Path], tmp_path: Path) -> 
         args = objhal_args(bench, "http://127.0.0.1:9/v1")
         args[args.index("--prompt") + 1] = str(d / "bad_prompt.txt")
         run(load_config("objhal", args))
+    with pytest.raises(ConfigError, match="only the published protocol"):
+        run(load_config("objhal", [*objhal_args(bench, "http://127.0.0.1:9/v1"), "--protocol", "capdpo"]))
     (d / "unknown.jsonl").write_text(json.dumps({"image_id": 999, "prompt": "q", "text": "a b c d e"}) + "\n")
     with pytest.raises(InputError, match="image 999"):
         args = objhal_args(bench, "http://127.0.0.1:9/v1")
