@@ -1,4 +1,4 @@
-"""TRL's DPOTrainer with the three things TRL 1.x lacks for vision DPO.
+"""TRL's DPOTrainer with what TRL 1.x lacks for vision DPO.
 
 1. **One image encoding per pair.** TRL's vision collator repeats each image for the chosen and the rejected row,
    so the vision tower runs twice per pair (four times with the reference). Here the collator passes each image
@@ -9,13 +9,15 @@
    them once with the adapter disabled (or, for full fine-tuning, from the weights before the first step),
    caches them by pair id (`capdpo.training.reference`), and training then reads them from the batch: no
    reference forward, no reference model in memory.
-3. **Uni-DPO**, which needs per-token averages and the pairs' quality scores (`capdpo.training.losses`).
+3. **Uni-DPO** and **mDPO**, capdpo's own losses (`capdpo.training.losses`): Uni-DPO needs per-token averages and
+   the pairs' quality scores and stands alone; mDPO adds its image-conditional term and anchor
+   (`capdpo.training.conditional`) to the listed TRL losses.
 4. **One prompt per pair** (`share_prompt`): each pair's prompt runs once and both completions attend to it, in
    one packed row under a block attention mask (`capdpo.training.packing`); the per-token log-probs come back in
    the two-row layout, so every loss reads them unchanged.
 
-Every TRL loss type and loss-weight combination (MPO included) still runs through TRL's own `_compute_loss`;
-this class only prepares its inputs.
+Every TRL loss type and loss-weight combination (MPO included) runs through TRL's own `_compute_loss`, for which
+this class only prepares the inputs; Uni-DPO replaces it, and mDPO adds its terms to its result.
 """
 
 from __future__ import annotations

@@ -200,7 +200,10 @@ def _kill_at_step(cmd: list[str], log: Path, step: int, err: Path, timeout: floa
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
-def test_killed_then_resumed_run_logs_the_same_losses(tiny_models, sample_images, tmp_path) -> None:
+@pytest.mark.parametrize(
+    "losses", [{}, {"loss_type": ["sigmoid", "mdpo"], "mdpo_corruption": "crop"}], ids=["dpo", "mdpo"]
+)
+def test_killed_then_resumed_run_logs_the_same_losses(tiny_models, sample_images, tmp_path, losses) -> None:
     from capdpo.sections import load_config
     from capdpo.training.dpo import run_dpo as run_training
 
@@ -208,7 +211,7 @@ def test_killed_then_resumed_run_logs_the_same_losses(tiny_models, sample_images
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for run_dir in (straight, resumed):
         write_pairs(run_dir, sample_images)
-    settings = {"max_steps": 4, "save_steps": 2, "gradient_accumulation_steps": 2}
+    settings = {"max_steps": 4, "save_steps": 2, "gradient_accumulation_steps": 2, **losses}
     run_training(
         load_config("train", ["--config", str(write_config(tmp_path / "a.yaml", straight, strong, **settings))])
     )
@@ -227,6 +230,7 @@ def test_killed_then_resumed_run_logs_the_same_losses(tiny_models, sample_images
     assert "resuming from" in rerun.stdout and "checkpoint-2" in rerun.stdout
     a, b = train_losses(straight), train_losses(resumed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert all(any(k.startswith("mdpo/") for k in r) == bool(losses) for r in [*a.values(), *b.values()])
     for step in a:
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5, abs=1e-6), step
         assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-4), step
