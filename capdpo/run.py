@@ -252,6 +252,14 @@ def shard() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def owned_units(units: list[list[Any]], record_ids: Any) -> list[list[Any]]:
+    """The units this process works on: all of them, or under `torchrun` those whose first id hashes to its rank."""
+    rank, world = shard()
+    if world == 1:
+        return units
+    return [u for u in units if int(stable_id(record_ids(u)[0]), 16) % world == rank]
+
+
 def run_units(
     units: list[list[Any]],
     out: JsonlAppender,
@@ -265,9 +273,7 @@ def run_units(
     exactly as an uninterrupted run would (same batch, same padding, same numbers); only records whose id is
     not yet in the output are written. Returns the number of records written.
     """
-    rank, world = shard()
-    if world > 1:  # each rank takes the units whose first id hashes to it
-        units = [u for u in units if int(stable_id(record_ids(u)[0]), 16) % world == rank]
+    units = owned_units(units, record_ids)
     total = sum(len(record_ids(u)) for u in units)
     done = sum(1 for u in units for rid in record_ids(u) if rid in out.ids)
     written = 0

@@ -19,7 +19,7 @@ from capdpo.generation.backends import model_id, open_backend
 from capdpo.generation.config import BackendConfig
 from capdpo.jsonl import iter_jsonl, stable_id
 from capdpo.records import Candidate, ScoreRecord, VariantRecord
-from capdpo.run import Stage, run_units
+from capdpo.run import Stage, owned_units, run_units
 from capdpo.sections import load_config
 from capdpo.validation.validator import Validator
 
@@ -79,14 +79,7 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
             )
         return written
 
-    if len(out.ids) < len(planned):
-        unfinished = [r for rid, r in planned.items() if rid not in out.ids]
-        decompositions = decompose_candidates(stage, cfg, unfinished) if "claims" in sec.methods else {}
-        engine = open_backend(sec, cfg.common, "weak", shared_prefix=sec.shared_prefix)
-        validator = Validator(getattr(engine, "lm", None), sec)
-        for method in validator.methods:
-            if hasattr(method, "decompositions"):
-                method.decompositions = decompositions
+    def plan(validator: Validator) -> list[list[str]]:
         # a unit groups whole sentences until it holds about four batches of requests (claims counted as four
         # requests per candidate, so the plan never depends on what has been decomposed yet)
         units: list[list[str]] = [[]]
@@ -97,7 +90,24 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
             if size >= 4 * sec.batch_size:
                 units.append([])
                 size = 0
-        run_units([u for u in units if u], out, lambda u: u, score, "validate")
+        return [u for u in units if u]
+
+    if len(out.ids) < len(planned):
+        decompositions = {}
+        if "claims" in sec.methods:  # decomposed before the weak model loads
+            if "rating" in sec.methods:  # rating's plan needs the weak model: every rank takes every unfinished one
+                todo = [r for rid, r in planned.items() if rid not in out.ids]
+            else:  # the sentences of this rank's unfinished units only
+                mine = owned_units(plan(Validator(None, sec)), lambda u: u)
+                todo = [planned[rid] for u in mine if not out.ids.issuperset(u) for rid in u]
+            decompositions = decompose_candidates(stage, cfg, todo)
+        engine = open_backend(sec, cfg.common, "weak", shared_prefix=sec.shared_prefix)
+        validator = Validator(getattr(engine, "lm", None), sec)
+        for method in validator.methods:
+            if hasattr(method, "decompositions"):
+                method.decompositions = decompositions
+        units = plan(validator)
+        run_units(units, out, lambda u: u, score, "validate")
         if hasattr(engine, "throughput"):  # a server: how fast it answered
             stage.counts["server"] = engine.throughput()
     out.close()

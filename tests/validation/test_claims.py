@@ -1,7 +1,7 @@
 import pytest
 
 from capdpo.generation.batching import Output
-from capdpo.jsonl import read_jsonl
+from capdpo.jsonl import read_jsonl, write_jsonl
 from capdpo.models.loading import load_vlm
 from capdpo.sections import load_config
 from capdpo.stages import validate_sentences as validate
@@ -170,3 +170,34 @@ def test_decomposition_through_an_endpoint_equals_the_local_model(tmp_path, tiny
     assert raw["served"] == raw["local"]  # greedy answers of the same model, the same claims
     assert all(text for text, _ in raw["local"].values())
     assert read_jsonl(tmp_path / "served" / "04_scores.claims.jsonl")[0]["decomposer"].startswith("openai:")
+
+
+def test_ranks_decompose_only_the_sentences_of_their_own_units(tmp_path, tiny_models, sample_images, monkeypatch):
+    """Under torchrun each rank decomposes the candidates of the units it scores, not every unfinished one."""
+    run_dir = tmp_path / "run"
+    records = write_variants(run_dir, write_images_stage(run_dir, sample_images), per_image=2)
+    for n, record in enumerate(records):  # every candidate sentence of its own
+        record.update(sentence=f"A red ball lies on floor {n}.", variants=[f"{n + 2} blue balls.", f"{n + 2} cats."])
+    write_jsonl(run_dir / "03_variants.jsonl", records)
+    config = write_config(
+        tmp_path / "run.yaml",
+        run_dir,
+        tiny_models,
+        validate={"methods": ["claims"], "batch_size": 1, "claims_decomposer": "rules"},
+    )
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    decomposed = {}
+    for rank in (1, 0):  # rank 0 merges once rank 1 is done
+        monkeypatch.setenv("RANK", str(rank))
+        validate.run(load_config("validate", ["--config", str(config)]))
+        cache = [r["sentence"] for r in read_jsonl(run_dir / f"04_scores.claims.rank{rank}.jsonl")]
+        assert len(cache) == len(set(cache))
+        decomposed[rank] = set(cache)
+        if rank == 1:
+            own = read_jsonl(run_dir / "04_scores.rank1.jsonl")
+            assert 0 < len(own) < len(sample_images) * 2
+            assert decomposed[1] == {c["text"] for r in own for c in r["candidates"]}
+    merged = read_jsonl(run_dir / "04_scores.jsonl")
+    assert len(merged) == len(records)
+    assert not decomposed[0] & decomposed[1]
+    assert decomposed[0] | decomposed[1] == {c["text"] for r in merged for c in r["candidates"]}
