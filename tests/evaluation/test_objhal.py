@@ -234,3 +234,19 @@ def test_answers_from_the_published_question_file(
     with pytest.raises(SystemExit):
         answers_main(["--benchmark", "objhal", "--model", str(tiny_models["strong"]), "--data", str(bad),
                       "--out", str(tmp_path / "b.jsonl")])  # fmt: skip
+
+
+def test_a_local_judge_extracts_objects(bench: dict[str, Path], tiny_models: dict[str, Path]) -> None:
+    """A local model as the judge (text only, the prompt as its system message); a random model's replies are
+    unreadable, counted and left out, and a rerun reads every reply from the cache."""
+    args = objhal_args(bench, "")
+    at = args.index("--judge_url")
+    del args[at : at + 4]  # no endpoint, no model name
+    args += ["--judge_local", str(tiny_models["strong"]), "--judge_max_tokens", "4", "--device", "cpu"]
+    main(args)
+    metrics = json.loads((bench["dir"] / "objhal.json").read_text())
+    assert metrics["judge"]["kind"] == "local" and metrics["cache"] == {"hits": 0, "requests": 5}
+    readable = 5 - metrics["unparseable"]
+    assert metrics["counts"]["answers"] == 1 + readable  # the short answer needs no reply
+    main(args)
+    assert json.loads((bench["dir"] / "objhal.json").read_text())["cache"] == {"hits": 5, "requests": 0}
