@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -339,7 +340,7 @@ class Prepared:
     length_stats: dict[str, int]
 
 
-class Recipe:
+class Recipe(ABC):
     """The parts of a fine-tuning run that differ between DPO and SFT (see `run_training`).
 
     Attributes set by the subclass: `cfg` (the loaded config), `settings` (its section), `tag` (the log prefix),
@@ -359,25 +360,25 @@ class Recipe:
     train_fields: tuple[tuple[str, str, str], ...] = ()
     signature_keys: tuple[str, str] = ("model", "data")
 
+    @abstractmethod
     def stage(self) -> Stage:
         """The bookkeeping files beside the output folder."""
-        raise NotImplementedError
 
+    @abstractmethod
     def prepare(self, processor: Any) -> Prepared:
         """Read and check the data before any model is loaded (one-line errors for bad input)."""
-        raise NotImplementedError
 
     def signature_extra(self) -> dict[str, Any]:
         """More of what the checkpoints are bound to (e.g. a merged-in adapter's hash)."""
         return {}
 
+    @abstractmethod
     def arguments(self, base: dict[str, Any]) -> Any:
         """The trainer's arguments object (TRL's DPOConfig / SFTConfig) from the shared `base` ones."""
-        raise NotImplementedError
 
+    @abstractmethod
     def trainer(self, lm: Any, data: Prepared, args: Any, callbacks: list[Any] | None) -> Any:
         """The trainer, model and data in place."""
-        raise NotImplementedError
 
     def after_save(self, trainer: Any, saved: Path) -> Path:
         """What to do with the saved adapter or model (main process); returns the trained policy's folder."""
@@ -389,9 +390,9 @@ class Recipe:
         """The recipe's own summary figures."""
         return {}
 
+    @abstractmethod
     def closing(self, summary: dict[str, Any], data: Prepared, saved: Path) -> tuple[dict[str, Any], str]:
         """(stats, one-paragraph summary text) for the stage's `finish`."""
-        raise NotImplementedError
 
 
 def run_training(recipe: Recipe) -> Outcome:
