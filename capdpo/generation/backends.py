@@ -34,20 +34,9 @@ def local(common: Any, role: str, section: Any = None, model: str = "", adapter:
     """The run's `strong` or `weak` model (or `model` + `adapter`) loaded in this process (`options`: the
     Engine's, e.g. prefill_rows)."""
     from capdpo.generation.engine import Engine
-    from capdpo.models.loading import load_role, load_vlm
+    from capdpo.models.loading import load_role, load_with_run_settings
 
-    if not model:
-        return Engine(load_role(common, role), **options)
-    lm = load_vlm(
-        model,
-        device=common.device,
-        dtype=common.dtype,
-        attn_implementation=common.attn_implementation,
-        min_pixels=common.min_pixels or None,
-        max_pixels=common.max_pixels or None,
-        trust_remote_code=common.trust_remote_code,
-        adapter=adapter or None,
-    )
+    lm = load_with_run_settings(common, model, adapter) if model else load_role(common, role)
     return Engine(lm, **options)
 
 

@@ -238,6 +238,11 @@ def load_role(common: Any, role: str) -> LoadedModel:
     """
     name = common.strong_model if role == "strong" else common.weak_model
     adapter = getattr(common, "strong_adapter", "") if role == "strong" else ""
+    return load_with_run_settings(common, name, adapter, field=f"{role}_model")
+
+
+def load_with_run_settings(common: Any, name: str, adapter: str = "", field: str = "model") -> LoadedModel:
+    """Load `name` (+ `adapter`) with the run's device, dtype, attention and pixel settings."""
     return load_vlm(
         name,
         device=common.device,
@@ -247,7 +252,7 @@ def load_role(common: Any, role: str) -> LoadedModel:
         max_pixels=common.max_pixels or None,
         trust_remote_code=common.trust_remote_code,
         adapter=adapter or None,
-        field=f"{role}_model",
+        field=field,
     )
 
 
