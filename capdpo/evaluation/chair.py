@@ -58,8 +58,9 @@ _ANIMALS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "
 _VEHICLES = ("jet", "train")
 
 
-def _double_words() -> dict[str, str]:
-    pairs = {name: name for name in _JOINED}
+def _qualified_names() -> dict[str, str]:
+    """Two-word names that stand for another name (also Object HalBench's)."""
+    pairs = {}
     for animal in _ANIMALS:
         pairs[f"baby {animal}"] = animal
         pairs[f"adult {animal}"] = animal
@@ -70,7 +71,8 @@ def _double_words() -> dict[str, str]:
     return pairs
 
 
-DOUBLE_WORDS = _double_words()
+QUALIFIED_NAMES = _qualified_names()
+DOUBLE_WORDS = {**{name: name for name in _JOINED}, **QUALIFIED_NAMES}
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from capdpo.cli import run_cli
 from capdpo.config import LoadedConfig
 from capdpo.errors import ConfigError, InputError
 from capdpo.evaluation.benchmarks import Query, model_label, need
-from capdpo.evaluation.chair import CocoSynonyms, annotation_files, load_coco_ground_truth
+from capdpo.evaluation.chair import QUALIFIED_NAMES, CocoSynonyms, annotation_files, load_coco_ground_truth
 from capdpo.evaluation.judge import (
     JudgeItem,
     PublishedPrompt,
@@ -61,7 +61,6 @@ from capdpo.sections import load_config
 EXPECTED_ANSWERS = 300
 SHORT_ANSWER_WORDS = 3  # answers of at most this many words are not sent to the judge
 NOUN_TAGS = ("NN", "NNS", "NNP", "NNPS")
-_ANIMALS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub")
 NLTK_RESOURCES = {
     "tokenizers/punkt_tab/english/": "punkt_tab",
     "taggers/averaged_perceptron_tagger_eng/": "averaged_perceptron_tagger_eng",
@@ -93,11 +92,7 @@ class ObjHalVocabulary:
             raise InputError(f"{path}: no categories")
         doubles = {w: w for w in category_of if len(w.strip().split(" ")) >= 2}
         doubles.update({"home plate": "home plate", "train track": "train track"})
-        for animal in _ANIMALS:
-            doubles[f"baby {animal}"] = animal
-            doubles[f"adult {animal}"] = animal
-        doubles.update({"passenger jet": "jet", "passenger train": "train"})
-        doubles.update({"bow tie": "tie", "toilet seat": "toilet", "wine glas": "wine glass"})
+        doubles.update(QUALIFIED_NAMES)  # baby / adult + animal, passenger + vehicle, bow tie, toilet seat, wine glas
         return cls(CocoSynonyms(category_of), doubles)
 
     def join_double_words(self, words: list[str], keep_single: bool) -> list[str]:
