@@ -98,14 +98,16 @@ def main() -> None:
         if "train" in only:
             fb, fo = out / f"train_{args.tag}_trl.json", out / f"train_{args.tag}_capdpo.json"
             fn = out / f"train_{args.tag}_capdpo_nogc.json"
+            fp = out / f"train_{args.tag}_capdpo_plain_kernels.json"
             # one process through the launcher, as users run it (DeepSpeed expects a launcher's environment)
             launch = [] if args.tiny else ["accelerate", "launch", "--config_file", "configs/accelerate/zero2.yaml",
                                            "--num_processes", "1"]  # fmt: skip
             launch = launch or [py]
             run([*launch, "bench/train_gpu.py", *tiny, "--baseline", "--out", str(fb)], log)
             run([*launch, "bench/train_gpu.py", *tiny, "--out", str(fo)], log)
+            run([*launch, "bench/train_gpu.py", *tiny, "--no-fused-kernels", "--out", str(fp)], log)
             run([*launch, "bench/train_gpu.py", *tiny, "--no-gradient-checkpointing", "--out", str(fn)], log)
-            b, o, n = load(fb), load(fo), load(fn)
+            b, o, n, k = load(fb), load(fo), load(fn), load(fp)
             if b and o:
                 rows.append(("DPO 7B LoRA, pairs/s", f"{b['pairs_per_second']:.2f}", f"{o['pairs_per_second']:.2f}",
                              f"{o['pairs_per_second'] / b['pairs_per_second']:.2f}x", ">= 10x"))  # fmt: skip
@@ -113,6 +115,10 @@ def main() -> None:
                              f"{o['peak_memory_gib'] / max(b['peak_memory_gib'], 1e-9):.2f}x", "<= 1x"))  # fmt: skip
                 rows.append(("  MFU / share of floor", "", _percent(o, "mfu") + " / " + _percent(o, "share_of_floor"),
                              "", ""))  # fmt: skip
+            if b and k:
+                rows.append(("DPO, fused kernels off, pairs/s", f"{b['pairs_per_second']:.2f}",
+                             f"{k['pairs_per_second']:.2f}", f"{k['pairs_per_second'] / b['pairs_per_second']:.2f}x",
+                             ""))  # fmt: skip
             if b and n:
                 rows.append(("DPO, recomputation off, pairs/s", f"{b['pairs_per_second']:.2f}",
                              f"{n['pairs_per_second']:.2f}", f"{n['pairs_per_second'] / b['pairs_per_second']:.2f}x",

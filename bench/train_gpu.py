@@ -116,6 +116,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-share-prompt", action="store_true", help="Stage 6 with each pair's prompt run once per completion."
     )
     p.add_argument(
+        "--no-fused-kernels", action="store_true", help="Stage 6 with PEFT's LoRA forward and the library's modules."
+    )
+    p.add_argument(
         "--no-gradient-checkpointing", action="store_true", help="Keep activations (faster, more memory); both modes."
     )
     p.add_argument("--seed", type=int, default=0)
@@ -401,6 +404,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         precompute_ref=not args.no_precompute,
         share_image_features=not args.no_share,
         share_prompt=not args.no_share_prompt,
+        fused_kernels=not args.no_fused_kernels,
         dataloader_workers=2 if cuda else 0,
         ref_batch_size=micro,
         gradient_checkpointing=not args.no_gradient_checkpointing,
@@ -444,7 +448,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.baseline:
         trainer = _trl_baseline(settings, lm, pairs, dpo, timer)
-        reference_seconds, share, precomputed, packed = 0.0, False, False, False
+        reference_seconds, share, precomputed, packed, tuned = 0.0, False, False, False, {}
     else:
         trainer = build_trainer(
             settings,
@@ -456,11 +460,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             fingerprint={"bench": args.seed},
             callbacks=[timer],
         )
-        reference_seconds, share, precomputed, packed = (
+        reference_seconds, share, precomputed, packed, tuned = (
             trainer.reference_seconds,
             trainer.share_images,
             trainer.reference is not None,
             trainer.share_prompt,
+            trainer.tuned,
         )
     from transformers import PrinterCallback
 
@@ -501,6 +506,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "gradient_checkpointing": not args.no_gradient_checkpointing,
         "share_image_features": share,
         "share_prompt": packed,
+        "fused_kernels": tuned,  # modules changed by capdpo.models.patches.tune_for_training, by kind
         "precomputed_reference": precomputed,
         "reference_pass_seconds": round(reference_seconds, 3),
         "reference_pass_pairs": len(pairs) if precomputed else 0,

@@ -41,3 +41,51 @@ def lora_target_regex(model: Any, names: tuple[str, ...] = LANGUAGE_LINEAR_NAMES
 def is_vision_parameter(name: str) -> bool:
     """Whether a parameter (or module) path belongs to the vision tower or the projector."""
     return any(marker in name.split(".") for marker in VISION_MARKERS)
+
+
+def fuse_lora_updates(model: Any) -> int:
+    """Add each plain LoRA linear's update to its base output inside one GEMM; returns how many layers changed.
+
+    PEFT computes `base(x) + B(A(x)) * scaling` as a GEMM, an elementwise scale and an elementwise add, each a full
+    pass over the layer's output ([tokens, out], 18944 wide for the MLP) forward and again backward. `addmm` folds
+    the scale and the add into the B GEMM's epilogue: the same function in one pass. Anything else (adapters
+    disabled or merged, several active adapters, DoRA and other variants, a LoRA bias, mixed dtypes, ZeRO-3
+    partitioned weights, extra arguments) runs PEFT's own forward.
+    """
+    import types
+
+    from peft.tuners.lora.layer import Linear
+
+    count = 0
+    for module in model.modules():
+        if type(module) is Linear and "_capdpo_peft_forward" not in vars(module):
+            module._capdpo_peft_forward = module.forward
+            module.forward = types.MethodType(_fused_lora_forward, module)
+            count += 1
+    return count
+
+
+def _fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    import torch
+
+    plain = self._capdpo_peft_forward
+    if args or kwargs or self.disable_adapters or self.merged:
+        return plain(x, *args, **kwargs)
+    active = [name for name in self.active_adapters if name in self.lora_A]
+    if len(active) != 1 or active[0] in self.lora_variant:
+        return plain(x)
+    name = active[0]
+    base, lora_a, lora_b = self.base_layer, self.lora_A[name], self.lora_B[name]
+    weight = lora_b.weight
+    if (
+        lora_b.bias is not None
+        or hasattr(weight, "ds_id")  # ZeRO-3: only a module call gathers the weight
+        or not x.dtype == getattr(base, "weight", weight).dtype == lora_a.weight.dtype == weight.dtype
+    ):
+        return plain(x)
+    result = base(x)
+    update = lora_a(self.lora_dropout[name](x))
+    out = torch.addmm(
+        result.reshape(-1, result.shape[-1]), update.reshape(-1, update.shape[-1]), weight.t(), alpha=self.scaling[name]
+    )
+    return out.view(result.shape)

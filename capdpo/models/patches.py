@@ -1,4 +1,4 @@
-"""Inference speed-ups applied to a loaded VLM: each replaces a module's forward with one computing the same
+"""Speed-ups applied to a loaded VLM: each replaces a module's forward with one computing the same
 function faster (measured by bench/breakdown.py; tested equal to the unpatched model in fp32).
 
 * `use_grouped_vision_attention`: Qwen-VL vision attention with equal-length windows batched into one SDPA call.
@@ -7,6 +7,7 @@ function faster (measured by bench/breakdown.py; tested equal to the unpatched m
 * `fuse_vision_elementwise` / `fuse_text_elementwise`: rotary, RMSNorm and SiLU gating as compiled kernels.
 
 `tune_for_cuda_inference` applies them on CUDA; `capdpo.models.loading` calls it for every inference model.
+`tune_for_training` applies the compiled ones and `capdpo.models.lora.fuse_lora_updates` to a model being trained.
 """
 
 from __future__ import annotations
@@ -341,3 +342,23 @@ def tune_for_cuda_inference(model: Any) -> None:
     if has_triton() and os.environ.get("CAPDPO_NO_COMPILE", "0") != "1":
         fuse_vision_elementwise(model)
         fuse_text_elementwise(model)
+
+
+def tune_for_training(model: Any, cuda: bool, backend: str = "inductor") -> dict[str, int]:
+    """capdpo's training speed-ups, each the same function as the module it replaces (tested equal in fp32, gradients
+    included): the LoRA update inside the B GEMM everywhere; on CUDA with Triton also the language model's norms and
+    gating and the (frozen) vision tower's elementwise parts as compiled kernels, which autograd and activation
+    recomputation run like any other function. CAPDPO_NO_COMPILE=1 leaves out the compiled parts. Returns how many
+    modules each changed."""
+    import os
+
+    from torch.utils._triton import has_triton
+
+    from capdpo.models.lora import fuse_lora_updates
+
+    changed = {"lora": fuse_lora_updates(model)}
+    if os.environ.get("CAPDPO_NO_COMPILE", "0") == "1" or (backend == "inductor" and not (cuda and has_triton())):
+        return changed  # inductor's kernels only on CUDA (other backends: tests on CPU)
+    changed["text"] = fuse_text_elementwise(model, backend)
+    changed["vision"] = fuse_vision_elementwise(model, backend)
+    return changed

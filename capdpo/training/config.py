@@ -205,6 +205,11 @@ class DpoConfig(TrainingConfig):
         "attention mask; sdpa/eager attention, Qwen2.5-VL, Qwen3-VL and LLaVA), instead of once per completion.",
         True,
     )
+    fused_kernels: bool = option(
+        "Add the LoRA update inside its GEMM and, on CUDA, run the language model's norms and gating and the frozen "
+        "vision tower's elementwise parts as compiled kernels (the same functions; false: the library's modules).",
+        True,
+    )
 
     # ---- input -------------------------------------------------------------------------------------------------
     pairs_file: str = option("Train on this pairs JSONL (05_pairs format) instead of <run_dir>/05_pairs.jsonl.", "")

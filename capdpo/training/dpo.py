@@ -190,6 +190,7 @@ def build_trainer(
         mdpo=mdpo_params(settings),
         reference_batch_size=settings.ref_batch_size,
         share_prompt=settings.share_prompt,
+        fused_kernels=settings.fused_kernels,
     )
 
 

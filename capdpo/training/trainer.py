@@ -33,7 +33,7 @@ from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from capdpo.models.patches import use_grouped_vision_attention
+from capdpo.models.patches import tune_for_training, use_grouped_vision_attention
 from capdpo.training.conditional import ConditionalTerm, MdpoParams
 from capdpo.training.data import EXTRA_PREFIX, PairCollator
 from capdpo.training.losses import LOSSES, UniDPOParams, map_scores, unidpo_loss
@@ -183,6 +183,7 @@ class CapdpoDPOTrainer(DPOTrainer):
         reference_batch_size: pairs per forward in the reference pass.
         mdpo: the `mdpo` loss type's constants (None: not listed); its terms are added to TRL's loss.
         share_prompt: run each pair's prompt once for both completions (`capdpo.training.packing`).
+        fused_kernels: the training kernels of `capdpo.models.patches.tune_for_training`.
     """
 
     def __init__(
@@ -204,6 +205,7 @@ class CapdpoDPOTrainer(DPOTrainer):
         reference_batch_size: int = 4,
         mdpo: MdpoParams | None = None,
         share_prompt: bool = True,
+        fused_kernels: bool = True,
     ) -> None:
         full_finetune = peft_config is None and not _is_peft(model)
         guard = _no_reference_model_load() if (reference is not None and full_finetune) else contextlib.nullcontext()
@@ -233,6 +235,8 @@ class CapdpoDPOTrainer(DPOTrainer):
             reference_collator.share_images = self.share_images
         # after DPOTrainer's constructor, which gives the model the fused LM head this wraps
         self.share_prompt = share_prompt and install_prompt_sharing(hf_model(self.model), _SHARED_FLAG)
+        cuda = self.args.device.type == "cuda"
+        self.tuned = tune_for_training(hf_model(self.model), cuda=cuda) if fused_kernels else {}
         self.reference = reference
         self.reference_seconds = 0.0
         self.reference_computed = 0

@@ -1,0 +1,139 @@
+"""Training speed-ups (`capdpo.models.patches.tune_for_training`) against the plain modules: the LoRA update inside
+the B GEMM and the compiled norms / gating (dynamo with the eager backend on CPU) give the same log-probs, loss and
+gradients as PEFT's and transformers' own forwards in fp32, for Qwen2.5-VL, Qwen3-VL and LLaVA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capdpo.models.lora import fuse_lora_updates
+from capdpo.models.patches import tune_for_training
+from capdpo.training.data import pair_to_example
+from capdpo.training.trainer import hf_model
+from tests.training.test_dpo import _set_lora_b, _trainer
+from tests.training.test_packing import _left_padded, _pairs, _step
+
+
+def _peft_forward_back(model: torch.nn.Module) -> int:
+    """Undo `fuse_lora_updates`: PEFT's own forward on every layer it changed."""
+    restored = 0
+    for module in model.modules():
+        if "_capdpo_peft_forward" in vars(module):
+            module.forward = vars(module).pop("_capdpo_peft_forward")
+            restored += 1
+    return restored
+
+
+def _assert_same(a: tuple, b: tuple, what: str) -> None:
+    loss_a, grads_a, metrics_a, logps_a = a
+    loss_b, grads_b, metrics_b, logps_b = b
+    assert loss_a == pytest.approx(loss_b, abs=1e-5), what
+    assert torch.allclose(logps_a, logps_b, atol=1e-5), what
+    assert metrics_a.keys() == metrics_b.keys()
+    for name, value in metrics_b.items():
+        assert metrics_a[name] == pytest.approx(value, abs=1e-5), (what, name)
+    assert grads_a.keys() == grads_b.keys() and any("lora_A" in n for n in grads_a)
+    for name, grad in grads_b.items():
+        assert torch.allclose(grads_a[name], grad, atol=1e-5, rtol=1e-4), (what, name)
+
+
+@pytest.mark.parametrize("family", ["strong", "qwen3vl", "llava"])
+def test_training_kernels_give_the_plain_step(tiny_models, sample_images, tmp_path, family: str) -> None:
+    pairs = _pairs(sample_images[:2])
+    trainer = _trainer(tiny_models[family], tmp_path, pairs, precompute_ref=True)
+    model = hf_model(trainer.model)
+    layers = model.config.get_text_config().num_hidden_layers
+    assert trainer.tuned == {"lora": 7 * layers}, "on CPU only the LoRA update is changed by default"
+    _set_lora_b(trainer.model)
+    right = trainer._prepare_inputs(trainer.data_collator([pair_to_example(p) for p in pairs]))
+    for batch in (right, _left_padded(right)):
+        for share_prompt in (True, False):
+            fused = _step(trainer, batch, share_prompt=share_prompt)
+            assert _peft_forward_back(model) == 7 * layers
+            plain = _step(trainer, batch, share_prompt=share_prompt)
+            assert abs(plain[0] - 0.6931) > 1e-3, "policy and reference must differ for the gradients to mean much"
+            _assert_same(fused, plain, f"lora update, share_prompt={share_prompt}")
+            assert fuse_lora_updates(model) == 7 * layers
+
+
+@pytest.mark.parametrize("family", ["strong", "qwen3vl", "llava"])
+def test_compiled_norms_and_gating_equal_a_fresh_plain_model(tiny_models, sample_images, tmp_path, family) -> None:
+    pairs = _pairs(sample_images[:2])
+    plain_trainer = _trainer(tiny_models[family], tmp_path / "plain", pairs, precompute_ref=True)
+    tuned_trainer = _trainer(tiny_models[family], tmp_path / "tuned", pairs, precompute_ref=True)
+    for trainer in (plain_trainer, tuned_trainer):
+        _set_lora_b(trainer.model)
+    _peft_forward_back(hf_model(plain_trainer.model))
+    tuned = hf_model(tuned_trainer.model)
+    changed = tune_for_training(tuned, cuda=False, backend="eager")
+    layers = tuned.config.get_text_config().num_hidden_layers
+    per_layer = 5 if family == "qwen3vl" else 3  # 2 norms and an MLP per layer, Qwen3 also normalises q and k
+    assert changed["lora"] == 0 and changed["text"] == per_layer * layers + 1
+    assert (changed["vision"] > 0) == (family != "llava")  # LLaVA's CLIP tower has no RMSNorm or SiLU gating
+    right = plain_trainer._prepare_inputs(plain_trainer.data_collator([pair_to_example(p) for p in pairs]))
+    for batch in (right, _left_padded(right)):
+        tuned_step, plain_step = _step(tuned_trainer, batch, True), _step(plain_trainer, batch, True)
+        assert abs(plain_step[0] - 0.6931) > 1e-3
+        _assert_same(tuned_step, plain_step, "all training kernels")
+
+
+def test_lora_update_falls_back_to_peft_where_it_cannot_fuse() -> None:
+    """Dropout in train mode (same random mask), disabled adapters, two active adapters, mixed dtypes: PEFT's
+    result every time; a layer with a LoRA bias is left to PEFT too."""
+    from peft import LoraConfig, get_peft_model
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj = torch.nn.Linear(16, 24)
+            self.o_proj = torch.nn.Linear(24, 8, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.o_proj(torch.relu(self.q_proj(x)))
+
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=["q_proj", "o_proj"])
+    net = get_peft_model(Net(), cfg, autocast_adapter_dtype=False)
+    _set_lora_b(net, scale=0.3)
+    x = torch.randn(3, 5, 16)
+
+    def both(run) -> tuple[torch.Tensor, torch.Tensor]:
+        _peft_forward_back(net)
+        torch.manual_seed(1)
+        plain = run()
+        assert fuse_lora_updates(net) == 2
+        torch.manual_seed(1)
+        return run(), plain
+
+    net.train()
+    fused, plain = both(lambda: net(x))
+    assert torch.allclose(fused, plain, atol=1e-6) and not torch.allclose(fused, net.get_base_model()(x), atol=1e-3)
+    with net.disable_adapter():
+        fused, plain = both(lambda: net(x))
+    assert torch.allclose(fused, plain, atol=1e-6)
+    net.eval()
+    net.add_adapter("second", cfg)
+    _set_lora_b(net, scale=0.3)
+    net.base_model.set_adapter(["default", "second"])
+    fused, plain = both(lambda: net(x))
+    assert torch.allclose(fused, plain, atol=1e-6)
+    net.base_model.set_adapter("default")
+    layer = net.base_model.model.q_proj
+    layer.lora_A["default"].to(torch.float64)  # an adapter in another dtype than its input: PEFT casts the input
+    layer.lora_B["default"].to(torch.float64)
+    fused, plain = both(lambda: net(x))
+    assert torch.allclose(fused, plain, atol=1e-6) and fused.dtype == torch.float32
+
+    biased = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_bias=True))
+    _set_lora_b(biased, scale=0.3)
+    assert fuse_lora_updates(biased) == 1
+    fused = biased(x)
+    _peft_forward_back(biased)
+    assert torch.allclose(fused, biased(x), atol=1e-6)
+
+
+def test_fused_kernels_off_leaves_the_library_modules(tiny_models, sample_images, tmp_path) -> None:
+    trainer = _trainer(tiny_models["strong"], tmp_path, _pairs(sample_images[:2])[:1], fused_kernels=False)
+    assert trainer.tuned == {}
+    assert not any("_capdpo_peft_forward" in vars(m) for m in trainer.model.modules())
