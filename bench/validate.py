@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -62,6 +63,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="capdpo suffixes / prompts per forward pass")
     parser.add_argument("--images-per-pass", type=int, default=16, help="image prefixes per forward pass")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="Also time the prefix and suffix passes apart and write an operator table here.",
+    )
     args = parser.parse_args()
 
     import torch
@@ -174,10 +180,47 @@ def main() -> None:
     result["rates"] = rates
     rows.append(("capdpo yes/no, shared image prefix", str(n), f"{seconds:.2f}", f"{rate:.1f}",
                  f"{rate / base_rate:.2f}x"))  # fmt: skip
+    if args.profile:
+        result["capdpo_shared_prefix"]["split_seconds"] = _split_and_profile(
+            scorer, lambda: shared(groups), device, Path(args.profile)
+        )
     print(table(rows))
     print(f"\ncapdpo / original method: {result['speedup']:.1f}x candidates/s (target >= 40x); floor {floor:.0f} "
           f"candidates/s, share of the floor: {result['share_of_floor']:.0%} (target >= 50%)")  # fmt: skip
     write_result(args.out, result)
+
+
+def _split_and_profile(scorer: Any, run: Any, device: str, out: Path) -> dict[str, float]:
+    """One more run of `run` with the scorer's prefix and suffix passes timed apart (synchronised), then one under
+    torch.profiler whose operator table (by device time) goes to `out`."""
+    import torch
+
+    split = {"prefix": 0.0, "suffixes": 0.0}
+
+    def timed(name: str, fn: Any) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            sync(device)
+            start = time.perf_counter()
+            value = fn(*a, **k)
+            sync(device)
+            split[name] += time.perf_counter() - start
+            return value
+
+        return wrapper
+
+    scorer._prefill, scorer._suffixes = timed("prefix", scorer._prefill), timed("suffixes", scorer._suffixes)
+    run()
+    del scorer._prefill, scorer._suffixes
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        run()
+        sync(device)
+    key = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
+    out.write_text(prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=70) + "\n")
+    print(f"prefix passes {split['prefix']:.2f} s, suffix passes {split['suffixes']:.2f} s; profile: {out}")
+    return split
 
 
 if __name__ == "__main__":
