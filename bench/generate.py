@@ -148,6 +148,7 @@ def main() -> None:
             result["best_baseline"] = entry
         rows.append(("transformers generate", str(b), str(n), f"{seconds:.2f}", f"{n / seconds:.2f}", f"{floor:.1f}",
                      f"{n / seconds / floor:.0%}"))  # fmt: skip
+        print(" | ".join(rows[-1]), flush=True)  # progress: a run cut short keeps what it timed
         del data, warm
         torch.cuda.empty_cache() if device.startswith("cuda") else None
 
@@ -175,6 +176,7 @@ def main() -> None:
             barrier()
         except torch.cuda.OutOfMemoryError:
             rows.append(("capdpo static", str(b), "-", "OOM", "-", "-", "-"))
+            print(" | ".join(rows[-1]), flush=True)  # progress: a run cut short keeps what it timed
             torch.cuda.empty_cache()
             continue
         n = b * len(data) * world
@@ -183,6 +185,7 @@ def main() -> None:
         result.setdefault("capdpo", []).append(entry)
         rows.append(("capdpo static", str(b), str(n), f"{seconds:.2f}", f"{n / seconds:.2f}", f"{floor:.1f}",
                      f"{n / seconds / floor:.0%}"))  # fmt: skip
+        print(" | ".join(rows[-1]), flush=True)  # progress: a run cut short keeps what it timed
         if best is None or entry["images_per_s"] > best["images_per_s"]:
             best = entry
         del data, warm
