@@ -356,6 +356,7 @@ def tune_for_training(model: Any, cuda: bool, backend: str = "inductor") -> dict
 
     from capdpo.models.lora import fuse_lora_updates
 
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside a PeftModel
     changed = {"lora": fuse_lora_updates(model)}
     if os.environ.get("CAPDPO_NO_COMPILE", "0") == "1" or (backend == "inductor" and not (cuda and has_triton())):
         return changed  # inductor's kernels only on CUDA (other backends: tests on CPU)

@@ -77,6 +77,11 @@ class TrainingConfig:
     gradient_checkpointing: bool = option(
         "Recompute activations in the backward pass (less memory, ~30% slower).", True
     )
+    fused_kernels: bool = option(
+        "Add the LoRA update inside its GEMM and, on CUDA, run the language model's norms and gating and the frozen "
+        "vision tower's elementwise parts as compiled kernels (the same functions; false: the library's modules).",
+        True,
+    )
     deepspeed: str = option(
         "DeepSpeed config: zero2, zero3, zero2_offload, zero3_offload (configs/deepspeed/*.json) or a JSON path. "
         "Empty: none, or the one `accelerate launch --config_file` names.",
@@ -203,11 +208,6 @@ class DpoConfig(TrainingConfig):
     share_prompt: bool = option(
         "Run each pair's prompt once with both completions attending to it (one packed row per pair under a block "
         "attention mask; sdpa/eager attention, Qwen2.5-VL, Qwen3-VL and LLaVA), instead of once per completion.",
-        True,
-    )
-    fused_kernels: bool = option(
-        "Add the LoRA update inside its GEMM and, on CUDA, run the language model's norms and gating and the frozen "
-        "vision tower's elementwise parts as compiled kernels (the same functions; false: the library's modules).",
         True,
     )
 

@@ -30,6 +30,7 @@ from capdpo.errors import InputError
 from capdpo.generation.batching import SEQUENCE_KEYS
 from capdpo.images import load_image
 from capdpo.jsonl import iter_jsonl, stable_id
+from capdpo.models.patches import tune_for_training
 from capdpo.pipeline import stage as stage_info
 from capdpo.records import PairRecord
 from capdpo.run import Stage
@@ -327,7 +328,7 @@ class SftRecipe(Recipe):
         from trl import SFTTrainer
 
         collator = SftCollator(SftEncoder(lm.processor, self.settings.max_length, self.settings.cache_images))
-        return SFTTrainer(
+        trainer = SFTTrainer(
             model=lm.model,
             args=args,
             data_collator=collator,
@@ -337,6 +338,9 @@ class SftRecipe(Recipe):
             peft_config=peft_setup(self.settings, lm.model),
             callbacks=callbacks,
         )
+        if self.settings.fused_kernels:
+            trainer.tuned = tune_for_training(trainer.model, cuda=args.device.type == "cuda")
+        return trainer
 
     def summary(
         self, trainer: Any, result: Any, data: Prepared, seconds: float, resumed_from: str | None

@@ -144,6 +144,18 @@ def test_lora_sft_lowers_the_loss_and_the_adapter_reloads(tiny_models, sample_im
     lora = [n for n, _ in model.named_modules() if n.endswith(".lora_A")]
     assert lora and not [n for n in lora if is_vision_parameter(n)]
     assert any("mlp.down_proj" in n for n in lora) and any("self_attn.v_proj" in n for n in lora)
+    # the one-GEMM LoRA update (fused_kernels) is on, and the trained adapter gives PEFT's own loss through it
+    assert outcome.trainer.tuned == {"lora": len(lora)}
+    from capdpo.training.sft import SftCollator, SftEncoder, SftExample, example_row
+    from tests.training.test_kernels import _peft_forward_back
+
+    example = SftExample(id="x", image_id="i", image=str(sample_images[0]), prompt=PROMPT, response=RESPONSES[0])
+    batch = SftCollator(SftEncoder(outcome.trainer.processing_class))([example_row(example)])
+    model.eval()
+    with torch.no_grad():
+        fused = model(**batch).loss
+        assert _peft_forward_back(model) == len(lora)
+        assert torch.allclose(model(**batch).loss, fused, atol=1e-5)
     summary = json.loads((outcome.output / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["final_loss"] < summary["first_loss"]
     run_dir = tmp_path / "run"
