@@ -184,6 +184,22 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def profiler(cuda: bool) -> Any:
+    """A torch.profiler recording CPU and, on a GPU, CUDA activity (enter it as a context manager)."""
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
+
+
+def operator_table(prof: Any, cuda: bool) -> str:
+    """A finished profile's 60 costliest operators, by device time on a GPU (CPU time otherwise)."""
+    key = "cuda_time_total" if cuda else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=70)
+
+
 def environment(device: str) -> dict[str, Any]:
     import torch
 

@@ -320,6 +320,8 @@ def _timer_callback(warmup: int, cuda: bool, profile_step: int = 0, profile_out:
     import torch
     from transformers import TrainerCallback
 
+    from bench.common import operator_table, profiler
+
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.step_seconds: list[float] = []
@@ -329,10 +331,7 @@ def _timer_callback(warmup: int, cuda: bool, profile_step: int = 0, profile_out:
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if profile_step and state.global_step + 1 == profile_step:
-                activities = [torch.profiler.ProfilerActivity.CPU]
-                if cuda:
-                    activities.append(torch.profiler.ProfilerActivity.CUDA)
-                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler = profiler(cuda)
                 self.profiler.__enter__()
             if cuda:
                 torch.cuda.synchronize()
@@ -343,11 +342,8 @@ def _timer_callback(warmup: int, cuda: bool, profile_step: int = 0, profile_out:
                 torch.cuda.synchronize()
             if self.profiler is not None:
                 self.profiler.__exit__(None, None, None)
-                table = self.profiler.key_averages().table(
-                    sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=60, max_name_column_width=70
-                )
                 if profile_out is not None:
-                    profile_out.write_text(table)
+                    profile_out.write_text(operator_table(self.profiler, cuda))
                 self.profiler = None
                 return  # a profiled step is not timed
             if state.global_step > warmup:

@@ -28,7 +28,9 @@ from bench.common import (  # noqa: E402
     environment,
     hardware_rates,
     image_tokens,
+    operator_table,
     param_counts,
+    profiler,
     sync,
     synthetic_batch,
     table,
@@ -193,8 +195,6 @@ def main() -> None:
 def _split_and_profile(scorer: Any, run: Any, device: str, out: Path) -> dict[str, float]:
     """One more run of `run` with the scorer's prefix and suffix passes timed apart (synchronised), then one under
     torch.profiler whose operator table (by device time) goes to `out`."""
-    import torch
-
     split = {"prefix": 0.0, "suffixes": 0.0}
 
     def timed(name: str, fn: Any) -> Any:
@@ -211,14 +211,11 @@ def _split_and_profile(scorer: Any, run: Any, device: str, out: Path) -> dict[st
     scorer._prefill, scorer._suffixes = timed("prefix", scorer._prefill), timed("suffixes", scorer._suffixes)
     run()
     del scorer._prefill, scorer._suffixes
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.startswith("cuda"):
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    cuda = device.startswith("cuda")
+    with profiler(cuda) as prof:
         run()
         sync(device)
-    key = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
-    out.write_text(prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=70) + "\n")
+    out.write_text(operator_table(prof, cuda) + "\n")
     print(f"prefix passes {split['prefix']:.2f} s, suffix passes {split['suffixes']:.2f} s; profile: {out}")
     return split
 
