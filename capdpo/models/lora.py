@@ -37,7 +37,6 @@ def lora_target_regex(model: Any, names: tuple[str, ...] = LANGUAGE_LINEAR_NAMES
     return "^(" + "|".join(re.escape(n) for n in matched) + ")$"
 
 
-
 def is_vision_parameter(name: str) -> bool:
     """Whether a parameter (or module) path belongs to the vision tower or the projector."""
     return any(marker in name.split(".") for marker in VISION_MARKERS)
@@ -48,9 +47,13 @@ def fuse_lora_updates(model: Any) -> int:
 
     PEFT computes `base(x) + B(A(x)) * scaling` as a GEMM, an elementwise scale and an elementwise add, each a full
     pass over the layer's output ([tokens, out], 18944 wide for the MLP) forward and again backward. `addmm` folds
-    the scale and the add into the B GEMM's epilogue: the same function in one pass. Anything else (adapters
-    disabled or merged, several active adapters, DoRA and other variants, a LoRA bias, mixed dtypes, ZeRO-3
-    partitioned weights, extra arguments) runs PEFT's own forward.
+    the scale and the add into the B GEMM's epilogue: the same function in one pass.
+
+    Under bf16 autocast (a run without DeepSpeed: PEFT keeps the adapter in float32, the optimizer's precision) PEFT
+    also copies each layer's input to float32 for the adapter, which autocast copies back to bf16 for the GEMM; the
+    fused path skips both copies and lets autocast cast the small adapter weights, as it does for PEFT. Anything
+    else (adapters disabled or merged, several active adapters, DoRA and other variants, a LoRA bias, mixed dtypes
+    without autocast, ZeRO-3 partitioned weights, extra arguments) runs PEFT's own forward.
     """
     import types
 
@@ -63,6 +66,18 @@ def fuse_lora_updates(model: Any) -> int:
             module.forward = types.MethodType(_fused_lora_forward, module)
             count += 1
     return count
+
+
+def _one_compute_dtype(x: Any, *weights: Any) -> bool:
+    """Whether the input and the weights meet in one dtype: all equal, or under autocast the input in the autocast
+    dtype and each weight in it or in float32 (autocast casts those for every GEMM of the layer, PEFT's too)."""
+    import torch
+
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind):
+        return all(w.dtype == x.dtype for w in weights)
+    compute = torch.get_autocast_dtype(kind)
+    return x.dtype == compute and all(w.dtype in (compute, torch.float32) for w in weights)
 
 
 def _fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -80,12 +95,15 @@ def _fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     if (
         lora_b.bias is not None
         or hasattr(weight, "ds_id")  # ZeRO-3: only a module call gathers the weight
-        or not x.dtype == getattr(base, "weight", weight).dtype == lora_a.weight.dtype == weight.dtype
+        or not _one_compute_dtype(x, getattr(base, "weight", weight), lora_a.weight, weight)
     ):
         return plain(x)
     result = base(x)
     update = lora_a(self.lora_dropout[name](x))
     out = torch.addmm(
-        result.reshape(-1, result.shape[-1]), update.reshape(-1, update.shape[-1]), weight.t(), alpha=self.scaling[name]
+        result.reshape(-1, result.shape[-1]),
+        update.reshape(-1, update.shape[-1]),
+        weight.t(),
+        alpha=self.scaling[name],
     )
     return out.view(result.shape)

@@ -137,3 +137,49 @@ def test_fused_kernels_off_leaves_the_library_modules(tiny_models, sample_images
     trainer = _trainer(tiny_models["strong"], tmp_path, _pairs(sample_images[:2])[:1], fused_kernels=False)
     assert trainer.tuned == {}
     assert not any("_capdpo_peft_forward" in vars(m) for m in trainer.model.modules())
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_lora_update_under_autocast_skips_the_float32_copies() -> None:
+    """A run without DeepSpeed: bf16 base, float32 adapter (PEFT's default), bf16 autocast. The fused path runs
+    (PEFT's forward is never called) and gives PEFT's output and adapter gradients within bf16 rounding."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=False), torch.nn.SiLU(), torch.nn.Linear(96, 32))
+    net = get_peft_model(base.to(torch.bfloat16), LoraConfig(r=8, lora_alpha=16, target_modules=["0", "2"]))
+    assert {p.dtype for n, p in net.named_parameters() if "lora_" in n} == {torch.float32}
+    _set_lora_b(net, scale=0.3)
+    x = torch.randn(4, 7, 64, dtype=torch.bfloat16)
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        net.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x)
+        out.float().square().mean().backward()
+        return out, {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    plain, plain_grads = run()
+    with torch.no_grad(), net.disable_adapter(), torch.autocast("cpu", dtype=torch.bfloat16):
+        without = net(x)
+    assert fuse_lora_updates(net) == 2
+    peft_calls = []
+    for module in net.modules():
+        if "_capdpo_peft_forward" in vars(module):
+            original = module._capdpo_peft_forward
+            module._capdpo_peft_forward = lambda *a, _f=original, **k: peft_calls.append(1) or _f(*a, **k)
+    fused, fused_grads = run()
+    assert peft_calls == [], "the fused path must run under autocast"
+    assert fused.dtype == plain.dtype == torch.bfloat16
+    assert _relative_error(without, plain) > 0.1, "the adapter must change the output"
+    assert _relative_error(fused, plain) < 1e-2
+    assert fused_grads.keys() == plain_grads.keys() and len(plain_grads) == 4
+    for name, grad in plain_grads.items():
+        assert fused_grads[name].dtype == torch.float32
+        assert _relative_error(fused_grads[name], grad) < 2e-2, name
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a float32 input under autocast is left to PEFT: the first
+        net(x.float())  # layer's (the second gets the first's bf16 output)
+    assert peft_calls == [1]
