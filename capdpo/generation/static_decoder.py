@@ -11,6 +11,8 @@ model's per-row loop.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from capdpo.generation.rope import IMAGE_BATCH_KEYS, mrope_positions
@@ -48,7 +50,7 @@ class StaticDecoder:
         cache = StaticCache(config=self.model.config, max_cache_len=total)
         full_mask = torch.ones(batch, total, dtype=mask.dtype, device=device)
         full_mask[:, :prompt_len] = mask  # generated positions are all real; causality hides the future ones
-        with torch.inference_mode():
+        with torch.inference_mode(), masked_attention(self.decoder.config):
             if self.mrope:
                 self.model.model.rope_deltas = None
             extra, deltas = {}, None
@@ -151,6 +153,25 @@ class StaticDecoder:
             layer.cumulative_length.fill_(prompt_len)
         joined = torch.cat(deltas) if all(d is not None for d in deltas) else None
         return torch.cat(logits), joined
+
+
+@contextlib.contextmanager
+def masked_attention(config: Any) -> Iterator[None]:
+    """The language model on SDPA while decoding on a static cache (eager stays eager).
+
+    A decode step gives one fixed-shape mask over the whole cache and relies on causality to hide the positions not
+    written yet. FlashAttention's path reads a 2-D mask as "these keys are real" and aligns causality to the last
+    key, so it would attend to those empty positions; SDPA and eager build the causal mask from the positions.
+    """
+    current = config._attn_implementation
+    if current in ("sdpa", "eager"):
+        yield
+        return
+    config._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        config._attn_implementation = current
 
 
 def _static_layers(cache: Any) -> bool:

@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import pytest
@@ -181,3 +182,67 @@ def test_static_decoder_with_fused_text_elementwise_is_token_identical(tiny_mode
     assert fuse_text_elementwise(lm.model, backend="eager") == per_layer * layers + 1
     fused = Engine(lm, decoder="static", prefill_rows=2).generate(requests, gen)
     assert [o.token_ids for o in fused] == [o.token_ids for o in plain]
+
+
+def _flash_like_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """FlashAttention-2's semantics as transformers drives it, in plain torch: a 2-D mask shorter than the keys
+    cuts them to its length (static caches); the mask's 1s are the real keys; each row's real queries attend to
+    its real keys causally, aligned to the last real key; padded queries give zeros. Layout [B, L, heads, dim]."""
+    batch, heads, q_len, _ = query.shape
+    key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    if attention_mask is not None:
+        key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
+    keys = torch.ones(batch, key.shape[2], dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    queries = keys[:, -q_len:]
+    key_rank, query_rank = keys.cumsum(-1) - 1, queries.cumsum(-1) - 1
+    offset = (keys.sum(-1) - queries.sum(-1))[:, None, None]
+    allowed = keys[:, None, :] & queries[:, :, None] & (key_rank[:, None, :] <= query_rank[:, :, None] + offset)
+    allowed |= ~queries[:, :, None]  # padded queries: any finite result, zeroed below
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=allowed[:, None], scale=scaling
+    )
+    return (out * queries[:, None, :, None]).transpose(1, 2).contiguous(), None
+
+
+@pytest.mark.parametrize("arch", ["strong", "llava"])
+def test_static_decoder_decodes_on_sdpa_when_the_model_uses_flash_attention(tiny_models, sample_images, arch):
+    """A model loaded with FlashAttention (emulated here with its masking rules) decodes the static cache on SDPA:
+    the same tokens as `generate` on FlashAttention, which the emulation reproduces, while FlashAttention's rules on
+    the static cache would attend to positions not written yet and change them."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    import capdpo.generation.static_decoder as fastgen
+
+    lm = load_vlm(str(tiny_models[arch]))
+    requests, gen = _requests(sample_images, 3), Generation(max_new_tokens=16)
+    on_sdpa = Engine(lm, decoder="hf").generate(requests, gen)
+    text_config = lm.model.get_decoder().config if arch == "llava" else lm.model.model.language_model.config
+    calls = []
+    flash = ALL_ATTENTION_FUNCTIONS._global_mapping.get("flash_attention_2")
+    ALL_ATTENTION_FUNCTIONS._global_mapping["flash_attention_2"] = lambda *a, **k: (
+        calls.append(a[1].shape[2]) or _flash_like_attention(*a, **k)
+    )
+    assert "flash_attention_2" in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    text_config._attn_implementation_internal = "flash_attention_2"
+    try:
+        on_flash = Engine(lm, decoder="hf").generate(requests, gen)
+        assert calls and [o.token_ids for o in on_flash] == [o.token_ids for o in on_sdpa]
+        calls.clear()
+        static = Engine(lm, decoder="static").generate(requests, gen)
+        assert calls == [] and text_config._attn_implementation == "flash_attention_2"
+        assert [o.token_ids for o in static] == [o.token_ids for o in on_flash]
+        original = fastgen.masked_attention
+        fastgen.masked_attention = lambda config: contextlib.nullcontext()
+        try:
+            unguarded = Engine(lm, decoder="static").generate(requests, gen)
+        finally:
+            fastgen.masked_attention = original
+        assert calls and [o.token_ids for o in unguarded] != [o.token_ids for o in on_flash]
+    finally:
+        text_config._attn_implementation_internal = "sdpa"
+        if flash is None:
+            del ALL_ATTENTION_FUNCTIONS._global_mapping["flash_attention_2"]
+        else:
+            ALL_ATTENTION_FUNCTIONS._global_mapping["flash_attention_2"] = flash
