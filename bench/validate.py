@@ -38,6 +38,10 @@ from bench.common import (  # noqa: E402
 )
 
 
+# stand-ins for the yes/no answer tokens ("Yes", " yes", ... in Qwen's vocabulary) that stage 4 reads
+ANSWER_IDS = [9454, 9693, 14004, 2753, 2152, 5664]
+
+
 def floor_candidates_per_s(
     candidates: int, prompt_tokens: int, suffix_tokens: int, shapes: Shapes, params: dict, rates: dict
 ) -> float:
@@ -163,7 +167,8 @@ def main() -> None:
         )
 
     def shared(chunk: list) -> None:
-        assert len(scorer.score_groups(chunk, args.batch)) == sum(len(g.ids) for g in chunk)
+        # as stage 4 does: only the answer tokens' log-probs leave the GPU (yes/no: six ids)
+        assert len(scorer.score_groups(chunk, args.batch, keep=ANSWER_IDS)) == sum(len(g.ids) for g in chunk)
 
     shared(groups[:2])
     sync(device)

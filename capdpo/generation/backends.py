@@ -4,8 +4,9 @@ A backend answers three calls, on `Request`s (`capdpo.generation.batching`):
 
 * `plan(requests, batch_size)`: the requests grouped into batches, in an order fixed by the requests alone;
 * `generate(batch, gen)`: one `Output` per request, sampled reproducibly per request (`Generation` settings);
-* `score(requests, batch_size)`: {request key: next-token log-probabilities at the prompt's end and after each
-  continuation token}, from forward passes only.
+* `score(requests, batch_size, keep=None)`: {request key: next-token log-probabilities at the prompt's end and
+  after each continuation token}, from forward passes only (`keep`: the vocabulary ids the caller reads, so a local
+  backend need not move the rest of the vocabulary off the GPU).
 
 `local` (`capdpo.generation.engine.Engine`) runs the model in this process; `openai`
 (`capdpo.generation.server.ServerBackend`) sends the same requests to an OpenAI-compatible server. To add a
@@ -27,7 +28,9 @@ class Backend(Protocol):
 
     def generate(self, batch: Sequence[Request], gen: Generation) -> list[Output]: ...
 
-    def score(self, requests: Sequence[Request], batch_size: int) -> dict[str, Any]: ...
+    def score(
+        self, requests: Sequence[Request], batch_size: int, keep: Sequence[int] | None = None
+    ) -> dict[str, Any]: ...
 
 
 def local(common: Any, role: str, section: Any = None, model: str = "", adapter: str = "", **options: Any) -> Backend:

@@ -86,20 +86,27 @@ class Engine:
         return outputs
 
     # ---- scoring ----------------------------------------------------------------------------------------------
-    def forward_logprobs(self, batch: Sequence[Request]) -> list[Any]:
+    def forward_logprobs(self, batch: Sequence[Request], keep: Sequence[int] | None = None) -> list[Any]:
         """Log-probabilities [len(continuation) + 1, vocab] per request: at the prompt's end and after each
-        continuation token (one forward pass, teacher forcing). Halves on OOM."""
-        return run_halving(batch, lambda b: forward_logprobs(self.lm, self.batcher, b))
+        continuation token (one forward pass, teacher forcing); with `keep`, at those vocabulary ids only
+        (`capdpo.generation.prefix.PickedLogprobs`). Halves on OOM."""
+        return run_halving(batch, lambda b: forward_logprobs(self.lm, self.batcher, b, keep))
 
-    def score(self, requests: Sequence[Request], batch_size: int, shared_prefix: bool | None = None) -> dict[str, Any]:
+    def score(
+        self,
+        requests: Sequence[Request],
+        batch_size: int,
+        shared_prefix: bool | None = None,
+        keep: Sequence[int] | None = None,
+    ) -> dict[str, Any]:
         """{request key: log-probs [len(continuation) + 1, vocab]} for every request; with `shared_prefix` the
         requests of one image share their common prefix's forward pass (the same numbers, much faster; default:
-        the engine's `shared_prefix`)."""
+        the engine's `shared_prefix`); with `keep`, only the log-probs at those vocabulary ids leave the GPU."""
         if self.shared_prefix if shared_prefix is None else shared_prefix:
             if self._scorer is None:
                 self._scorer = SharedPrefixScorer(self.lm, self.batcher)
-            return self._scorer.score(requests, batch_size)
+            return self._scorer.score(requests, batch_size, keep)
         results: dict[str, Any] = {}
         for batch in self.plan(requests, batch_size):
-            results.update({r.key: lp for r, lp in zip(batch, self.forward_logprobs(batch))})
+            results.update({r.key: lp for r, lp in zip(batch, self.forward_logprobs(batch, keep))})
         return results

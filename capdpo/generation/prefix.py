@@ -22,23 +22,81 @@ from capdpo.generation.rope import mrope_positions
 from capdpo.models.loading import LoadedModel
 
 
-def forward_logprobs(lm: LoadedModel, batcher: Batcher, batch: Sequence[Request]) -> list[Any]:
+class PickedLogprobs:
+    """Log-probabilities kept at some vocabulary ids only, indexed like the full [positions, vocab] tensor they come
+    from: `rows[j]` is position j, `row[token]` and `row[ids]` read vocabulary ids. Reading an id that was not kept
+    raises `KeyError`, never a wrong number."""
+
+    __slots__ = ("columns", "values")
+
+    def __init__(self, values: Any, columns: Any) -> None:
+        self.values = values  # [positions, kept] or [kept]
+        self.columns = columns  # [vocab] column of each kept id, -1 elsewhere
+
+    def __getitem__(self, key: Any) -> Any:
+        import torch
+
+        if self.values.dim() == 2 and isinstance(key, int):
+            return PickedLogprobs(self.values[key], self.columns)
+        columns = self.columns[torch.as_tensor(key)]
+        if bool((columns < 0).any()):
+            raise KeyError(f"token id(s) {key} were not among the ids kept by the scorer")
+        return self.values[..., columns]
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+
+class Picker:
+    """Moves log-probabilities to the host: whole rows, or (`keep`: the vocabulary ids the caller reads) only those
+    columns, as `PickedLogprobs`. A yes/no score reads a handful of the ~150k columns; copying all of them moved
+    ~0.6 MB per scored request from the GPU and held it in host memory."""
+
+    def __init__(self, keep: Sequence[int] | None, vocab: int) -> None:
+        import torch
+
+        self.keep = None if keep is None else torch.tensor(sorted(set(keep)), dtype=torch.long)
+        self.columns = None
+        if self.keep is not None:
+            self.columns = torch.full((vocab,), -1, dtype=torch.long)
+            self.columns[self.keep] = torch.arange(len(self.keep))
+
+    def to_host(self, logprobs: Any) -> Any:
+        """[..., vocab] on the device -> [..., vocab] or [..., kept] on the host (one transfer)."""
+        if self.keep is not None:
+            logprobs = logprobs.index_select(-1, self.keep.to(logprobs.device))
+        return logprobs.cpu()
+
+    def rows(self, values: Any) -> Any:
+        """One request's [positions, ...] host tensor as the caller reads it."""
+        return values if self.columns is None else PickedLogprobs(values, self.columns)
+
+
+def vocab_size(lm: LoadedModel) -> int:
+    return lm.model.get_output_embeddings().weight.shape[0]
+
+
+def forward_logprobs(
+    lm: LoadedModel, batcher: Batcher, batch: Sequence[Request], keep: Sequence[int] | None = None
+) -> list[Any]:
     """One padded forward pass over `batch`; the log-probabilities [len(continuation) + 1, vocab] per request
-    at the prompt's end and after each continuation token (teacher forcing)."""
+    at the prompt's end and after each continuation token (teacher forcing); with `keep`, only at those
+    vocabulary ids (`PickedLogprobs`)."""
     import torch
 
     inputs = batcher.encode(batch)
-    keep = max(len(r.continuation) for r in batch) + 1
+    width = max(len(r.continuation) for r in batch) + 1
+    picker = Picker(keep, vocab_size(lm))
     with torch.inference_mode():
         # logits_to_keep: only the last positions are needed, so the full-vocabulary projection of the
         # whole prompt (image tokens included) is never computed.
-        logits = lm.model(**inputs, use_cache=False, logits_to_keep=keep).logits
-    logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()  # one transfer for the whole batch
+        logits = lm.model(**inputs, use_cache=False, logits_to_keep=width).logits
+        logprobs = picker.to_host(torch.log_softmax(logits.float(), dim=-1))  # one transfer for the whole batch
     results = []
     for row, request in enumerate(batch):
         n = len(request.continuation) + 1
         # positions width-n .. width-1 predict continuation[0..] and the token after it
-        results.append(logprobs[row, logprobs.shape[1] - n :])
+        results.append(picker.rows(logprobs[row, logprobs.shape[1] - n :]))
     return results
 
 
@@ -76,8 +134,9 @@ class SharedPrefixScorer:
         self.image_token = getattr(lm.processor, "image_token", None)
         self.images_per_pass = images_per_pass
 
-    def score(self, requests: Sequence[Request], batch_size: int) -> dict[str, Any]:
-        """{request key: log-probs [len(continuation) + 1, vocab]} like `Engine.forward_logprobs`."""
+    def score(self, requests: Sequence[Request], batch_size: int, keep: Sequence[int] | None = None) -> dict[str, Any]:
+        """{request key: log-probs [len(continuation) + 1, vocab]} like `Engine.forward_logprobs` (with `keep`: at
+        those vocabulary ids only)."""
         by_image: dict[str | None, list[Request]] = defaultdict(list)
         for request in requests:
             by_image[request.image].append(request)
@@ -88,10 +147,10 @@ class SharedPrefixScorer:
                 plain.extend(requests_of_image)
             else:
                 groups.append(group)
-        results = self.score_groups(groups, batch_size)
+        results = self.score_groups(groups, batch_size, keep)
         for start in range(0, len(plain), batch_size):
             batch = plain[start : start + batch_size]
-            results.update({r.key: lp for r, lp in zip(batch, forward_logprobs(self.lm, self.batcher, batch))})
+            results.update({r.key: lp for r, lp in zip(batch, forward_logprobs(self.lm, self.batcher, batch, keep))})
         return results
 
     def _group(self, image: str | None, requests: list[Request]) -> PrefixGroup | None:
@@ -120,10 +179,13 @@ class SharedPrefixScorer:
             return None
         return PrefixGroup(first, ids, continuations, prefix_len, [r.key for r in requests])
 
-    def score_groups(self, groups: list[PrefixGroup], batch_size: int) -> dict[Any, Any]:
+    def score_groups(
+        self, groups: list[PrefixGroup], batch_size: int, keep: Sequence[int] | None = None
+    ) -> dict[Any, Any]:
         """Score prefix groups: `images_per_pass` prefixes per forward, then their suffixes `batch_size` at a time."""
         import torch
 
+        picker = Picker(keep, vocab_size(self.lm))
         results: dict[Any, Any] = {}
         with torch.inference_mode():
             for start in range(0, len(groups), self.images_per_pass):
@@ -133,7 +195,7 @@ class SharedPrefixScorer:
                 rows.sort(key=lambda gi: len(chunk[gi[0]].ids[gi[1]]) - chunk[gi[0]].prefix_len)
                 for r in range(0, len(rows), batch_size):
                     part = rows[r : r + batch_size]
-                    scored = self._suffixes(chunk, part, cache, real_lens, deltas, width)
+                    scored = self._suffixes(chunk, part, cache, real_lens, deltas, width, picker)
                     for (g, i), logprobs in zip(part, scored):
                         results[chunk[g].keys[i]] = logprobs
         return results
@@ -188,6 +250,7 @@ class SharedPrefixScorer:
         real_lens: Any,
         deltas: Any,
         width: int,
+        picker: Picker,
     ) -> list[Any]:
         import torch
 
@@ -222,9 +285,9 @@ class SharedPrefixScorer:
         for (g, i), suffix in zip(part, suffixes):
             spans.append((len(suffix) - 1 - chunk[g].continuations[i], len(suffix)))
         picked = torch.cat([hidden[r, a:b] for r, (a, b) in enumerate(spans)])
-        logprobs = torch.log_softmax(self.head(picked).float(), dim=-1).cpu()
+        logprobs = picker.to_host(torch.log_softmax(self.head(picked).float(), dim=-1))
         out, start = [], 0
         for a, b in spans:
-            out.append(logprobs[start : start + b - a])
+            out.append(picker.rows(logprobs[start : start + b - a]))
             start += b - a
         return out

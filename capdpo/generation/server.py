@@ -140,8 +140,9 @@ class ServerBackend:
         self.seconds += time.time() - started
         return outputs
 
-    def score(self, requests: Sequence[Request], batch_size: int) -> dict[str, Any]:
-        """{request key: [TopLogprobs of the first answer token]} (a list of one row, like the local backend's)."""
+    def score(self, requests: Sequence[Request], batch_size: int, keep: Sequence[int] | None = None) -> dict[str, Any]:
+        """{request key: [TopLogprobs of the first answer token]} (a list of one row, like the local backend's;
+        `keep`, the local tokenizer's ids, means nothing to a server and is ignored)."""
         if any(r.continuation for r in requests):
             raise ConfigError(
                 "backend openai: this validation method scores a continuation token by token, which a chat "

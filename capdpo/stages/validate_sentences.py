@@ -53,7 +53,7 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
     def score(unit: list[str]) -> list[dict[str, Any]]:
         jobs = {rid: validator.jobs(rid, planned[rid].image, candidates_of(planned[rid])) for rid in unit}
         requests = [job.request for rid in unit for job in jobs[rid]]
-        results = engine.score(requests, sec.batch_size)
+        results = engine.score(requests, sec.batch_size, keep=validator.reads())
         written = []
         for rid in unit:
             record = planned[rid]

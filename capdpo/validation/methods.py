@@ -5,7 +5,8 @@ Every method reads next-token probabilities from single forward passes (no sampl
 deterministic. A method is a class built from the weak model and the `validate` config, with a `name`, and two
 calls: `jobs(key, image, candidates)` turns one sentence's candidates into requests, and
 `scores(candidates, results)` turns those requests' log-probabilities back into one score in [0, 1] per candidate
-(1 = accurate) with the raw numbers in `details`. To add a method: write the class here, register it in
+(1 = accurate) with the raw numbers in `details`. A method may also list the vocabulary ids its `scores` reads as
+`reads`: a local model then moves only those log-probabilities off the GPU (without it, whole rows). To add a method: write the class here, register it in
 `METHODS`, give `ValidateConfig` its prompt if it has one, and test it in tests/validation/ against plain forward
 passes on the tiny models.
 """
@@ -101,6 +102,7 @@ class YesNo:
         self.no = answer_tokens(lm, ["No", "no", "NO"])
         if set(self.yes.ids) & set(self.no.ids):
             raise ConfigError("validate: yes and no share a token in the weak model's tokenizer")
+        self.reads = self.yes.ids + self.no.ids
 
     def jobs(self, key: str, image: str, candidates: list[str]) -> list[Job]:
         return [
@@ -147,6 +149,7 @@ class Rating:
         lead = "" if probe[-1:].isspace() else " "  # "assistant\n" vs "ASSISTANT:" (answer after a space)
         self.paths = {n: tuple(tok.encode(lead + str(n), add_special_tokens=False)) for n in range(101)}
         self.number_tokens = sorted({t for path in self.paths.values() for t in path})
+        self.reads = self.number_tokens
         internal = {path[:j] for path in self.paths.values() for j in range(len(path))}
         self.internal = internal
         # teacher-forced sequences: internal nodes that no other internal node extends
@@ -202,6 +205,7 @@ class Pairwise:
         self.prompt = cfg.pairwise_prompt
         self.a = answer_tokens(lm, ["A"])
         self.b = answer_tokens(lm, ["B"])
+        self.reads = self.a.ids + self.b.ids
 
     def jobs(self, key: str, image: str, candidates: list[str]) -> list[Job]:
         jobs = []
@@ -258,6 +262,7 @@ class Claims:
         self.threshold = cfg.claims_threshold
         self.yes = answer_tokens(lm, ["Yes", "yes", "YES"])
         self.no = answer_tokens(lm, ["No", "no", "NO"])
+        self.reads = self.yes.ids + self.no.ids
         self.decompositions: dict[str, list[dict[str, str]]] = {}
 
     def claims_of(self, candidate: str) -> list[dict[str, str]]:

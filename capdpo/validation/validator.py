@@ -21,6 +21,14 @@ class Validator:
     def jobs(self, key: str, image: str, candidates: list[str]) -> list[Job]:
         return [job for method in self.methods for job in method.jobs(key, image, candidates)]
 
+    def reads(self) -> list[int] | None:
+        """The vocabulary ids the methods' scores read (None: whole rows, for a server's replies or a method that
+        does not say)."""
+        ids = [getattr(m, "reads", None) for m in self.methods]
+        if any(not i for i in ids):
+            return None
+        return sorted({t for i in ids for t in i})
+
     def request_estimate(self, key: str, image: str, candidates: list[str]) -> int:
         """Requests the candidates will need, for planning work units: exact for every method but `claims` (four
         per candidate, before anything is decomposed)."""

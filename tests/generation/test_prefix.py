@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from capdpo.generation.engine import Engine
 from capdpo.generation.prefix import SharedPrefixScorer, shared_prefix_length
@@ -46,3 +47,30 @@ def test_shared_prefix_scores_equal_full_forward_passes(tiny_models, sample_imag
         assert shared[key].shape == expected.shape
         assert (shared[key] - expected).abs().max().item() < 1e-4, key
     assert computed == ([] if arch == "llava" else [True] * len(computed)) and (arch == "llava" or computed)
+    # only the ids the methods read leave the device: the same numbers at those ids, whichever path scores them
+    keep = validator.reads()
+    assert keep and len(keep) < lm.model.get_output_embeddings().weight.shape[0] // 4
+    picked_shared = SharedPrefixScorer(lm, images_per_pass=2).score(requests, batch_size=7, keep=keep)
+    picked_plain = engine.score(requests, batch_size=7, shared_prefix=False, keep=keep)
+    assert set(picked_shared) == set(picked_plain) == set(plain)
+    for key, expected in plain.items():
+        for picked in (picked_shared[key], picked_plain[key]):
+            assert picked.values.shape == (expected.shape[0], len(keep)) and len(picked) == expected.shape[0]
+            for j in range(len(picked)):
+                assert (picked[j][keep] - expected[j][keep]).abs().max().item() < 1e-4, key
+                assert float(picked[j][keep[-1]]) == pytest.approx(float(expected[j][keep[-1]]), abs=1e-4)
+    same_batch = engine.forward_logprobs(requests, keep)  # the very numbers of `plain`, at the kept ids
+    assert all(torch.equal(p.values, plain[r.key][:, keep]) for r, p in zip(requests, same_batch))
+
+
+def test_picked_logprobs_refuse_ids_that_were_not_kept():
+    from capdpo.generation.prefix import Picker
+
+    full = torch.log_softmax(torch.randn(3, 50), dim=-1)
+    picker = Picker([7, 3, 41], vocab=50)
+    rows = picker.rows(picker.to_host(full))
+    assert torch.equal(rows[1][[3, 41]], full[1][[3, 41]]) and float(rows[2][7]) == float(full[2][7])
+    with pytest.raises(KeyError, match="not among the ids kept"):
+        rows[0][[3, 4]]
+    whole = Picker(None, vocab=50)
+    assert whole.rows(whole.to_host(full)) is not None and torch.equal(whole.rows(whole.to_host(full)), full)

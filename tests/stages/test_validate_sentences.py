@@ -61,13 +61,19 @@ def _last_logprobs(lm, image_path, text, continuation=()):
         return torch.log_softmax(lm.model(**enc).logits[0].double(), -1)
 
 
-def test_yesno_and_rating_scores_equal_independent_forward_passes(tmp_path, tiny_models, sample_images):
+def test_yesno_and_rating_scores_equal_independent_forward_passes(tmp_path, tiny_models, sample_images, monkeypatch):
+    from capdpo.generation.engine import Engine
+
     run_dir = tmp_path / "run"
     records = write_variants(run_dir, write_images_stage(run_dir, sample_images[:2]), per_image=1)
     config = write_config(
         tmp_path / "run.yaml", run_dir, tiny_models, validate={"methods": ["yesno", "rating"], "weights": [3.0, 1.0]}
     )
+    kept = []  # the stage moves only the ids its methods read off the device
+    score = Engine.score
+    monkeypatch.setattr(Engine, "score", lambda self, *a, **k: kept.append(k.get("keep")) or score(self, *a, **k))
     validate.run(load_config("validate", ["--config", str(config)]))
+    assert kept and all(k is not None and 6 <= len(k) < 200 for k in kept)
     scored = read_jsonl(run_dir / "04_scores.jsonl")
     assert len(scored) == 2
     lm = load_vlm(str(tiny_models["weak"]))
