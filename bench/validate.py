@@ -37,7 +37,6 @@ from bench.common import (  # noqa: E402
     write_result,
 )
 
-
 # stand-ins for the yes/no answer tokens ("Yes", " yes", ... in Qwen's vocabulary) that stage 4 reads
 ANSWER_IDS = [9454, 9693, 14004, 2753, 2152, 5664]
 
