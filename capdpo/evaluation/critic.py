@@ -36,7 +36,7 @@ from typing import Any
 from capdpo.config import CommonConfig, build, option, require, require_choice
 from capdpo.errors import ConfigError, InputError
 from capdpo.evaluation.caption_metrics import CriticRequest
-from capdpo.evaluation.judge import PROMPTS_DIR, JudgeItem, JudgePrompt, judge_items
+from capdpo.evaluation.judge import PROMPTS_DIR, JudgeItem, JudgePrompt, in_flight, judge_items
 
 DEFAULT_MODEL = "lmms-lab/llava-critic-7b"
 DEFAULT_QUESTION = "Please describe this image in detail."
@@ -245,19 +245,10 @@ class VlmCritic:
                 for output in backend.generate(batch, gen):
                     yield output.key, output.text
             return
-        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-        pool = ThreadPoolExecutor(max_workers=self.opts.workers)
-        try:
-            pending = {pool.submit(backend.generate, [request], gen): request.key for request in requests}
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    pending.pop(future)
-                    (output,) = future.result()
-                    yield output.key, output.text
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        calls = [(r.key, lambda r=r: backend.generate([r], gen)) for r in requests]
+        for key, (output,) in in_flight(calls, self.opts.workers):
+            yield key, output.text
 
 
 def vlm_critic(requests: list[CriticRequest], **options: Any) -> list[float | None]:

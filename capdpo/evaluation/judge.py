@@ -169,18 +169,32 @@ class HttpJudge:
 
     def complete_many(self, items: Sequence[JudgeItem]) -> Iterator[tuple[str, str]]:
         """(question id, reply) as each request finishes, `workers` requests in flight."""
-        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+        calls = [(item.question_id, lambda item=item: self.complete(item.messages)) for item in items]
+        yield from in_flight(calls, self.cfg.workers)
 
-        pool = ThreadPoolExecutor(max_workers=self.cfg.workers)
-        try:
-            pending = {pool.submit(self.complete, item.messages): item.question_id for item in items}
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    qid = pending.pop(future)
-                    yield qid, future.result()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+
+def in_flight(calls: Sequence[tuple[str, Callable[[], Any]]], workers: int) -> Iterator[tuple[str, Any]]:
+    """(key, result) of each call as it finishes, `workers` calls at a time. Every result that has arrived is handed
+    on (in the calls' order) before the first failure is raised, so a caller that caches results loses none of
+    them; the calls not started yet are cancelled."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        pending = {pool.submit(call): (n, key) for n, (key, call) in enumerate(calls)}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            failed = None
+            for future in sorted(done, key=lambda f: pending[f][0]):
+                _, key = pending.pop(future)
+                if future.exception() is not None:
+                    failed = failed or future
+                    continue
+                yield key, future.result()
+            if failed is not None:
+                failed.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class LocalJudge:

@@ -156,3 +156,22 @@ def test_the_judge_never_follows_a_redirect_to_another_host(monkeypatch: pytest.
         with pytest.raises(InputError, match="redirects to another host"):
             http_judge(server.url).complete([{"role": "user", "content": "hi"}])
     assert evil.requests == []  # the key and the prompt never reached it, and its reply was not taken
+
+
+def test_in_flight_hands_on_every_arrived_result_before_a_failure() -> None:
+    """The consumer falls behind while the worker finishes a failing call and two more: both later results come
+    out, in the calls' order, before the failure is raised (a judge cache then keeps them)."""
+    import time
+
+    from capdpo.evaluation.judge import in_flight
+
+    def fail() -> str:
+        raise RuntimeError("dropped")
+
+    calls = [("a", lambda: "A"), ("b", fail), ("c", lambda: "C"), ("d", lambda: "D")]
+    got = []
+    with pytest.raises(RuntimeError, match="dropped"):
+        for key, value in in_flight(calls, workers=1):
+            got.append((key, value))
+            time.sleep(0.3)  # the single worker runs b, c and d meanwhile
+    assert got == [("a", "A"), ("c", "C"), ("d", "D")]
