@@ -73,6 +73,7 @@ class Picker:
 
 
 def vocab_size(lm: LoadedModel) -> int:
+    """Rows of the model's output projection: the width of a log-probability row."""
     return lm.model.get_output_embeddings().weight.shape[0]
 
 

@@ -6,9 +6,9 @@ deterministic. A method is a class built from the weak model and the `validate` 
 calls: `jobs(key, image, candidates)` turns one sentence's candidates into requests, and
 `scores(candidates, results)` turns those requests' log-probabilities back into one score in [0, 1] per candidate
 (1 = accurate) with the raw numbers in `details`. A method may also list the vocabulary ids its `scores` reads as
-`reads`: a local model then moves only those log-probabilities off the GPU (without it, whole rows). To add a method: write the class here, register it in
-`METHODS`, give `ValidateConfig` its prompt if it has one, and test it in tests/validation/ against plain forward
-passes on the tiny models.
+`reads`: a local model then moves only those log-probabilities off the GPU (without it, whole rows). To add a
+method: write the class here, register it in `METHODS`, give `ValidateConfig` its prompt if it has one, and test it
+in tests/validation/ against plain forward passes on the tiny models.
 """
 
 from __future__ import annotations
