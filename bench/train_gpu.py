@@ -407,6 +407,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     )
     if args.work_dir is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("bench/train_gpu.py: several processes need one shared --work-dir (a fresh folder)")
+    if args.work_dir:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     common = CommonConfig(run_dir=args.work_dir or tempfile.mkdtemp(prefix="capdpo-bench-"), seed=args.seed)
     work = Path(common.run_dir)
     dpo = dpo_args(

@@ -14,9 +14,11 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+from capdpo.generation.attention import folded_attention
 from capdpo.generation.batching import SEQUENCE_KEYS, Batcher, Request
 from capdpo.generation.rope import mrope_positions
 from capdpo.models.loading import LoadedModel
@@ -134,6 +136,11 @@ class SharedPrefixScorer:
         self.mrope = hasattr(self.model.model, "rope_deltas")
         self.image_token = getattr(lm.processor, "image_token", None)
         self.images_per_pass = images_per_pass
+        # the suffix pass builds its own full-attention mask: not for models with sliding-window layers
+        text = self.decoder.config
+        self.foldable = "sliding_attention" not in (getattr(text, "layer_types", None) or []) and not getattr(
+            text, "use_sliding_window", False
+        )
 
     def score(self, requests: Sequence[Request], batch_size: int, keep: Sequence[int] | None = None) -> dict[str, Any]:
         """{request key: log-probs [len(continuation) + 1, vocab]} like `Engine.forward_logprobs` (with `keep`: at
@@ -273,14 +280,19 @@ class SharedPrefixScorer:
         rows_cache.batch_select_indices(torch.tensor([g for g, _ in part], device=device))
         if self.mrope:
             positions = positions.view(1, n, length).expand(3, n, length)
-        hidden = self.decoder(
-            inputs_embeds=self.embed(suffix_ids.to(device)),
-            position_ids=positions.to(device),
-            attention_mask=mask.to(device),
-            past_key_values=rows_cache,
-            cache_position=torch.arange(width, width + length, device=device),
-            use_cache=True,
-        ).last_hidden_state
+        mask = mask.to(device)
+        with folded_attention(self.decoder.config) if self.foldable else nullcontext(False) as folded:
+            if folded:  # the 4-D mask itself: the row's prefix, then its suffix causally
+                causal = torch.ones(length, width + length, dtype=torch.bool, device=device).tril(width)
+                mask = mask.bool()[:, None, None, :] & causal
+            hidden = self.decoder(
+                inputs_embeds=self.embed(suffix_ids.to(device)),
+                position_ids=positions.to(device),
+                attention_mask=mask,
+                past_key_values=rows_cache,
+                cache_position=torch.arange(width, width + length, device=device),
+                use_cache=True,
+            ).last_hidden_state
         # gather the rows we read and project them in one matmul, then move them to the CPU in one transfer
         spans = []
         for (g, i), suffix in zip(part, suffixes):

@@ -20,7 +20,9 @@ def test_shared_prefix_leaves_every_read_position_in_the_suffix():
 
 @pytest.mark.parametrize("arch", ["weak", "qwen3vl", "llava"])
 def test_shared_prefix_scores_equal_full_forward_passes(tiny_models, sample_images, arch, monkeypatch):
+    import capdpo.generation.attention as attention_module
     import capdpo.generation.prefix as prefix_module
+    from capdpo.generation.attention import folded_sdpa_attention
 
     computed = []  # Qwen-VL prefixes take their 3-D positions from capdpo.generation.rope, not the model's loop
 
@@ -30,6 +32,13 @@ def test_shared_prefix_scores_equal_full_forward_passes(tiny_models, sample_imag
         return result
 
     monkeypatch.setattr(prefix_module, "mrope_positions", spy)
+    folded_heads = []  # suffix passes on SDPA read grouped key/value heads without copying them per query head
+
+    def folded_spy(module, query, *args, **kwargs):
+        folded_heads.append(getattr(module, "num_key_value_groups", 1))
+        return folded_sdpa_attention(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "folded_sdpa_attention", folded_spy)
     lm = load_vlm(str(tiny_models[arch]))
     validator = Validator(lm, ValidateConfig(methods=["yesno", "rating", "pairwise"]))
     candidates = ["A red ball.", "Two dogs play on the grass near a tall tree.", "The sky."]
@@ -47,6 +56,8 @@ def test_shared_prefix_scores_equal_full_forward_passes(tiny_models, sample_imag
         assert shared[key].shape == expected.shape
         assert (shared[key] - expected).abs().max().item() < 1e-4, key
     assert computed == ([] if arch == "llava" else [True] * len(computed)) and (arch == "llava" or computed)
+    assert lm.model.model.language_model.config._attn_implementation == "sdpa"
+    assert folded_heads and max(folded_heads) == (1 if arch == "llava" else 2)  # llava's tiny text model has no GQA
     # only the ids the methods read leave the device: the same numbers at those ids, whichever path scores them
     keep = validator.reads()
     assert keep and len(keep) < lm.model.get_output_embeddings().weight.shape[0] // 4

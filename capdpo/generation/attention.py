@@ -1,0 +1,73 @@
+"""SDPA with grouped-query attention folded into the query length, for many query tokens under an explicit mask.
+
+With a mask and more than one query token, the library's SDPA path copies every key/value head once per query head
+(`repeat_kv`): for the 3B scorer's suffix pass (2 key/value heads, 16 query heads, each row's image prefix in its
+keys) that copy moves more bytes than the attention reads. Query heads that share a key/value head can instead be
+laid end to end along the query axis, which makes the call ordinary multi-head attention over the key/value heads,
+as long as the mask is the same for every head (it is: masks here are [batch, 1, queries, keys]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+FOLDED_SDPA = "capdpo_folded_sdpa"
+
+
+def folded_sdpa_attention(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
+    """An attention function for transformers' `AttentionInterface`: query [batch, heads, q, d], key/value [batch,
+    kv_heads, k, d], a boolean or additive mask [batch or 1, 1, q, k]; returns [batch, q, heads, d] as the library's
+    functions do."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    mask = attention_mask
+    if groups == 1 or mask is None or mask.dim() != 4 or mask.shape[1] != 1 or kwargs.get("softcap") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    # query head h reads key/value head h // groups (the library's repeat_kv order): [b, kv, groups * q, d]
+    folded = query.reshape(batch, kv_heads, groups * length, dim)
+    mask = mask[..., : key.shape[2]].repeat(1, 1, groups, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        folded, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling
+    )
+    return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Make `FOLDED_SDPA` a name the models accept (idempotent). A 4-D mask passes the library's mask builders
+    untouched, so the name only needs SDPA's mask builder for the 2-D masks of other callers."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(FOLDED_SDPA, folded_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(FOLDED_SDPA, sdpa_mask)
+
+
+@contextmanager
+def folded_attention(config: Any) -> Iterator[bool]:
+    """Run a model whose attention is SDPA on `folded_sdpa_attention` inside the block; yields whether it does (the
+    caller then passes 4-D masks). Other implementations (FlashAttention reads grouped heads natively; eager) stay."""
+    current = config._attn_implementation
+    if current != "sdpa":
+        yield False
+        return
+    register()
+    config._attn_implementation = FOLDED_SDPA
+    try:
+        yield True
+    finally:
+        config._attn_implementation = current
