@@ -12,6 +12,7 @@ and a forward pass carries many images' worth of work, so the GPU is not left wa
 from __future__ import annotations
 
 import copy
+import itertools
 from collections import defaultdict
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -264,43 +265,39 @@ class SharedPrefixScorer:
 
         device = self.lm.device
         n = len(part)
+        # built as whole tensors, not row by row: a pass has hundreds of rows and the GPU waits for this
         suffixes = [chunk[g].ids[i][chunk[g].prefix_len :] for g, i in part]
-        length = max(len(s) for s in suffixes)
-        pad = self.lm.tokenizer.pad_token_id
-        suffix_ids = torch.full((n, length), pad, dtype=torch.long)
-        mask = torch.zeros(n, width + length, dtype=torch.long)
-        positions = torch.zeros(n, length, dtype=torch.long)
-        for row, ((g, _), suffix) in enumerate(zip(part, suffixes)):
-            mask[row, width - chunk[g].prefix_len : width] = 1  # the image's prefix, left-padded to `width`
-            mask[row, width : width + len(suffix)] = 1  # right padding: real tokens never attend to it
-            suffix_ids[row, : len(suffix)] = torch.tensor(suffix)
-            positions[row] = torch.arange(length) + real_lens[g] + deltas[g]
+        lens = torch.tensor([len(s) for s in suffixes])
+        reads = torch.tensor([chunk[g].continuations[i] + 1 for g, i in part])  # positions read per row
+        group = torch.tensor([g for g, _ in part])
+        length = int(lens.max())
+        real = torch.arange(length) < lens[:, None]  # right padding: real tokens never attend to it
+        suffix_ids = torch.full((n, length), self.lm.tokenizer.pad_token_id, dtype=torch.long)
+        suffix_ids[real] = torch.tensor(list(itertools.chain.from_iterable(suffixes)), dtype=torch.long)
+        in_prefix = torch.arange(width) >= width - real_lens[group][:, None]  # the image's prefix, left-padded
+        mask = torch.cat([in_prefix, real], dim=1).to(device)
+        positions = torch.arange(length) + (real_lens + deltas)[group][:, None]
         rows_cache = copy.copy(cache)
         rows_cache.layers = [copy.copy(layer) for layer in cache.layers]
-        rows_cache.batch_select_indices(torch.tensor([g for g, _ in part], device=device))
+        rows_cache.batch_select_indices(group.to(device))
         if self.mrope:
             positions = positions.view(1, n, length).expand(3, n, length)
-        mask = mask.to(device)
         with folded_attention(self.decoder.config) if self.foldable else nullcontext(False) as folded:
             if folded:  # the 4-D mask itself: the row's prefix, then its suffix causally
                 causal = torch.ones(length, width + length, dtype=torch.bool, device=device).tril(width)
-                mask = mask.bool()[:, None, None, :] & causal
+                mask = mask[:, None, None, :] & causal
             hidden = self.decoder(
                 inputs_embeds=self.embed(suffix_ids.to(device)),
                 position_ids=positions.to(device),
-                attention_mask=mask,
+                attention_mask=mask if folded else mask.long(),
                 past_key_values=rows_cache,
                 cache_position=torch.arange(width, width + length, device=device),
                 use_cache=True,
             ).last_hidden_state
-        # gather the rows we read and project them in one matmul, then move them to the CPU in one transfer
-        spans = []
-        for (g, i), suffix in zip(part, suffixes):
-            spans.append((len(suffix) - 1 - chunk[g].continuations[i], len(suffix)))
-        picked = torch.cat([hidden[r, a:b] for r, (a, b) in enumerate(spans)])
+        # the positions we read (each row's last `reads`), projected in one matmul and moved to the CPU in one transfer
+        row_of = torch.arange(n).repeat_interleave(reads)
+        first = torch.cumsum(reads, 0) - reads
+        col_of = torch.arange(int(reads.sum())) - first[row_of] + (lens - reads)[row_of]
+        picked = hidden[row_of.to(device), col_of.to(device)]
         logprobs = picker.to_host(torch.log_softmax(self.head(picked).float(), dim=-1))
-        out, start = [], 0
-        for a, b in spans:
-            out.append(picker.rows(logprobs[start : start + b - a]))
-            start += b - a
-        return out
+        return [picker.rows(logprobs[a : a + k]) for a, k in zip(first.tolist(), reads.tolist())]
