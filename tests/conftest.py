@@ -28,6 +28,20 @@ def _default_image_limits():
     set_limits(Limits().pixels, Limits().bytes)
 
 
+@pytest.fixture(autouse=True)
+def _plain_text_rotary():
+    """`fuse_text_elementwise` points a modeling file's rotary function at a compiled kernel for the whole process:
+    every test starts from transformers' own."""
+    import sys
+
+    yield
+    for name, module in list(sys.modules.items()):
+        if name.startswith("transformers.models.") and module is not None:
+            plain = getattr(vars(module).get("apply_rotary_pos_emb"), "capdpo_plain", None)
+            if plain is not None:
+                module.apply_rotary_pos_emb = plain
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Paths of the tiny random-weight models: strong, weak (Qwen2.5-VL), qwen3vl, llava."""

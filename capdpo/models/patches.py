@@ -173,6 +173,20 @@ def _rotary_vision(q: Any, k: Any, cos: Any, sin: Any) -> Any:
     return rotate(q), rotate(k)
 
 
+def _rotary_text(q: Any, k: Any, cos: Any, sin: Any) -> Any:
+    # transformers' apply_rotary_pos_emb with unsqueeze_dim=1 (q, k [batch, heads, tokens, dim]; cos, sin [batch,
+    # tokens, dim]): eagerly two multiplies, a negation, a concatenation and an add per tensor
+    import torch
+
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rotate(x: Any) -> Any:
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    return rotate(q), rotate(k)
+
+
 def _rms_norm(x: Any, weight: Any, eps: float) -> Any:
     # transformers' Qwen2.5-VL RMSNorm, as a function of its inputs
     import torch
@@ -278,7 +292,9 @@ _TEXT_MLPS = {"Qwen2MLP", "Qwen3VLTextMLP", "LlamaMLP"}
 
 
 def fuse_text_elementwise(model: Any, backend: str = "inductor") -> int:
-    """Run the language model's RMSNorms and SiLU gating as compiled elementwise kernels; returns how many modules.
+    """Run the language model's RMSNorms, SiLU gating and rotary embedding as compiled elementwise kernels; returns
+    how many modules (norms and MLPs; the rotary embedding is a function of the modeling file, see
+    `_fuse_text_rotary`).
 
     A prefill of 256 captions is ~74k tokens: each RMSNorm makes ~8 float32 passes over [74k, 3584] and each MLP
     3 passes over [74k, 18944] for its gating, where one fused kernel reads and writes each tensor once. In decode
@@ -287,8 +303,10 @@ def fuse_text_elementwise(model: Any, backend: str = "inductor") -> int:
     """
     import types
 
+    language_model = _language_model(model)
+    _fuse_text_rotary(language_model, backend)
     count = 0
-    for module in _language_model(model).modules():
+    for module in language_model.modules():
         name = type(module).__name__
         if name in _TEXT_NORMS and hasattr(module, "variance_epsilon"):
             module.forward = types.MethodType(_fused_norm_forward(backend), module)
@@ -298,6 +316,33 @@ def fuse_text_elementwise(model: Any, backend: str = "inductor") -> int:
             continue
         count += 1
     return count
+
+
+def _fuse_text_rotary(language_model: Any, backend: str) -> list[str]:
+    """Point the `apply_rotary_pos_emb` of each attention module's modeling file at one compiled kernel per tensor
+    (the attention forward looks the function up there on every call, so this holds for every model of that family
+    in the process; the function computed is the same). Returns the modeling modules changed."""
+    import inspect
+    import sys
+
+    fused = _compiled(_rotary_text, backend)
+    changed: list[str] = []
+    for module in language_model.modules():
+        home = sys.modules.get(type(module).__module__)
+        if not type(module).__name__.endswith("Attention") or home is None or home.__name__ in changed:
+            continue
+        plain = getattr(home, "apply_rotary_pos_emb", None)
+        plain = getattr(plain, "capdpo_plain", plain)
+        if plain is None or list(inspect.signature(plain).parameters) != ["q", "k", "cos", "sin", "unsqueeze_dim"]:
+            continue
+
+        def rotary(q: Any, k: Any, cos: Any, sin: Any, unsqueeze_dim: int = 1, plain: Any = plain) -> Any:
+            return fused(q, k, cos, sin) if unsqueeze_dim == 1 else plain(q, k, cos, sin, unsqueeze_dim)
+
+        rotary.capdpo_plain = plain  # type: ignore[attr-defined]
+        home.apply_rotary_pos_emb = rotary
+        changed.append(home.__name__)
+    return changed
 
 
 def _fused_norm_forward(backend: str) -> Any:

@@ -1,5 +1,6 @@
 import contextlib
 import math
+import sys
 
 import pytest
 import torch
@@ -180,6 +181,9 @@ def test_static_decoder_with_fused_text_elementwise_is_token_identical(tiny_mode
     layers = lm.model.config.get_text_config().num_hidden_layers
     per_layer = 5 if arch == "qwen3vl" else 3  # 2 norms and an MLP per layer, Qwen3 also normalises q and k
     assert fuse_text_elementwise(lm.model, backend="eager") == per_layer * layers + 1
+    attention = next(m for m in lm.model.model.language_model.modules() if type(m).__name__.endswith("Attention"))
+    home = sys.modules[type(attention).__module__]
+    assert home.apply_rotary_pos_emb.capdpo_plain.__module__ == home.__name__  # the rotary embedding is fused too
     fused = Engine(lm, decoder="static", prefill_rows=2).generate(requests, gen)
     assert [o.token_ids for o in fused] == [o.token_ids for o in plain]
 

@@ -133,3 +133,40 @@ def test_inputs_past_the_recompile_limit_run_eagerly_and_compiled_variants_stay_
         assert torch.allclose(fused(seven, weight, 1e-6), _rms_norm(seven, weight, 1e-6))
         assert len(compiles) == 1  # rank 2 again (another size): the compiled variant, not a new one
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen2"])
+def test_fused_text_rotary_is_transformers_function_with_its_gradients(family):
+    """The language model's rotary embedding as one compiled kernel per tensor computes transformers' function:
+    values and gradients in float32, for the non-contiguous [batch, heads, tokens, dim] views attention passes."""
+    import importlib
+
+    from capdpo.models.patches import _fuse_text_rotary
+
+    home = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    plain = home.apply_rotary_pos_emb
+    attention = type("Qwen2_5_VLAttention", (torch.nn.Module,), {"__module__": home.__name__})
+    assert _fuse_text_rotary(torch.nn.ModuleList([attention(), attention()]), "eager") == [home.__name__]
+    fused = home.apply_rotary_pos_emb
+    assert fused is not plain and fused.capdpo_plain is plain
+    assert _fuse_text_rotary(torch.nn.ModuleList([attention()]), "eager") == [home.__name__]  # no double wrap
+    assert home.apply_rotary_pos_emb.capdpo_plain is plain
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, tokens, dim = 2, 4, 2, 5, 16
+    q = torch.randn(batch, tokens, heads, dim).transpose(1, 2).requires_grad_()
+    k = torch.randn(batch, tokens, kv_heads, dim).transpose(1, 2).requires_grad_()
+    cos, sin = torch.randn(2, batch, tokens, dim).unbind(0)
+    weights = torch.randn(batch, heads, tokens, dim), torch.randn(batch, kv_heads, tokens, dim)
+    results = []
+    for function in (plain, home.apply_rotary_pos_emb):
+        q_out, k_out = function(q, k, cos, sin)
+        ((q_out * weights[0]).sum() + (k_out * weights[1]).sum()).backward()
+        results.append((q_out.detach(), k_out.detach(), q.grad.clone(), k.grad.clone()))
+        q.grad = k.grad = None
+    for expected, got in zip(*results):
+        assert (got - expected).abs().max().item() < 1e-6
+    # another layout than the attention modules use goes to transformers' function itself
+    q4, k4 = torch.randn(batch, tokens, heads, dim), torch.randn(batch, tokens, kv_heads, dim)
+    for expected, got in zip(plain(q4, k4, cos, sin, 2), home.apply_rotary_pos_emb(q4, k4, cos, sin, 2)):
+        assert torch.equal(got, expected)
