@@ -12,6 +12,7 @@ and a forward pass carries many images' worth of work, so the GPU is not left wa
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 from collections import defaultdict
 from collections.abc import Sequence
@@ -113,6 +114,48 @@ class PrefixGroup:
     continuations: list[int]  # continuation length of each sequence
     prefix_len: int
     keys: list[Any]  # where each sequence's result goes
+
+
+@functools.cache
+def _rows_on_prefixes() -> type:
+    """A cache layer for one suffix pass: every row reads its image's prefix (the prefill's layer, one entry per
+    image), gathered only when the layer runs, straight into the keys the row attends to, its suffix written after
+    it: one write of each row's keys, where a gather of every layer up front and a concatenation per layer made
+    three. (A class made on first use: transformers is imported lazily.)"""
+    import torch.nn.functional as F
+    from transformers.cache_utils import DynamicLayer
+
+    class RowsOnPrefixes(DynamicLayer):
+        def __init__(self, prefixes: Any, rows: Any) -> None:
+            super().__init__()
+            self.prefixes, self.rows = prefixes, rows
+            self.dtype, self.device = prefixes.keys.dtype, prefixes.keys.device
+            self.is_initialized = True
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            width = self.prefixes.keys.shape[-2]
+            out = []
+            for prefix, suffix in ((self.prefixes.keys, key_states), (self.prefixes.values, value_states)):
+                rows = F.pad(prefix, (0, 0, 0, suffix.shape[-2])).index_select(0, self.rows)
+                rows[..., width:, :] = suffix
+                out.append(rows)
+            return out[0], out[1]
+
+        def get_seq_length(self) -> int:
+            return self.prefixes.keys.shape[-2]
+
+    return RowsOnPrefixes
+
+
+def _rows_layer(layer: Any, rows: Any) -> Any:
+    """The suffix pass's view of one prefill cache layer: `_rows_on_prefixes` for a plain dynamic layer; any other
+    kind (a sliding window, say) gathered the library's way."""
+    rows_on_prefixes = _rows_on_prefixes()
+    if type(layer) is rows_on_prefixes.__base__:
+        return rows_on_prefixes(layer, rows)
+    layer = copy.copy(layer)
+    layer.batch_select_indices(rows)
+    return layer
 
 
 def shared_prefix_length(ids: list[list[int]], continuations: list[int]) -> int:
@@ -278,8 +321,7 @@ class SharedPrefixScorer:
         mask = torch.cat([in_prefix, real], dim=1).to(device)
         positions = torch.arange(length) + (real_lens + deltas)[group][:, None]
         rows_cache = copy.copy(cache)
-        rows_cache.layers = [copy.copy(layer) for layer in cache.layers]
-        rows_cache.batch_select_indices(group.to(device))
+        rows_cache.layers = [_rows_layer(layer, group.to(device)) for layer in cache.layers]
         if self.mrope:
             positions = positions.view(1, n, length).expand(3, n, length)
         with folded_attention(self.decoder.config) if self.foldable else nullcontext(False) as folded:

@@ -39,6 +39,15 @@ def test_shared_prefix_scores_equal_full_forward_passes(tiny_models, sample_imag
         return folded_sdpa_attention(module, query, *args, **kwargs)
 
     monkeypatch.setattr(attention_module, "folded_sdpa_attention", folded_spy)
+    layer_kinds = set()  # each suffix pass gathers the rows' prefixes layer by layer, straight into their keys
+    rows_layer = prefix_module._rows_layer
+
+    def rows_layer_spy(layer, rows):
+        made = rows_layer(layer, rows)
+        layer_kinds.add(type(made))
+        return made
+
+    monkeypatch.setattr(prefix_module, "_rows_layer", rows_layer_spy)
     lm = load_vlm(str(tiny_models[arch]))
     validator = Validator(lm, ValidateConfig(methods=["yesno", "rating", "pairwise"]))
     candidates = ["A red ball.", "Two dogs play on the grass near a tall tree.", "The sky."]
@@ -58,6 +67,7 @@ def test_shared_prefix_scores_equal_full_forward_passes(tiny_models, sample_imag
     assert computed == ([] if arch == "llava" else [True] * len(computed)) and (arch == "llava" or computed)
     assert lm.model.model.language_model.config._attn_implementation == "sdpa"
     assert folded_heads and max(folded_heads) == (1 if arch == "llava" else 2)  # llava's tiny text model has no GQA
+    assert layer_kinds == {prefix_module._rows_on_prefixes()}
     # only the ids the methods read leave the device: the same numbers at those ids, whichever path scores them
     keep = validator.reads()
     assert keep and len(keep) < lm.model.get_output_embeddings().weight.shape[0] // 4
