@@ -195,9 +195,34 @@ def profiler(cuda: bool) -> Any:
 
 
 def operator_table(prof: Any, cuda: bool) -> str:
-    """A finished profile's 60 costliest operators, by device time on a GPU (CPU time otherwise)."""
+    """A finished profile's 60 costliest operators, by device time on a GPU (CPU time otherwise); on a GPU headed by
+    how much of the recorded time the device was busy (the rest it waited on the host)."""
     key = "cuda_time_total" if cuda else "cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=70)
+    if not cuda:
+        return table
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+    if not kernels:
+        return table
+    span = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
+    busy = covered(kernels)
+    return (
+        f"device busy {busy / 1e3:.1f} ms of the {span / 1e3:.1f} ms recorded ({busy / max(span, 1):.0%}); "
+        f"the rest it waited on the host\n\n{table}"
+    )
+
+
+def covered(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of [start, end) intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def environment(device: str) -> dict[str, Any]:

@@ -36,3 +36,11 @@ def test_levers_tiny_mode_measures_every_part():
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "rope equal: True True" in result.stdout
     assert result.stdout.count("decode") == 4 and "fused 7 text modules" in result.stdout
+
+
+def test_device_busy_time_counts_overlapping_kernels_once():
+    from bench.common import covered
+
+    assert covered([]) == 0
+    assert covered([(0, 10), (5, 12), (20, 25), (21, 22), (12, 13)]) == 18  # 0-13 and 20-25
+    assert covered([(30, 40), (0, 5)]) == 15
