@@ -14,8 +14,8 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import defaultdict, deque
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -192,18 +192,43 @@ class SharedPrefixScorer:
         by_image: dict[str | None, list[Request]] = defaultdict(list)
         for request in requests:
             by_image[request.image].append(request)
-        groups, plain = [], []
-        for image, requests_of_image in by_image.items():
-            group = self._group(image, requests_of_image) if len(requests_of_image) > 1 else None
-            if group is None:  # nothing worth sharing: one full forward each
-                plain.extend(requests_of_image)
-            else:
-                groups.append(group)
-        results = self.score_groups(groups, batch_size, keep)
+        unshared = {image for image, requests_of_image in by_image.items() if len(requests_of_image) == 1}
+
+        def groups() -> Iterator[PrefixGroup]:
+            for image, group in self._prepared([(i, r) for i, r in by_image.items() if i not in unshared]):
+                if group is None:  # nothing worth sharing: one full forward each
+                    unshared.add(image)
+                else:
+                    yield group
+
+        results = self.score_groups(groups(), batch_size, keep)
+        plain = [r for image, requests_of_image in by_image.items() if image in unshared for r in requests_of_image]
         for start in range(0, len(plain), batch_size):
             batch = plain[start : start + batch_size]
             results.update({r.key: lp for r, lp in zip(batch, forward_logprobs(self.lm, self.batcher, batch, keep))})
         return results
+
+    def _prepared(self, images: list[tuple[str | None, list[Request]]]) -> Iterator[tuple[Any, PrefixGroup | None]]:
+        """(image, its group or None) in order, tokenised by a worker thread up to two passes ahead: an image's
+        chat templates, tokenisation and image processing take about as much host time as the GPU needs to score
+        its requests, so they run while the GPU works on the images before it."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        ahead = 2 * self.images_per_pass
+        pending: deque[tuple[Any, Any]] = deque()
+        with ThreadPoolExecutor(1, thread_name_prefix="capdpo-prefix") as pool:
+            try:
+                for image, requests_of_image in images:
+                    pending.append((image, pool.submit(self._group, image, requests_of_image)))
+                    if len(pending) > ahead:
+                        image_done, future = pending.popleft()
+                        yield image_done, future.result()
+                while pending:
+                    image_done, future = pending.popleft()
+                    yield image_done, future.result()
+            finally:
+                for _, future in pending:
+                    future.cancel()
 
     def _group(self, image: str | None, requests: list[Request]) -> PrefixGroup | None:
         """Tokenise the requests of one image; None when their common prefix does not cover the image."""
@@ -215,16 +240,11 @@ class SharedPrefixScorer:
                 return None
             image_id = self.lm.tokenizer.convert_tokens_to_ids(self.image_token)
             image_end = max(i for i, t in enumerate(first_ids) if t == image_id) + 1
-        ids = []
-        for request in requests:
-            text = self.batcher.prompt_text(request)
-            if image is not None:
-                # special tokens split the text, so the part after the image tokenises on its own
-                tail = text[text.rindex(self.image_token) + len(self.image_token) :]
-                row = first_ids[:image_end] + self.lm.tokenizer.encode(tail, add_special_tokens=False)
-            else:
-                row = self.lm.tokenizer.encode(text, add_special_tokens=False)
-            ids.append(row + list(request.continuation))
+        texts = [self.batcher.prompt_text(request) for request in requests]
+        if image is not None:  # special tokens split the text, so the part after the image tokenises on its own
+            texts = [text[text.rindex(self.image_token) + len(self.image_token) :] for text in texts]
+        encoded = self.lm.tokenizer(texts, add_special_tokens=False)["input_ids"]  # one call for all of them
+        ids = [first_ids[:image_end] + row + list(r.continuation) for row, r in zip(encoded, requests)]
         continuations = [len(r.continuation) for r in requests]
         prefix_len = shared_prefix_length(ids, continuations)
         if prefix_len < max(image_end, 1):
@@ -232,16 +252,16 @@ class SharedPrefixScorer:
         return PrefixGroup(first, ids, continuations, prefix_len, [r.key for r in requests])
 
     def score_groups(
-        self, groups: list[PrefixGroup], batch_size: int, keep: Sequence[int] | None = None
+        self, groups: Iterable[PrefixGroup], batch_size: int, keep: Sequence[int] | None = None
     ) -> dict[Any, Any]:
         """Score prefix groups: `images_per_pass` prefixes per forward, then their suffixes `batch_size` at a time."""
         import torch
 
         picker = Picker(keep, vocab_size(self.lm))
         results: dict[Any, Any] = {}
+        groups = iter(groups)
         with torch.inference_mode():
-            for start in range(0, len(groups), self.images_per_pass):
-                chunk = groups[start : start + self.images_per_pass]
+            while chunk := list(itertools.islice(groups, self.images_per_pass)):
                 cache, real_lens, deltas, width = self._prefill(chunk)
                 rows = [(g, i) for g in range(len(chunk)) for i in range(len(chunk[g].ids))]
                 rows.sort(key=lambda gi: len(chunk[gi[0]].ids[gi[1]]) - chunk[gi[0]].prefix_len)

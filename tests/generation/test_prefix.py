@@ -95,3 +95,41 @@ def test_picked_logprobs_refuse_ids_that_were_not_kept():
         rows[0][[3, 4]]
     whole = Picker(None, vocab=50)
     assert whole.rows(whole.to_host(full)) is not None and torch.equal(whole.rows(whole.to_host(full)), full)
+
+
+def test_images_are_tokenised_ahead_of_the_gpu_and_a_bad_image_still_raises(tiny_models, sample_images, tmp_path):
+    """A worker thread prepares the next images' groups while the model runs on the current ones: here the fifth
+    image's tokenisation waits until the first prefill has begun, which tokenising every image before scoring never
+    allows. An image that cannot be read raises from `score` as before, and no worker is left running."""
+    import threading
+
+    lm = load_vlm(str(tiny_models["weak"]))
+    validator = Validator(lm, ValidateConfig(methods=["yesno"]))
+    candidates = ["A red ball.", "Two dogs.", "The sky."]
+    requests = [j.request for i in range(6) for j in validator.jobs(f"s{i}", str(sample_images[i]), candidates)]
+    scorer = SharedPrefixScorer(lm, images_per_pass=2)
+    grouped, started = [], threading.Event()
+    group, prefill = scorer._group, scorer._prefill
+
+    def group_spy(image, requests_of_image):
+        if len(grouped) == 4:
+            assert started.wait(timeout=20), "every image was tokenised before the model ran"
+        grouped.append(image)
+        return group(image, requests_of_image)
+
+    def prefill_spy(chunk):
+        started.set()
+        return prefill(chunk)
+
+    scorer._group, scorer._prefill = group_spy, prefill_spy
+    results = scorer.score(requests, batch_size=4)
+    assert set(results) == {r.key for r in requests} and started.is_set()
+    assert grouped == [str(p) for p in sample_images[:6]]  # in the requests' order
+
+    missing = tmp_path / "missing.png"
+    broken = [j.request for j in validator.jobs("s9", str(missing), candidates)]
+    before = threading.active_count()
+    with pytest.raises(Exception) as raised:
+        SharedPrefixScorer(lm, images_per_pass=2).score(requests[:6] + broken + requests[6:], batch_size=4)
+    assert "missing.png" in str(raised.value)
+    assert threading.active_count() == before
