@@ -50,6 +50,57 @@ def _parts(message: dict[str, Any]) -> Iterator[Any]:
         yield from content
 
 
+# placeholders for texts in a chat template's rendering (Unicode private use: no tokenizer or text uses them), and
+# the characters a text may not hold to take the placeholder path (templates test texts for markup, if for anything)
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_MARKUP = set("<>{}%[]" + _OPEN + _CLOSE)
+
+
+def _texts_and_shape(messages: list[dict[str, Any]]) -> tuple[list[str], Any]:
+    """The messages' texts in order, and everything else about them (what a chat template may depend on)."""
+    texts: list[str] = []
+    shape = []
+    for message in messages:
+        content = message["content"]
+        rest = repr(sorted((k, repr(v)) for k, v in message.items() if k != "content"))
+        if isinstance(content, str):
+            texts.append(content)
+            shape.append((rest, None))
+            continue
+        parts = []
+        for part in content:
+            if part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+                parts.append("text")
+            else:
+                parts.append(repr(sorted((k, repr(v)) for k, v in part.items())))
+        shape.append((rest, tuple(parts)))
+    return texts, tuple(shape)
+
+
+def _with_texts(messages: list[dict[str, Any]], texts: list[str]) -> list[dict[str, Any]]:
+    """`messages` with their texts replaced, in order, by `texts`."""
+    fill = iter(texts)
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            content = next(fill)
+        else:
+            content = [
+                {**part, "text": next(fill)}
+                if part.get("type") == "text" and isinstance(part.get("text"), str)
+                else part
+                for part in content
+            ]
+        out.append({**message, "content": content})
+    return out
+
+
+def _filled(pieces: list[str], texts: list[str]) -> str:
+    return "".join(piece + text for piece, text in zip(pieces, texts)) + pieces[-1]
+
+
 def text_length(request: Request) -> int:
     """The characters of a request's text, a cheap stand-in for its token count when grouping by length."""
     return len(
@@ -68,6 +119,7 @@ class Batcher:
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
         self._images: dict[str, Any] = {}
+        self._templates: dict[Any, list[str] | None] = {}
 
     def image(self, path: str) -> Any:
         if path not in self._images:
@@ -77,7 +129,27 @@ class Batcher:
         return self._images[path]
 
     def prompt_text(self, request: Request) -> str:
-        messages = request.messages
+        """The chat template applied to the request's messages.
+
+        Requests that differ only in their texts (a sentence's candidates, say) share one rendering of the template
+        with placeholders where their texts go, filled with each request's texts: the template is rendered once per
+        shape of conversation instead of once per request. A shape takes this path only where the template was seen
+        to insert texts verbatim: placeholders each once and in order, probe texts with surrounding whitespace and
+        markup characters inserted unchanged, and the first request's own rendering equal to the filled one. Texts
+        holding markup characters are always rendered in full."""
+        texts, shape = _texts_and_shape(request.messages)
+        if any(set(t) & _MARKUP for t in texts):
+            return self._render(request.messages)
+        if shape not in self._templates:
+            if len(self._templates) > 1024:
+                self._templates.clear()
+            self._templates[shape] = self._template(request.messages, len(texts))
+        pieces = self._templates[shape]
+        if pieces is None:
+            return self._render(request.messages)
+        return _filled(pieces, texts)
+
+    def _render(self, messages: list[dict[str, Any]]) -> str:
         last_is_assistant = messages[-1]["role"] == "assistant"
         return self.lm.processor.apply_chat_template(
             messages,
@@ -85,6 +157,24 @@ class Batcher:
             add_generation_prompt=not last_is_assistant,
             continue_final_message=last_is_assistant,
         )
+
+    def _template(self, messages: list[dict[str, Any]], count: int) -> list[str] | None:
+        """The rendering of `messages`' shape split where its texts go, or None where texts are not inserted
+        verbatim (see `prompt_text`)."""
+        marks = [f"{_OPEN}{i}{_CLOSE}" for i in range(count)]
+        rendered = self._render(_with_texts(messages, marks))
+        pieces, rest = [], rendered
+        for mark in marks:
+            if rest.count(mark) != 1 or rendered.count(mark) != 1:
+                return None
+            before, rest = rest.split(mark)
+            pieces.append(before)
+        pieces.append(rest)
+        probes = [f" \n{i}\t<&'\"{{%}} " for i in range(count)]
+        if self._render(_with_texts(messages, probes)) != _filled(pieces, probes):
+            return None
+        texts, _ = _texts_and_shape(messages)
+        return pieces if self._render(messages) == _filled(pieces, texts) else None
 
     def row(self, request: Request) -> dict[str, Any]:
         """The processor's tensors for one request (batch dimension 1, image tokens expanded, no continuation)."""

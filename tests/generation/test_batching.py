@@ -1,0 +1,60 @@
+from types import SimpleNamespace
+
+import pytest
+
+from capdpo.generation.batching import Batcher, Request, user_message
+from capdpo.models.loading import load_vlm
+from capdpo.validation.config import ValidateConfig
+from capdpo.validation.validator import Validator
+
+
+def _rendered(lm, request):
+    """The chat template applied as transformers does it, request by request."""
+    last_is_assistant = request.messages[-1]["role"] == "assistant"
+    return lm.processor.apply_chat_template(
+        request.messages,
+        tokenize=False,
+        add_generation_prompt=not last_is_assistant,
+        continue_final_message=last_is_assistant,
+    )
+
+
+@pytest.mark.parametrize("arch", ["weak", "qwen3vl", "llava"])
+def test_prompts_through_one_rendering_per_shape_equal_rendering_each(tiny_models, sample_images, arch, monkeypatch):
+    lm = load_vlm(str(tiny_models[arch]))
+    validator = Validator(lm, ValidateConfig(methods=["yesno", "rating", "pairwise"]))
+    candidates = ["A red ball.", "  Two dogs\n play.  ", 'The sky\'s "blue" & wide.', "A <b>bold</b> {claim}."]
+    requests = [j.request for i in range(2) for j in validator.jobs(f"s{i}", str(sample_images[i]), candidates)]
+    requests += [
+        Request(key="text-only", image=None, messages=[user_message("Describe nothing.", with_image=False)]),
+        Request(
+            key="continued",
+            image=str(sample_images[0]),
+            messages=[user_message("Describe the image."), {"role": "assistant", "content": "The image shows"}],
+        ),
+    ]
+    batcher = Batcher(lm)
+    renders = []
+    render = batcher._render
+    monkeypatch.setattr(batcher, "_render", lambda messages: renders.append(1) or render(messages))
+    texts = [batcher.prompt_text(r) for r in requests]
+    assert texts == [_rendered(lm, r) for r in requests]
+    assert len(renders) < len(requests) / 2  # most prompts were filled in, not rendered
+
+
+def test_a_template_that_changes_texts_is_rendered_request_by_request():
+    calls = []
+
+    def apply_chat_template(messages, tokenize, add_generation_prompt, continue_final_message):
+        calls.append(1)
+        return "".join(
+            f"<{m['role']}>" + " ".join(p.get("text", "[img]").strip() for p in m["content"]) for m in messages
+        )
+
+    lm = SimpleNamespace(processor=SimpleNamespace(apply_chat_template=apply_chat_template))
+    batcher = Batcher(lm)
+    requests = [Request(key=str(i), image=None, messages=[user_message(f" Sentence {i}. ")]) for i in range(5)]
+    expected = [f"<user>[img] Sentence {i}." for i in range(5)]
+    assert [batcher.prompt_text(r) for r in requests] == expected
+    assert list(batcher._templates.values()) == [None]  # the probes' spaces were trimmed: no placeholders
+    assert len(calls) == 2 + 5  # placeholders and probes once, then every request rendered
