@@ -84,6 +84,29 @@ def build_model(size: str, device: str, attn: str = "sdpa") -> Any:
     return model
 
 
+def build_processor(image_size: int) -> Any:
+    """Qwen2.5-VL's processor with a small offline tokenizer (the 7B's vocabulary is larger; ids fit in it)."""
+    import transformers
+
+    from capdpo.models.tiny import QWEN_CHAT_TEMPLATE, build_tokenizer
+
+    tokenizer = build_tokenizer("qwen")
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    pixels = image_size * image_size
+    image_processor = transformers.Qwen2VLImageProcessor(
+        patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=pixels, max_pixels=pixels
+    )
+    video_processor = transformers.Qwen2VLVideoProcessor(patch_size=14, temporal_patch_size=2, merge_size=2)
+    processor = transformers.Qwen2_5_VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    tokenizer.padding_side = "left"
+    return processor
+
+
 @dataclass
 class Shapes:
     image_side: int = 448  # pixels; 448 → 32×32 patches → 256 merged image tokens

@@ -148,29 +148,6 @@ def _single_process_env() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
 
 
-def build_processor(image_size: int, tiny: bool) -> Any:
-    """Qwen2.5-VL's processor with a small offline tokenizer (the 7B's vocabulary is larger; ids fit in it)."""
-    import transformers
-
-    from capdpo.models.tiny import QWEN_CHAT_TEMPLATE, build_tokenizer
-
-    tokenizer = build_tokenizer("qwen")
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    pixels = image_size * image_size
-    image_processor = transformers.Qwen2VLImageProcessor(
-        patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=pixels, max_pixels=pixels
-    )
-    video_processor = transformers.Qwen2VLVideoProcessor(patch_size=14, temporal_patch_size=2, merge_size=2)
-    processor = transformers.Qwen2_5_VLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
-    tokenizer.padding_side = "left"
-    return processor
-
-
 def build_model(processor: Any, tiny: bool, device: Any, dtype: Any) -> Any:
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -421,7 +398,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     world = dpo.world_size
     is_main = dpo.process_index == 0
 
-    processor = build_processor(args.image_size, args.tiny)
+    from bench.common import build_processor
+
+    processor = build_processor(args.image_size)
     pairs, shapes = synthetic_pairs(
         processor,
         (args.warmup + args.steps + bool(args.profile)) * args.batch * world,
