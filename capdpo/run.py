@@ -266,22 +266,27 @@ def run_units(
     record_ids: Any,
     work: Any,
     desc: str,
+    prepare: Any = None,
 ) -> int:
     """Run `work(unit) -> records` for every unit that still has unwritten records; append them per unit.
 
     Units are planned over the whole input, finished or not, so a resumed run computes each unfinished unit
     exactly as an uninterrupted run would (same batch, same padding, same numbers); only records whose id is
-    not yet in the output are written. Returns the number of records written.
+    not yet in the output are written. `prepare(unit)`, if given, is called for the first unfinished unit and then
+    for each next one just before the work on the one before it, so it can start that unit's host work (tokenising,
+    image processing) meanwhile. Returns the number of records written.
     """
     units = owned_units(units, record_ids)
     total = sum(len(record_ids(u)) for u in units)
     done = sum(1 for u in units for rid in record_ids(u) if rid in out.ids)
+    todo = [u for u in units if any(rid not in out.ids for rid in record_ids(u))]
     written = 0
     with progress(total, done, desc) as bar:
-        for unit in units:
-            missing = [rid for rid in record_ids(unit) if rid not in out.ids]
-            if not missing:
-                continue
+        if prepare is not None and todo:
+            prepare(todo[0])
+        for i, unit in enumerate(todo):
+            if prepare is not None and i + 1 < len(todo):
+                prepare(todo[i + 1])
             n = out.write(work(unit))
             written += n
             bar.update(n)

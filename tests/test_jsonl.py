@@ -83,3 +83,21 @@ def test_a_full_disk_is_one_line_naming_the_file_and_loses_no_record(tmp_path, m
         write_json(tmp_path / "meta.json", {"x": 1})
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # no stray temporary file
+
+
+def test_run_units_prepares_each_unfinished_unit_before_the_work_on_the_one_before(tmp_path):
+    from capdpo.run import run_units
+
+    out = JsonlAppender(tmp_path / "out.jsonl")
+    out.write([{"id": "b1"}, {"id": "b2"}])  # unit b is finished: never prepared, never worked
+    events = []
+    units = [["a1"], ["b1", "b2"], ["c1"], ["d1", "d2"]]
+
+    def work(unit):
+        events.append(("work", unit[0]))
+        return [{"id": rid} for rid in unit]
+
+    written = run_units(units, out, lambda u: u, work, "test", prepare=lambda u: events.append(("prepare", u[0])))
+    assert written == 4
+    assert events == [("prepare", "a1"), ("prepare", "c1"), ("work", "a1"), ("prepare", "d1"), ("work", "c1"),
+                      ("work", "d1")]  # fmt: skip

@@ -37,6 +37,28 @@ class Engine:
         self.static = StaticDecoder(lm, prefill_rows=prefill_rows) if decoder == "static" else None
         self.shared_prefix = shared_prefix
         self._scorer: SharedPrefixScorer | None = None
+        self._worker: Any = None  # one thread that tokenises batches ahead (`prepare`)
+        self._prepared: dict[tuple[str, ...], Any] = {}
+
+    def prepare(self, batch: Sequence[Request]) -> None:
+        """Start tokenising `batch` (chat template, image loading and processing) in a worker thread, so that a
+        later `generate(batch)` finds its inputs ready instead of leaving the GPU idle while the host prepares them.
+        Batches are prepared one after another, in the order asked."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="capdpo-prepare")
+        self._prepared[tuple(r.key for r in batch)] = self._worker.submit(self.batcher.encode, batch)
+
+    def _inputs(self, batch: Sequence[Request]) -> dict[str, Any]:
+        """The batch's model inputs: prepared ahead if asked for, else now (after any preparation under way, so the
+        processor is never used by two threads at once)."""
+        ready = self._prepared.pop(tuple(r.key for r in batch), None)
+        if ready is not None:
+            return ready.result()
+        for pending in list(self._prepared.values()):
+            pending.exception()  # waits; a failure is raised where that batch is used
+        return self.batcher.encode(batch)
 
     def plan(self, requests: Sequence[Request], batch_size: int) -> list[list[Request]]:
         """Batches of requests of similar length, in an order fixed by the requests alone."""
@@ -50,7 +72,7 @@ class Engine:
         import torch
         from transformers import LogitsProcessorList
 
-        inputs = self.batcher.encode(batch)
+        inputs = self._inputs(batch)
         prompt_length = inputs["input_ids"].shape[1]
         if self.static is not None:
             pad = self.lm.tokenizer.pad_token_id

@@ -75,7 +75,9 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
     if len(out.ids) < len(planned):  # load the model only when there is work left
         engine = open_backend(sec, cfg.common, "strong", prefill_rows=sec.prefill_batch_size)
         units = engine.plan([p[0] for p in planned.values()], sec.batch_size)
-        run_units(units, out, lambda u: [r.key for r in u], describe, "describe")
+        # the next batch's images are loaded and tokenised while the model describes this one
+        prepare = getattr(engine, "prepare", None)
+        run_units(units, out, lambda u: [r.key for r in u], describe, "describe", prepare=prepare)
         if hasattr(engine, "throughput"):  # a server: how fast it answered
             stage.counts["server"] = engine.throughput()
     out.close()

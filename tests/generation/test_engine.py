@@ -250,3 +250,37 @@ def test_static_decoder_decodes_on_sdpa_when_the_model_uses_flash_attention(tiny
             del ALL_ATTENTION_FUNCTIONS._global_mapping["flash_attention_2"]
         else:
             ALL_ATTENTION_FUNCTIONS._global_mapping["flash_attention_2"] = flash
+
+
+def test_a_prepared_batch_is_tokenised_while_the_one_before_generates(strong, sample_images):
+    """`Engine.prepare` tokenises the next batch in a worker while this one decodes: here the first batch's
+    decoding waits until the second batch's tokenising has begun, which preparing after decoding never allows.
+    The outputs are the ones of unprepared batches, and a batch never prepared still works."""
+    import threading
+
+    requests, gen = _requests(sample_images, 6), Generation(max_new_tokens=6)
+    batches = [requests[:2], requests[2:4], requests[4:]]
+    expected = [Engine(strong, decoder="static").generate(b, gen) for b in batches]
+
+    engine = Engine(strong, decoder="static")
+    decoding, begun = threading.Event(), threading.Event()
+    encode, decode = engine.batcher.encode, engine.static.generate
+
+    def encode_spy(batch):
+        if batch[0].key == "r2":
+            assert decoding.wait(timeout=20), "the next batch was tokenised before this one decoded, not meanwhile"
+            begun.set()
+        return encode(batch)
+
+    def decode_spy(*args, **kwargs):
+        if not decoding.is_set():
+            decoding.set()
+            assert begun.wait(timeout=20), "the next batch was not tokenised while this one decoded"
+        return decode(*args, **kwargs)
+
+    engine.batcher.encode, engine.static.generate = encode_spy, decode_spy
+    engine.prepare(batches[0])
+    engine.prepare(batches[1])
+    got = [engine.generate(batches[0], gen), engine.generate(batches[1], gen), engine.generate(batches[2], gen)]
+    assert [[o.token_ids for o in b] for b in got] == [[o.token_ids for o in b] for b in expected]
+    assert not engine._prepared
