@@ -113,6 +113,53 @@ def text_length(request: Request) -> int:
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
+class ImageInputs:
+    """A processor's tensors for one prompt and its image with each image processed once: its pixel tensors are
+    kept and the prompt's image token expanded to the image's token count (Qwen-style processors, which do no more
+    than that). Checked once against the processor's own output; a processor that differs is always called itself.
+    `limit` bounds how many images are kept (None: all)."""
+
+    def __init__(self, processor: Any, limit: int | None = None) -> None:
+        self.processor = processor
+        self.limit = limit
+        merge = getattr(getattr(processor, "image_processor", None), "merge_size", None)
+        usable = merge is not None and getattr(processor, "image_token", None) is not None
+        self.cache: dict[str, dict[str, Any]] | None = {} if usable else None
+        self._keys: set[str] | None = None  # the processor's output keys, once checked
+
+    def __call__(self, prompt_text: str, image_path: str, load: Any) -> dict[str, Any]:
+        """Processor output for `prompt_text` with the image at `image_path` (batch of 1); `load(path)` reads it."""
+        processor = self.processor
+        if self.cache is None:
+            return dict(processor(text=[prompt_text], images=[load(image_path)], return_tensors="pt"))
+        image = self.cache.get(image_path)
+        if image is None:
+            image = dict(processor.image_processor(images=[load(image_path)], return_tensors="pt"))
+            if self.limit is not None and len(self.cache) >= self.limit:
+                self.cache.clear()
+            self.cache[image_path] = image
+        tokenizer = getattr(processor, "tokenizer", processor)
+        n_tokens = int(image["image_grid_thw"].prod()) // processor.image_processor.merge_size**2
+        marker = "\x00capdpo-image\x00"
+        text = prompt_text.replace(processor.image_token, marker).replace(marker, processor.image_token * n_tokens)
+        out = dict(tokenizer([text], add_special_tokens=False, return_tensors="pt"))
+        out["mm_token_type_ids"] = (out["input_ids"] == tokenizer.convert_tokens_to_ids(processor.image_token)).long()
+        out.update(image)
+        if self._keys is None:
+            reference = dict(processor(text=[prompt_text], images=[load(image_path)], return_tensors="pt"))
+            if not (set(reference) <= set(out) and all(_tensor_equal(reference[k], out[k]) for k in reference)):
+                self.cache = None  # this processor does more than expand tokens: never use the shortcut
+                return reference
+            self._keys = set(reference)
+        return {k: v for k, v in out.items() if k in self._keys}
+
+
+def _tensor_equal(a: Any, b: Any) -> bool:
+    import torch
+
+    return torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and bool(torch.equal(a, b))
+
+
 class Batcher:
     """Builds padded model inputs for requests (left padding: the last position is every row's prompt end)."""
 
@@ -120,6 +167,7 @@ class Batcher:
         self.lm = lm
         self._images: dict[str, Any] = {}
         self._templates: dict[Any, list[str] | None] = {}
+        self._image_inputs = ImageInputs(lm.processor, limit=64)  # many requests share an image (variants, scores)
 
     def image(self, path: str) -> Any:
         if path not in self._images:
@@ -178,8 +226,9 @@ class Batcher:
 
     def row(self, request: Request) -> dict[str, Any]:
         """The processor's tensors for one request (batch dimension 1, image tokens expanded, no continuation)."""
-        images = [self.image(request.image)] if request.image else None
-        return dict(self.lm.processor(text=[self.prompt_text(request)], images=images, return_tensors="pt"))
+        if not request.image:
+            return dict(self.lm.processor(text=[self.prompt_text(request)], images=None, return_tensors="pt"))
+        return self._image_inputs(self.prompt_text(request), request.image, self.image)
 
     def encode(self, requests: Sequence[Request]) -> dict[str, Any]:
         """Tokenise each request (image tokens expanded), append its continuation, left-pad the batch."""

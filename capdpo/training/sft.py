@@ -27,7 +27,7 @@ from typing import Any
 from capdpo.cli import run_cli
 from capdpo.config import LoadedConfig
 from capdpo.errors import InputError
-from capdpo.generation.batching import SEQUENCE_KEYS
+from capdpo.generation.batching import SEQUENCE_KEYS, ImageInputs
 from capdpo.images import load_image
 from capdpo.jsonl import iter_jsonl, stable_id
 from capdpo.models.patches import tune_for_training
@@ -115,12 +115,6 @@ def split_by_image(examples: list[SftExample], fraction: float, seed: int) -> li
     ]
 
 
-def torch_equal(a: Any, b: Any) -> bool:
-    import torch
-
-    return torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and bool(torch.equal(a, b))
-
-
 # ---- encoding ----------------------------------------------------------------------------------------------
 @dataclass
 class EncodedExample:
@@ -144,33 +138,18 @@ class SftEncoder:
         self.pairs = PairEncoder(processor, max_length)
         self.max_length = max_length
         self.pad_id = self.pairs.pad_id
-        merge = getattr(getattr(processor, "image_processor", None), "merge_size", None)
-        usable = cache_images and merge is not None and getattr(processor, "image_token", None) is not None
-        self.image_cache: dict[str, dict[str, Any]] | None = {} if usable else None
-        self._cache_keys: set[str] | None = None  # the processor's output keys, once checked
+        self.images = ImageInputs(processor) if cache_images else None
+
+    @property
+    def image_cache(self) -> dict[str, dict[str, Any]] | None:
+        """Each image's pixel tensors by path, while the shortcut is in use (None: the processor runs every time)."""
+        return self.images.cache if self.images is not None else None
 
     def prompt_inputs(self, prompt_text: str, image_path: str) -> dict[str, Any]:
         """Processor output for one prompt with its image (batch of 1)."""
-        processor = self.pairs.processor
-        if self.image_cache is None:
-            return dict(processor(text=[prompt_text], images=[load_image(image_path)], return_tensors="pt"))
-        image = self.image_cache.get(image_path)
-        if image is None:
-            image = dict(processor.image_processor(images=[load_image(image_path)], return_tensors="pt"))
-            self.image_cache[image_path] = image
-        n_tokens = int(image["image_grid_thw"].prod()) // processor.image_processor.merge_size**2
-        marker = "\x00capdpo-image\x00"
-        text = prompt_text.replace(processor.image_token, marker).replace(marker, processor.image_token * n_tokens)
-        out = dict(self.pairs.tokenizer([text], add_special_tokens=False, return_tensors="pt"))
-        out["mm_token_type_ids"] = (out["input_ids"] == self.pairs.image_token_id).long()
-        out.update(image)
-        if self._cache_keys is None:
-            reference = dict(processor(text=[prompt_text], images=[load_image(image_path)], return_tensors="pt"))
-            if not (set(reference) <= set(out) and all(torch_equal(reference[k], out[k]) for k in reference)):
-                self.image_cache = None  # this processor does more than expand tokens: never use the shortcut
-                return reference
-            self._cache_keys = set(reference)
-        return {k: v for k, v in out.items() if k in self._cache_keys}
+        if self.images is None:
+            return dict(self.pairs.processor(text=[prompt_text], images=[load_image(image_path)], return_tensors="pt"))
+        return self.images(prompt_text, image_path, load_image)
 
     def response_ids(self, example: SftExample) -> list[int]:
         """Token ids of the response up to and including the assistant turn's end token."""

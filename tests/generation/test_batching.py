@@ -58,3 +58,34 @@ def test_a_template_that_changes_texts_is_rendered_request_by_request():
     assert [batcher.prompt_text(r) for r in requests] == expected
     assert list(batcher._templates.values()) == [None]  # the probes' spaces were trimmed: no placeholders
     assert len(calls) == 2 + 5  # placeholders and probes once, then every request rendered
+
+
+@pytest.mark.parametrize("arch", ["weak", "qwen3vl", "llava"])
+def test_rows_process_each_image_once_and_equal_the_processor(tiny_models, sample_images, arch, monkeypatch):
+    import torch
+
+    from capdpo.images import load_image
+
+    lm = load_vlm(str(tiny_models[arch]))
+    batcher = Batcher(lm)
+    requests = [
+        Request(key=f"{i}-{j}", image=str(sample_images[i]), messages=[user_message(f"Is sentence {j} right?")])
+        for i in range(3)
+        for j in range(4)
+    ]
+    processed = []
+    image_processor = lm.processor.image_processor
+    original = type(image_processor).__call__
+    monkeypatch.setattr(
+        type(image_processor), "__call__", lambda self, *a, **k: processed.append(1) or original(self, *a, **k)
+    )
+    rows = [batcher.row(r) for r in requests]
+    cached = batcher._image_inputs.cache is not None
+    assert cached == (arch != "llava")  # LLaVA's processor does more than expand one token: always called itself
+    if cached:
+        assert len(processed) == 3 + 1  # each image once, and the processor's own output once for the check
+    for request, row in zip(requests, rows):
+        text = batcher.prompt_text(request)
+        expected = dict(lm.processor(text=[text], images=[load_image(request.image)], return_tensors="pt"))
+        assert set(row) == set(expected)
+        assert all(torch.equal(row[k], expected[k]) for k in expected), request.key
