@@ -1,12 +1,14 @@
 """Scoring many prompts about one image with the image and shared instruction computed once.
 
 A sentence's candidates (and all sentences of one description) are scored with prompts that differ only after
-the image and the start of the instruction. `SharedPrefixScorer` tokenises the requests of each image, finds their
-longest common token prefix (which holds the image), runs the prefixes of several images in one batched forward
-pass, and then runs every request's short suffix on its image's cached keys and values. It returns the same
-log-probabilities as `forward_logprobs` (one full forward per request) — within float rounding (the tests hold it to 1e-4 in fp32) — at a
-fraction of the cost: the vision tower and the image's tokens run once per image instead of once per candidate,
-and a forward pass carries many images' worth of work, so the GPU is not left waiting on Python.
+the image and the start of the instruction. `SharedPrefixScorer` tokenises the requests of each image (in a worker
+thread, ahead of the GPU), finds their longest common token prefix (which holds the image), runs the prefixes of
+several images in one batched forward pass, and then runs every request's short suffix on its image's cached keys
+and values (gathered per layer into each row's keys; grouped-query attention without per-head copies). It returns
+the same log-probabilities as `forward_logprobs` (one full forward per request) — within float rounding (the tests
+hold it to 1e-4 in fp32) — at a fraction of the cost: the vision tower and the image's tokens run once per image
+instead of once per candidate, and a forward pass carries many images' worth of work, so the GPU is not left
+waiting on Python.
 """
 
 from __future__ import annotations
