@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -52,11 +53,23 @@ def _is_peft(model: Any) -> bool:
 
 
 def hf_model(model: Any) -> Any:
-    """The transformers model inside DeepSpeed / DDP / PEFT wrappers."""
-    from accelerate.utils import extract_model_from_parallel
+    """The transformers model inside DeepSpeed / DDP / PEFT wrappers (found once per wrapper: the library's lookup
+    walks every module, and the training step asks for it twice)."""
+    try:
+        found = _HF_MODELS.get(model)
+    except TypeError:  # not weakly referable: looked up every time
+        found = None
+    if found is None:
+        from accelerate.utils import extract_model_from_parallel
 
-    model = extract_model_from_parallel(model)
-    return model.get_base_model() if _is_peft(model) else model
+        found = extract_model_from_parallel(model)
+        found = found.get_base_model() if _is_peft(found) else found
+        with contextlib.suppress(TypeError):
+            _HF_MODELS[model] = found
+    return found
+
+
+_HF_MODELS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 _SHARED_FLAG = "_capdpo_share_images"
@@ -185,6 +198,18 @@ class CapdpoDPOTrainer(DPOTrainer):
         share_prompt: run each pair's prompt once for both completions (`capdpo.training.packing`).
         fused_kernels: the training kernels of `capdpo.models.patches.tune_for_training`.
     """
+
+    _parameter_count: int | None = None
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """transformers' count for its `total_flos` log (6 × input tokens × parameters without embeddings) with the
+        parameters counted once, not in every step (counting them walks every module)."""
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._parameter_count is None:
+            self._parameter_count = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._parameter_count
 
     def __init__(
         self,

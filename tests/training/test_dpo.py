@@ -364,3 +364,42 @@ def test_a_frozen_vision_tower_records_no_graph_under_gradient_checkpointing(
     for name, grad in grads_frozen.items():
         assert torch.allclose(grad, grads_plain[name], atol=1e-5, rtol=1e-4), name
     assert any("visual" in n for n in results["vision_lora"][1])  # LoRA on the tower still learns
+
+
+def test_per_step_lookups_are_done_once(monkeypatch):
+    """The training step asks for the transformers model inside its wrappers and transformers asks for a FLOPs
+    count in every step; both walk every module, so both are worked out once and give the library's answers."""
+    import accelerate.utils
+    from peft import LoraConfig, get_peft_model
+
+    from capdpo.training.trainer import CapdpoDPOTrainer, hf_model
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.q_proj(x)
+
+    base = Net()
+    wrapped = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))
+    lookups = []
+    extract = accelerate.utils.extract_model_from_parallel
+    monkeypatch.setattr(accelerate.utils, "extract_model_from_parallel", lambda m: lookups.append(m) or extract(m))
+    assert hf_model(wrapped) is base and hf_model(wrapped) is base and len(lookups) == 1
+
+    class Model:
+        main_input_name = "input_ids"
+        counted = 0
+
+        def num_parameters(self, exclude_embeddings: bool) -> int:
+            assert exclude_embeddings
+            Model.counted += 1
+            return 1000
+
+    trainer = CapdpoDPOTrainer.__new__(CapdpoDPOTrainer)
+    trainer.model = Model()
+    ids = torch.zeros(4, 25, dtype=torch.long)
+    assert [trainer.floating_point_ops({"input_ids": ids}) for _ in range(3)] == [6 * 100 * 1000] * 3
+    assert Model.counted == 1 and trainer.floating_point_ops({"pixel_values": ids}) == 0
