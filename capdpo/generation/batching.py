@@ -56,6 +56,10 @@ _OPEN, _CLOSE = "\ue000", "\ue001"
 _MARKUP = set("<>{}%[]" + _OPEN + _CLOSE)
 
 
+def _is_text(part: dict[str, Any]) -> bool:
+    return part.get("type") == "text" and isinstance(part.get("text"), str)
+
+
 def _texts_and_shape(messages: list[dict[str, Any]]) -> tuple[list[str], Any]:
     """The messages' texts in order, and everything else about them (what a chat template may depend on)."""
     texts: list[str] = []
@@ -69,7 +73,7 @@ def _texts_and_shape(messages: list[dict[str, Any]]) -> tuple[list[str], Any]:
             continue
         parts = []
         for part in content:
-            if part.get("type") == "text" and isinstance(part.get("text"), str):
+            if _is_text(part):
                 texts.append(part["text"])
                 parts.append("text")
             else:
@@ -87,12 +91,7 @@ def _with_texts(messages: list[dict[str, Any]], texts: list[str]) -> list[dict[s
         if isinstance(content, str):
             content = next(fill)
         else:
-            content = [
-                {**part, "text": next(fill)}
-                if part.get("type") == "text" and isinstance(part.get("text"), str)
-                else part
-                for part in content
-            ]
+            content = [{**part, "text": next(fill)} if _is_text(part) else part for part in content]
         out.append({**message, "content": content})
     return out
 
@@ -191,7 +190,7 @@ class Batcher:
         if shape not in self._templates:
             if len(self._templates) > 1024:
                 self._templates.clear()
-            self._templates[shape] = self._template(request.messages, len(texts))
+            self._templates[shape] = self._template(request.messages, texts)
         pieces = self._templates[shape]
         if pieces is None:
             return self._render(request.messages)
@@ -206,10 +205,10 @@ class Batcher:
             continue_final_message=last_is_assistant,
         )
 
-    def _template(self, messages: list[dict[str, Any]], count: int) -> list[str] | None:
-        """The rendering of `messages`' shape split where its texts go, or None where texts are not inserted
+    def _template(self, messages: list[dict[str, Any]], texts: list[str]) -> list[str] | None:
+        """The rendering of `messages`' shape split where its `texts` go, or None where texts are not inserted
         verbatim (see `prompt_text`)."""
-        marks = [f"{_OPEN}{i}{_CLOSE}" for i in range(count)]
+        marks = [f"{_OPEN}{i}{_CLOSE}" for i in range(len(texts))]
         rendered = self._render(_with_texts(messages, marks))
         pieces, rest = [], rendered
         for mark in marks:
@@ -218,10 +217,9 @@ class Batcher:
             before, rest = rest.split(mark)
             pieces.append(before)
         pieces.append(rest)
-        probes = [f" \n{i}\t<&'\"{{%}} " for i in range(count)]
+        probes = [f" \n{i}\t<&'\"{{%}} " for i in range(len(texts))]
         if self._render(_with_texts(messages, probes)) != _filled(pieces, probes):
             return None
-        texts, _ = _texts_and_shape(messages)
         return pieces if self._render(messages) == _filled(pieces, texts) else None
 
     def row(self, request: Request) -> dict[str, Any]:

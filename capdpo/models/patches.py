@@ -160,31 +160,28 @@ def _vision_tower(model: Any) -> Any:
 def _rotary_vision(q: Any, k: Any, cos: Any, sin: Any) -> Any:
     # transformers' apply_rotary_pos_emb_vision (float32 rotation, results in the input dtype), written so that
     # torch.compile turns it into one kernel per tensor instead of ~14 full passes over [tokens, heads, dim]
-    import torch
-
     cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
 
     def rotate(x: Any) -> Any:
         x32 = x.float()
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
-        return (x32 * cos + rotated * sin).to(x.dtype)
+        return (x32 * cos + _rotate_half(x32) * sin).to(x.dtype)
 
     return rotate(q), rotate(k)
+
+
+def _rotate_half(x: Any) -> Any:
+    # transformers' rotate_half: the two halves of the last dimension swapped, the new first half negated
+    import torch
+
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _rotary_text(q: Any, k: Any, cos: Any, sin: Any) -> Any:
     # transformers' apply_rotary_pos_emb with unsqueeze_dim=1 (q, k [batch, heads, tokens, dim]; cos, sin [batch,
     # tokens, dim]): eagerly two multiplies, a negation, a concatenation and an add per tensor
-    import torch
-
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-
-    def rotate(x: Any) -> Any:
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-    return rotate(q), rotate(k)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rms_norm(x: Any, weight: Any, eps: float) -> Any:
