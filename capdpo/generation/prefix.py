@@ -22,7 +22,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from capdpo.generation.attention import folded_attention
+from capdpo.generation.attention import fold_mask, folded_attention
 from capdpo.generation.batching import SEQUENCE_KEYS, Batcher, Request
 from capdpo.generation.rope import mrope_positions
 from capdpo.models.loading import LoadedModel
@@ -184,6 +184,8 @@ class SharedPrefixScorer:
         self.images_per_pass = images_per_pass
         # the suffix pass builds its own full-attention mask: not for models with sliding-window layers
         text = self.decoder.config
+        heads = text.num_attention_heads
+        self.groups = heads // (getattr(text, "num_key_value_heads", None) or heads)  # query heads per key/value head
         self.foldable = "sliding_attention" not in (getattr(text, "layer_types", None) or []) and not getattr(
             text, "use_sliding_window", False
         )
@@ -347,9 +349,9 @@ class SharedPrefixScorer:
         if self.mrope:
             positions = positions.view(1, n, length).expand(3, n, length)
         with folded_attention(self.decoder.config) if self.foldable else nullcontext(False) as folded:
-            if folded:  # the 4-D mask itself: the row's prefix, then its suffix causally
+            if folded:  # the 4-D mask itself: the row's prefix, then its suffix causally; folded once for all layers
                 causal = torch.ones(length, width + length, dtype=torch.bool, device=device).tril(width)
-                mask = mask[:, None, None, :] & causal
+                mask = fold_mask(mask[:, None, None, :] & causal, self.groups, self.embed.weight.dtype)
             hidden = self.decoder(
                 inputs_embeds=self.embed(suffix_ids.to(device)),
                 position_ids=positions.to(device),

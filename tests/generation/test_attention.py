@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from capdpo.generation.attention import FOLDED_SDPA, folded_attention, folded_sdpa_attention
+from capdpo.generation.attention import FOLDED_SDPA, fold_mask, folded_attention, folded_sdpa_attention
 
 
 class _Attention(torch.nn.Module):
@@ -27,6 +27,15 @@ def test_folded_attention_equals_the_library_sdpa(groups):
     got, _ = folded_sdpa_attention(module, query, key, value, mask, scaling=dim**-0.5)
     assert got.shape == expected.shape == (batch, queries, kv_heads * groups, dim)
     assert (got - expected).abs().max().item() < 1e-6
+    # the mask folded once by the caller (additive, one block of queries per head of a group): the same numbers
+    folded = fold_mask(mask, groups, query.dtype)
+    assert folded.shape == (batch, 1, groups * queries, keys) and folded.dtype == query.dtype
+    assert torch.equal(folded[:, :, -queries:] == 0, mask)
+    again, _ = folded_sdpa_attention(module, query, key, value, folded, scaling=dim**-0.5)
+    assert (again - expected).abs().max().item() < 1e-6
+    if groups > 1:
+        with pytest.raises(ValueError, match="expected 5 or 20"):
+            folded_sdpa_attention(module, query, key, value, folded[:, :, :-1], scaling=dim**-0.5)
     # query head h reads key/value head h // groups: reading them interleaved gives other numbers
     if groups > 1:
         swapped = query.view(batch, kv_heads, groups, queries, dim).transpose(1, 2).reshape(query.shape)

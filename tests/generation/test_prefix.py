@@ -34,9 +34,12 @@ def test_shared_prefix_scores_equal_full_forward_passes(tiny_models, sample_imag
     monkeypatch.setattr(prefix_module, "mrope_positions", spy)
     folded_heads = []  # suffix passes on SDPA read grouped key/value heads without copying them per query head
 
-    def folded_spy(module, query, *args, **kwargs):
-        folded_heads.append(getattr(module, "num_key_value_groups", 1))
-        return folded_sdpa_attention(module, query, *args, **kwargs)
+    def folded_spy(module, query, key, value, mask, *args, **kwargs):
+        groups = getattr(module, "num_key_value_groups", 1)
+        # the mask arrives folded and additive, made once per pass rather than once per layer
+        assert mask.dtype == query.dtype and mask.shape[2] == groups * query.shape[2]
+        folded_heads.append(groups)
+        return folded_sdpa_attention(module, query, key, value, mask, *args, **kwargs)
 
     monkeypatch.setattr(attention_module, "folded_sdpa_attention", folded_spy)
     layer_kinds = set()  # each suffix pass gathers the rows' prefixes layer by layer, straight into their keys
