@@ -71,6 +71,13 @@ def main() -> None:
     parser.add_argument("--baseline-candidates", type=int, default=256)
     parser.add_argument("--batch", type=int, default=256, help="capdpo suffixes / prompts per forward pass")
     parser.add_argument("--images-per-pass", type=int, default=16, help="image prefixes per forward pass")
+    parser.add_argument(
+        "--also",
+        nargs="*",
+        default=[],
+        metavar="BATCHxIMAGES",
+        help="also time the shared-prefix path at these suffixes per pass x images per prefix pass (e.g. 1280x32)",
+    )
     parser.add_argument("--out", default=None)
     parser.add_argument(
         "--profile",
@@ -169,16 +176,19 @@ def main() -> None:
             PrefixGroup(first, ids, zeros, shared_prefix_length(ids, zeros), [(i, j) for j in range(len(ids))])
         )
 
-    def shared(chunk: list) -> None:
+    def shared(chunk: list, by: Any = scorer, batch: int = args.batch) -> None:
         # as stage 4 does: only the answer tokens' log-probs leave the GPU (yes/no: six ids)
-        assert len(scorer.score_groups(chunk, args.batch, keep=ANSWER_IDS)) == sum(len(g.ids) for g in chunk)
+        assert len(by.score_groups(chunk, batch, keep=ANSWER_IDS)) == sum(len(g.ids) for g in chunk)
 
-    shared(groups[:2])
-    sync(device)
-    start = time.perf_counter()
-    shared(groups)
-    sync(device)
-    seconds = time.perf_counter() - start
+    def timed_shared(by: Any, batch: int) -> float:
+        shared(groups[:2], by, batch)
+        sync(device)
+        start = time.perf_counter()
+        shared(groups, by, batch)
+        sync(device)
+        return time.perf_counter() - start
+
+    seconds = timed_shared(scorer, args.batch)
     n = args.images * args.candidates
     rate = n / seconds
     result["capdpo_shared_prefix"] = {"candidates": n, "seconds": seconds, "candidates_per_s": rate,
@@ -190,6 +200,16 @@ def main() -> None:
     result["rates"] = rates
     rows.append(("capdpo yes/no, shared image prefix", str(n), f"{seconds:.2f}", f"{rate:.1f}",
                  f"{rate / base_rate:.2f}x"))  # fmt: skip
+    result["capdpo_shared_prefix"]["shape"] = {"batch": args.batch, "images_per_pass": args.images_per_pass}
+    result["capdpo_shared_prefix_also"] = []
+    for shape in args.also:
+        batch, per_pass = (int(x) for x in shape.lower().split("x"))
+        other = timed_shared(SharedPrefixScorer(lm, images_per_pass=per_pass), batch)
+        result["capdpo_shared_prefix_also"].append(
+            {"batch": batch, "images_per_pass": per_pass, "seconds": other, "candidates_per_s": n / other}
+        )
+        rows.append((f"  same, {batch} suffixes / {per_pass} images per pass", str(n), f"{other:.2f}",
+                     f"{n / other:.1f}", f"{n / other / base_rate:.2f}x"))  # fmt: skip
     if args.profile:
         result["capdpo_shared_prefix"]["split_seconds"] = _split_and_profile(
             scorer, lambda: shared(groups), device, Path(args.profile)
@@ -241,7 +261,7 @@ def _stage_path(model: Any, args: Any, shapes: Shapes, device: str) -> dict[str,
             setattr(model.config, key, processor.tokenizer.convert_tokens_to_ids(token))
         lm = LoadedModel(model, processor, "bench", torch.device(device), model.dtype, "qwen2_5_vl")
         validator = Validator(lm, ValidateConfig(methods=["yesno"]))
-        engine = Engine(lm, decoder="hf")
+        engine = Engine(lm, decoder="hf", images_per_pass=args.images_per_pass)
         rng = np.random.default_rng(0)
         with tempfile.TemporaryDirectory() as folder:
             paths = []

@@ -26,16 +26,22 @@ class Engine:
     """The `local` backend: `plan`, `generate`, `score` and `forward_logprobs` on one VLM loaded in this process."""
 
     def __init__(
-        self, lm: LoadedModel, decoder: str = "static", prefill_rows: int = 0, shared_prefix: bool = True
+        self,
+        lm: LoadedModel,
+        decoder: str = "static",
+        prefill_rows: int = 0,
+        shared_prefix: bool = True,
+        images_per_pass: int = 16,
     ) -> None:
         """`decoder`: "static" (capdpo's static-cache loop, CUDA graphs on GPU) or "hf" (`model.generate`).
         `prefill_rows`: rows per prefill forward of the static decoder (0: the whole batch at once).
-        `shared_prefix`: `score` runs each image's common prefix once."""
+        `shared_prefix`: `score` runs each image's common prefix once, for `images_per_pass` images per forward."""
         self.lm = lm
         self.batcher = Batcher(lm)
         self.eos_ids = lm.end_of_turn_ids()
         self.static = StaticDecoder(lm, prefill_rows=prefill_rows) if decoder == "static" else None
         self.shared_prefix = shared_prefix
+        self.images_per_pass = images_per_pass
         self._scorer: SharedPrefixScorer | None = None
         self._worker: Any = None  # one thread that tokenises batches ahead (`prepare`)
         self._prepared: dict[tuple[str, ...], Any] = {}
@@ -126,7 +132,7 @@ class Engine:
         the engine's `shared_prefix`); with `keep`, only the log-probs at those vocabulary ids leave the GPU."""
         if self.shared_prefix if shared_prefix is None else shared_prefix:
             if self._scorer is None:
-                self._scorer = SharedPrefixScorer(self.lm, self.batcher)
+                self._scorer = SharedPrefixScorer(self.lm, self.batcher, self.images_per_pass)
             return self._scorer.score(requests, batch_size, keep)
         results: dict[str, Any] = {}
         for batch in self.plan(requests, batch_size):

@@ -37,7 +37,7 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
     records = stage.read_records("variants", VariantRecord, image_field="image")
     # settings that change scores define the record ids; batch size and the shared-prefix switch do not
     # (nor how the model is reached: the backend enters through the model's name)
-    speed_only = {"batch_size", "shared_prefix", *(f.name for f in fields(BackendConfig))}
+    speed_only = {"batch_size", "shared_prefix", "images_per_pass", *(f.name for f in fields(BackendConfig))}
     if sec.backend == "local":
         speed_only.add("server_top_logprobs")
     speed_only |= {"claims_base_url", "claims_key_env"}  # how the decomposer is reached (its id says which)
@@ -101,7 +101,9 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
                 mine = owned_units(plan(Validator(None, sec)), lambda u: u)
                 todo = [planned[rid] for u in mine if not out.ids.issuperset(u) for rid in u]
             decompositions = decompose_candidates(stage, cfg, todo)
-        engine = open_backend(sec, cfg.common, "weak", shared_prefix=sec.shared_prefix)
+        engine = open_backend(
+            sec, cfg.common, "weak", shared_prefix=sec.shared_prefix, images_per_pass=sec.images_per_pass
+        )
         validator = Validator(getattr(engine, "lm", None), sec)
         for method in validator.methods:
             if hasattr(method, "decompositions"):

@@ -68,6 +68,11 @@ class ValidateConfig(BackendConfig):
         "on that cache (same scores, much faster). false: one full forward per prompt.",
         True,
     )
+    images_per_pass: int = option(
+        "shared_prefix: images whose shared prefixes run in one forward pass; their candidates' suffixes then run "
+        "batch_size at a time.",
+        16,
+    )
     server_top_logprobs: int = option(
         "openai backend: top log-probabilities asked for the answer's first token (the OpenAI API allows 20, "
         "vLLM up to its --max-logprobs); yes/no mass outside them is not counted.",
@@ -113,3 +118,5 @@ class ValidateConfig(BackendConfig):
             raise ConfigError("validate.claims_base_url: give the endpoint's http(s) URL")
         if self.batch_size < 1:
             raise ConfigError("validate.batch_size: must be >= 1")
+        if self.images_per_pass < 1:
+            raise ConfigError("validate.images_per_pass: must be >= 1")

@@ -9,11 +9,11 @@ import pytest
 from tests.helpers import ROOT
 
 
-@pytest.mark.parametrize("script", ["bench/generate.py", "bench/validate.py"])
-def test_benchmark_tiny_mode_runs_and_reports_ratios(tmp_path, script):
+@pytest.mark.parametrize(("script", "extra"), [("bench/generate.py", []), ("bench/validate.py", ["--also", "4x1"])])
+def test_benchmark_tiny_mode_runs_and_reports_ratios(tmp_path, script, extra):
     out = tmp_path / "result.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / script), "--tiny", "--out", str(out)],
+        [sys.executable, str(ROOT / script), "--tiny", "--out", str(out), *extra],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -23,6 +23,9 @@ def test_benchmark_tiny_mode_runs_and_reports_ratios(tmp_path, script):
     data = json.loads(out.read_text())
     assert data["speedup"] > 0 and data["env"]["torch"]
     assert "vs baseline" in result.stdout or "capdpo / baseline" in result.stdout
+    if extra:  # the other shape is timed on the same groups
+        [also] = data["capdpo_shared_prefix_also"]
+        assert (also["batch"], also["images_per_pass"]) == (4, 1) and also["candidates_per_s"] > 0
 
 
 def test_levers_tiny_mode_measures_every_part():

@@ -63,17 +63,27 @@ def _last_logprobs(lm, image_path, text, continuation=()):
 
 def test_yesno_and_rating_scores_equal_independent_forward_passes(tmp_path, tiny_models, sample_images, monkeypatch):
     from capdpo.generation.engine import Engine
+    from capdpo.generation.prefix import SharedPrefixScorer
 
     run_dir = tmp_path / "run"
     records = write_variants(run_dir, write_images_stage(run_dir, sample_images[:2]), per_image=1)
     config = write_config(
-        tmp_path / "run.yaml", run_dir, tiny_models, validate={"methods": ["yesno", "rating"], "weights": [3.0, 1.0]}
+        tmp_path / "run.yaml",
+        run_dir,
+        tiny_models,
+        validate={"methods": ["yesno", "rating"], "weights": [3.0, 1.0], "images_per_pass": 1},
     )
     kept = []  # the stage moves only the ids its methods read off the device
     score = Engine.score
     monkeypatch.setattr(Engine, "score", lambda self, *a, **k: kept.append(k.get("keep")) or score(self, *a, **k))
+    prefixes = []  # images per prefix pass: the setting reaches the scorer
+    prefill = SharedPrefixScorer._prefill
+    monkeypatch.setattr(
+        SharedPrefixScorer, "_prefill", lambda self, chunk: prefixes.append(len(chunk)) or prefill(self, chunk)
+    )
     validate.run(load_config("validate", ["--config", str(config)]))
     assert kept and all(k is not None and 6 <= len(k) < 200 for k in kept)
+    assert prefixes == [1, 1]
     scored = read_jsonl(run_dir / "04_scores.jsonl")
     assert len(scored) == 2
     lm = load_vlm(str(tiny_models["weak"]))
