@@ -121,6 +121,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--no-gradient-checkpointing", action="store_true", help="Keep activations (faster, more memory); both modes."
     )
+    p.add_argument(
+        "--reentrant",
+        action="store_true",
+        help="Recompute with reentrant checkpointing (no per-tensor hooks) instead of stage 6's non-reentrant kind.",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--profile",
@@ -394,6 +399,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     from transformers.trainer_utils import SaveStrategy
 
     dpo.save_strategy = SaveStrategy.NO  # timing only: no checkpoint writes
+    if args.reentrant and not args.no_gradient_checkpointing:
+        dpo.activation_checkpointing_kwargs = dpo.gradient_checkpointing_kwargs = {"use_reentrant": True}
     device = dpo.device
     world = dpo.world_size
     is_main = dpo.process_index == 0
@@ -481,6 +488,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             "pairs_per_forward_per_gpu": micro,
         },
         "gradient_checkpointing": not args.no_gradient_checkpointing,
+        "checkpointing": "reentrant" if args.reentrant else "non-reentrant",
         "share_image_features": share,
         "share_prompt": packed,
         "fused_kernels": tuned,  # modules changed by capdpo.models.patches.tune_for_training, by kind

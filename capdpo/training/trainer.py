@@ -72,6 +72,33 @@ def hf_model(model: Any) -> Any:
 _HF_MODELS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
+@contextlib.contextmanager
+def train_mode_kept(model: Any) -> Iterator[None]:
+    """Inside the block, `model.train()` returns at once while every module of `model` is already in training mode.
+    Trainer calls it at the start of every step, and it sets the flag on every module (~2,700 for a 7B VLM with
+    LoRA adapters, tens of milliseconds of host time per step while the GPU waits); a module that was switched to
+    eval mode, and `model.train(False)`, still go the library's way."""
+    modules = _MODULES.get(model)
+    if modules is None:
+        modules = _MODULES[model] = list(model.modules())
+    if not all(m.training for m in modules):
+        yield
+        return
+    library = type(model).train
+
+    def train(mode: bool = True) -> Any:
+        return model if mode and all(m.training for m in modules) else library(model, mode)
+
+    model.train = train
+    try:
+        yield
+    finally:
+        del model.train
+
+
+_MODULES: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
+
+
 _SHARED_FLAG = "_capdpo_share_images"
 # Per-image metadata that the collator passes once per image and the model needs once per row.
 PER_IMAGE_KEYS = ("image_grid_thw", "image_sizes")
@@ -269,6 +296,10 @@ class CapdpoDPOTrainer(DPOTrainer):
             datasets = [train_dataset] + ([eval_dataset] if eval_dataset is not None else [])
             self.precompute_reference(datasets, reference_collator or data_collator, reference_batch_size)
             self.precompute_ref_logps = True  # TRL's _compute_loss now reads ref_*_logps from the batch
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+        with train_mode_kept(model):
+            return super().training_step(model, inputs, num_items_in_batch)
 
     # ---- inputs ---------------------------------------------------------------------------------------------
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:

@@ -403,3 +403,31 @@ def test_per_step_lookups_are_done_once(monkeypatch):
     ids = torch.zeros(4, 25, dtype=torch.long)
     assert [trainer.floating_point_ops({"input_ids": ids}) for _ in range(3)] == [6 * 100 * 1000] * 3
     assert Model.counted == 1 and trainer.floating_point_ops({"pixel_values": ids}) == 0
+
+
+def test_train_mode_is_set_once_and_still_restores_switched_modules(monkeypatch):
+    """Trainer calls `model.train()` in every step, which sets the flag on every module; in the training step it
+    returns at once while all modules train, and still switches back a module that was put in eval mode."""
+    from capdpo.training.trainer import train_mode_kept
+
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Dropout(0.1), torch.nn.Linear(4, 4))
+    )
+    model.train()
+    calls = []
+    library = torch.nn.Module.train
+    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: calls.append(mode) or library(self, mode))
+    with train_mode_kept(model):
+        assert model.train() is model and calls == []  # nothing to set: no walk
+        model[1][0].eval()  # a module switched inside the step: the next call sets it again
+        calls.clear()
+        model.train()
+        assert calls and all(m.training for m in model.modules())
+        model.eval()  # eval is never skipped
+        assert not any(m.training for m in model.modules())
+    assert "train" not in vars(model)
+    model[1].eval()
+    calls.clear()
+    with train_mode_kept(model):  # entered with a module in eval mode: the library's call
+        model.train()
+    assert calls and all(m.training for m in model.modules())
