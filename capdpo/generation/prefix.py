@@ -169,10 +169,13 @@ def shared_prefix_length(ids: list[list[int]], continuations: list[int]) -> int:
     return min(shared, min(len(row) - c for row, c in zip(ids, continuations)) - 1)
 
 
+FIRST_PASS_IMAGES = 4  # images in the first prefix pass of `SharedPrefixScorer.score` (see `score_groups`)
+
+
 class SharedPrefixScorer:
     """Log-probabilities per request, with each image's shared prefix computed once."""
 
-    def __init__(self, lm: LoadedModel, batcher: Batcher | None = None, images_per_pass: int = 16) -> None:
+    def __init__(self, lm: LoadedModel, batcher: Batcher | None = None, images_per_pass: int = 32) -> None:
         self.lm = lm
         self.batcher = batcher or Batcher(lm)
         self.model = lm.model
@@ -205,7 +208,7 @@ class SharedPrefixScorer:
                 else:
                     yield group
 
-        results = self.score_groups(groups(), batch_size, keep)
+        results = self.score_groups(groups(), batch_size, keep, ramp=True)
         plain = [r for image, requests_of_image in by_image.items() if image in unshared for r in requests_of_image]
         for start in range(0, len(plain), batch_size):
             batch = plain[start : start + batch_size]
@@ -256,16 +259,23 @@ class SharedPrefixScorer:
         return PrefixGroup(first, ids, continuations, prefix_len, [r.key for r in requests])
 
     def score_groups(
-        self, groups: Iterable[PrefixGroup], batch_size: int, keep: Sequence[int] | None = None
+        self, groups: Iterable[PrefixGroup], batch_size: int, keep: Sequence[int] | None = None, ramp: bool = False
     ) -> dict[Any, Any]:
-        """Score prefix groups: `images_per_pass` prefixes per forward, then their suffixes `batch_size` at a time."""
+        """Score prefix groups: `images_per_pass` prefixes per forward, then their suffixes `batch_size` at a time.
+
+        `ramp`: the groups are being prepared while the GPU works (`score`), so the first passes take
+        `FIRST_PASS_IMAGES`, then twice as many each time up to `images_per_pass`: the GPU starts after a few images
+        instead of waiting for a full pass's worth (the host prepares an image about twice as fast as the GPU scores
+        it, so each doubled pass is ready when the one before ends)."""
         import torch
 
         picker = Picker(keep, vocab_size(self.lm))
         results: dict[Any, Any] = {}
         groups = iter(groups)
+        size = min(FIRST_PASS_IMAGES, self.images_per_pass) if ramp else self.images_per_pass
         with torch.inference_mode():
-            while chunk := list(itertools.islice(groups, self.images_per_pass)):
+            while chunk := list(itertools.islice(groups, size)):
+                size = min(2 * size, self.images_per_pass)
                 cache, real_lens, deltas, width = self._prefill(chunk)
                 rows = [(g, i) for g in range(len(chunk)) for i in range(len(chunk[g].ids))]
                 rows.sort(key=lambda gi: len(chunk[gi[0]].ids[gi[1]]) - chunk[gi[0]].prefix_len)

@@ -136,3 +136,33 @@ def test_images_are_tokenised_ahead_of_the_gpu_and_a_bad_image_still_raises(tiny
         SharedPrefixScorer(lm, images_per_pass=2).score(requests[:6] + broken + requests[6:], batch_size=4)
     assert "missing.png" in str(raised.value)
     assert threading.active_count() == before
+
+
+def test_scoring_starts_with_small_prefix_passes_and_doubles_them(tiny_models, sample_images, monkeypatch):
+    """While the host prepares images, the first prefix passes are small and double up to `images_per_pass`; the
+    scores are those of full forward passes whatever the passes hold."""
+    import capdpo.generation.prefix as prefix_module
+
+    monkeypatch.setattr(prefix_module, "FIRST_PASS_IMAGES", 1)
+    lm = load_vlm(str(tiny_models["weak"]))
+    validator = Validator(lm, ValidateConfig(methods=["yesno"]))
+    candidates = ["A red ball.", "Two dogs play on the grass.", "The sky."]
+    requests = [j.request for i in range(6) for j in validator.jobs(f"s{i}", str(sample_images[i]), candidates)]
+    scorer = SharedPrefixScorer(lm, images_per_pass=4)
+    passes = []
+    prefill = scorer._prefill
+    monkeypatch.setattr(scorer, "_prefill", lambda chunk: passes.append(len(chunk)) or prefill(chunk))
+    shared = scorer.score(requests, batch_size=5)
+    assert passes == [1, 2, 3]  # 1, 2, then up to 4: the three images left
+    plain = {r.key: lp for r, lp in zip(requests, Engine(lm).forward_logprobs(requests))}
+    assert set(shared) == set(plain)
+    assert all((shared[k] - plain[k]).abs().max().item() < 1e-4 for k in plain)
+    passes.clear()  # groups given ready-made (no host work to wait for): full passes from the start
+    groups = [
+        g
+        for _, g in scorer._prepared(
+            [(r.image, [r2 for r2 in requests if r2.image == r.image]) for r in requests[::3]]
+        )
+    ]
+    scorer.score_groups(groups, batch_size=5)
+    assert passes == [4, 2]
