@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--baseline-batch", type=int, default=64)
     parser.add_argument("--baseline-candidates", type=int, default=256)
     parser.add_argument("--batch", type=int, default=256, help="capdpo suffixes / prompts per forward pass")
-    parser.add_argument("--images-per-pass", type=int, default=16, help="image prefixes per forward pass")
+    parser.add_argument("--images-per-pass", type=int, default=32, help="image prefixes per forward pass")
     parser.add_argument(
         "--also",
         nargs="*",

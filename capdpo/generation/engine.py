@@ -31,7 +31,7 @@ class Engine:
         decoder: str = "static",
         prefill_rows: int = 0,
         shared_prefix: bool = True,
-        images_per_pass: int = 16,
+        images_per_pass: int = 32,
     ) -> None:
         """`decoder`: "static" (capdpo's static-cache loop, CUDA graphs on GPU) or "hf" (`model.generate`).
         `prefill_rows`: rows per prefill forward of the static decoder (0: the whole batch at once).

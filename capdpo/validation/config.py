@@ -70,8 +70,8 @@ class ValidateConfig(BackendConfig):
     )
     images_per_pass: int = option(
         "shared_prefix: images whose shared prefixes run in one forward pass; their candidates' suffixes then run "
-        "batch_size at a time.",
-        16,
+        "batch_size at a time (bench/validate.py: 32 beat 16 by about 10% on an H100 with the 3B).",
+        32,
     )
     server_top_logprobs: int = option(
         "openai backend: top log-probabilities asked for the answer's first token (the OpenAI API allows 20, "
