@@ -230,12 +230,50 @@ def operator_table(prof: Any, cuda: bool) -> str:
     kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
     if not kernels:
         return table
-    span = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
+    start, end = min(e.time_range.start for e in events), max(e.time_range.end for e in events)
     busy = covered(kernels)
+    # outermost operators of every thread: the backward runs on autograd's own thread
+    ops = [(e.time_range.start, e.time_range.end, e.name) for e in events
+           if e.device_type == DeviceType.CPU and e.cpu_parent is None]  # fmt: skip
+    waits = idle_by_host_op(kernels, ops, start, end)
+    lines = [f"  {ms / 1e3:8.1f} ms  {name}" for name, ms in waits[:25]]
     return (
-        f"device busy {busy / 1e3:.1f} ms of the {span / 1e3:.1f} ms recorded ({busy / max(span, 1):.0%}); "
-        f"the rest it waited on the host\n\n{table}"
+        f"device busy {busy / 1e3:.1f} ms of the {(end - start) / 1e3:.1f} ms recorded ({busy / max(end - start, 1):.0%}); "
+        f"the rest it waited on the host\n\ndevice idle, by the host's outermost operator running meanwhile:\n"
+        + "\n".join(lines)
+        + f"\n\n{table}"
     )
+
+
+def idle_by_host_op(
+    kernels: list[tuple[float, float]], ops: list[tuple[float, float, str]], start: float, end: float
+) -> list[tuple[str, float]]:
+    """How long the device sat idle between `start` and `end` while each host operator ran (outermost operators,
+    (start, end, name); an operator of another thread running at the same moment is charged too), longest first;
+    idle time with no operator running is Python's ("(no operator: Python)")."""
+    gaps, reach = [], start
+    for s, e in sorted(kernels) + [(end, end)]:
+        if s > reach:
+            gaps.append((reach, s))
+        reach = max(reach, e)
+    totals: dict[str, float] = {}
+    ops = sorted(ops)
+    longest = max((e - s for s, e, _ in ops), default=0.0)
+    first = 0
+    for g0, g1 in gaps:
+        while first < len(ops) and ops[first][0] + longest <= g0:  # no operator before here reaches the gap
+            first += 1
+        inside = []
+        for s, e, name in ops[first:]:
+            if s >= g1:
+                break
+            if e > g0:
+                inside.append((max(s, g0), min(e, g1)))
+                totals[name] = totals.get(name, 0.0) + min(e, g1) - max(s, g0)
+        python = (g1 - g0) - covered(inside)
+        if python > 0:
+            totals["(no operator: Python)"] = totals.get("(no operator: Python)", 0.0) + python
+    return sorted(totals.items(), key=lambda kv: -kv[1])
 
 
 def covered(intervals: list[tuple[float, float]]) -> float:

@@ -47,3 +47,13 @@ def test_device_busy_time_counts_overlapping_kernels_once():
     assert covered([]) == 0
     assert covered([(0, 10), (5, 12), (20, 25), (21, 22), (12, 13)]) == 18  # 0-13 and 20-25
     assert covered([(30, 40), (0, 5)]) == 15
+
+
+def test_idle_device_time_is_charged_to_the_host_operator_running_meanwhile():
+    from bench.common import idle_by_host_op
+
+    kernels = [(10, 20), (30, 40), (35, 50)]  # idle: 0-10, 20-30, 50-60
+    ops = [(0, 6, "aten::copy_"), (22, 25, "aten::isfinite"), (25, 28, "aten::isfinite"), (52, 70, "Optimizer.step")]
+    waits = dict(idle_by_host_op(kernels, ops, 0, 60))
+    assert waits == {"aten::copy_": 6, "aten::isfinite": 6, "Optimizer.step": 8, "(no operator: Python)": 10}
+    assert sum(waits.values()) == 30  # every idle moment counted once
