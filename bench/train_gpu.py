@@ -126,6 +126,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="Recompute with reentrant checkpointing (no per-tensor hooks) instead of stage 6's non-reentrant kind.",
     )
+    p.add_argument(
+        "--library-overflow-check",
+        action="store_true",
+        help="Keep DeepSpeed's per-gradient inf/NaN check instead of capdpo's multi-tensor one (capdpo.training.zero).",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--profile",
@@ -434,6 +439,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         trainer = _trl_baseline(settings, lm, pairs, dpo, timer)
         reference_seconds, share, precomputed, packed, tuned = 0.0, False, False, False, {}
     else:
+        library_check = _zero_overflow_check()
         trainer = build_trainer(
             settings,
             lm,
@@ -444,6 +450,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             fingerprint={"bench": args.seed},
             callbacks=[timer],
         )
+        if args.library_overflow_check and library_check is not None:
+            from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+            DeepSpeedZeroOptimizer.has_overflow_partitioned_grads_serial = library_check
         reference_seconds, share, precomputed, packed, tuned = (
             trainer.reference_seconds,
             trainer.share_images,
@@ -489,6 +499,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "gradient_checkpointing": not args.no_gradient_checkpointing,
         "checkpointing": "reentrant" if args.reentrant else "non-reentrant",
+        "overflow_check": "deepspeed" if args.baseline or args.library_overflow_check else "capdpo multi-tensor",
         "share_image_features": share,
         "share_prompt": packed,
         "fused_kernels": tuned,  # modules changed by capdpo.models.patches.tune_for_training, by kind
@@ -541,6 +552,15 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def _zero_overflow_check() -> Any:
+    """DeepSpeed's own ZeRO-1/2 overflow check (None without DeepSpeed)."""
+    try:
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    except ImportError:
+        return None
+    return DeepSpeedZeroOptimizer.__dict__.get("has_overflow_partitioned_grads_serial")
 
 
 def _trl_baseline(settings: Any, lm: Any, pairs: list[Any], dpo: Any, timer: Any) -> Any:

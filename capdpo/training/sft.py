@@ -317,6 +317,10 @@ class SftRecipe(Recipe):
             peft_config=peft_setup(self.settings, lm.model),
             callbacks=callbacks,
         )
+        if trainer.is_deepspeed_enabled:
+            from capdpo.training.zero import fast_overflow_check
+
+            fast_overflow_check()  # ZeRO's inf/NaN check over all gradients at once (the same answer)
         if self.settings.fused_kernels:
             trainer.tuned = tune_for_training(trainer.model, cuda=args.device.type == "cuda")
         return trainer

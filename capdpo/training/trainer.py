@@ -40,6 +40,7 @@ from capdpo.training.data import EXTRA_PREFIX, PairCollator
 from capdpo.training.losses import LOSSES, UniDPOParams, map_scores, unidpo_loss
 from capdpo.training.packing import install_prompt_sharing, prompts_shared
 from capdpo.training.reference import ReferenceCache
+from capdpo.training.zero import fast_overflow_check
 
 _NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 
@@ -289,6 +290,8 @@ class CapdpoDPOTrainer(DPOTrainer):
         self.share_prompt = share_prompt and install_prompt_sharing(hf_model(self.model), _SHARED_FLAG)
         cuda = self.args.device.type == "cuda"
         self.tuned = tune_for_training(hf_model(self.model), cuda=cuda) if fused_kernels else {}
+        if self.is_deepspeed_enabled:
+            fast_overflow_check()  # ZeRO's inf/NaN check over all gradients at once (the same answer)
         self.reference = reference
         self.reference_seconds = 0.0
         self.reference_computed = 0
