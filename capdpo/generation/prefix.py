@@ -160,12 +160,15 @@ def _rows_layer(layer: Any, rows: Any) -> Any:
     return layer
 
 
-def shared_prefix_length(ids: list[list[int]], continuations: list[int]) -> int:
+def shared_prefix_length(ids: list[list[int]], continuations: list[int], known: int = 0) -> int:
     """Length of the common prefix, kept short enough that every sequence's last prompt token (whose logits are
-    read) falls in its suffix."""
-    shared = len(ids[0])
+    read) falls in its suffix. `known`: a length all sequences are known to share (an image's tokens), so the
+    comparison starts there."""
+    first = ids[0]
+    shared = len(first)
     for row in ids[1:]:
-        shared = min(shared, next((i for i, (a, b) in enumerate(zip(ids[0], row)) if a != b), len(row)))
+        end = min(shared, len(row))
+        shared = next((i for i in range(known, end) if first[i] != row[i]), end)
     return min(shared, min(len(row) - c for row, c in zip(ids, continuations)) - 1)
 
 
@@ -253,7 +256,7 @@ class SharedPrefixScorer:
         encoded = self.lm.tokenizer(texts, add_special_tokens=False)["input_ids"]  # one call for all of them
         ids = [first_ids[:image_end] + row + list(r.continuation) for row, r in zip(encoded, requests)]
         continuations = [len(r.continuation) for r in requests]
-        prefix_len = shared_prefix_length(ids, continuations)
+        prefix_len = shared_prefix_length(ids, continuations, known=image_end)  # all start with the image's tokens
         if prefix_len < max(image_end, 1):
             return None
         return PrefixGroup(first, ids, continuations, prefix_len, [r.key for r in requests])
@@ -265,8 +268,8 @@ class SharedPrefixScorer:
 
         `ramp`: the groups are being prepared while the GPU works (`score`), so the first passes take
         `FIRST_PASS_IMAGES`, then twice as many each time up to `images_per_pass`: the GPU starts after a few images
-        instead of waiting for a full pass's worth (the host prepares an image about twice as fast as the GPU scores
-        it, so each doubled pass is ready when the one before ends)."""
+        instead of waiting for a full pass's worth (while the host prepares an image in at most half the time the GPU
+        takes to score one, each doubled pass is ready when the one before ends)."""
         import torch
 
         picker = Picker(keep, vocab_size(self.lm))

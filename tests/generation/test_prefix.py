@@ -16,6 +16,10 @@ def test_shared_prefix_leaves_every_read_position_in_the_suffix():
     assert shared_prefix_length([[1, 2, 3], [1, 2, 3]], [0, 0]) == 2
     # a row that parts early from the first is not outvoted by a later row that parts late
     assert shared_prefix_length([[1, 2, 3, 4, 5, 6], [1, 7, 3, 4, 5, 6], [1, 2, 3, 4, 9, 9]], [0, 0, 0]) == 1
+    # rows known to share their first tokens: compared from there on, the same answers
+    rows = [[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 8], [1, 2, 3, 4, 5, 6, 7, 9]]
+    assert [shared_prefix_length(rows, [0, 0, 0], known=k) for k in (0, 2, 4)] == [5, 5, 5]
+    assert shared_prefix_length(ids, [0, 0, 0], known=3) == shared_prefix_length(ids, [0, 0, 0]) == 3
 
 
 @pytest.mark.parametrize("arch", ["weak", "qwen3vl", "llava"])
