@@ -22,3 +22,14 @@ def test_demo_runs_equal_their_snapshots(tmp_path: Path, tiny_models: dict[str, 
         assert len(expected["02_descriptions.jsonl"]) > 0 and len(expected["05_pairs.jsonl"]) > 0
         diffs = compare(expected, snaps[name], name)
         assert not diffs, f"{len(diffs)} difference(s):\n" + "\n".join(diffs[:30])
+
+
+def test_json_documents_inside_fields_compare_their_floats_with_tolerance() -> None:
+    """An export's `meta_json` holds scores: float rounding there is no difference, a changed value or key is."""
+    expected = {"meta_json": '{"gap": 0.8161604219203791, "index": 0, "chosen_sentence": "A cat."}'}
+    rounded = {"meta_json": '{"gap": 0.8161602904251711, "index": 0, "chosen_sentence": "A cat."}'}
+    assert compare(expected, rounded, "demo") == []
+    assert compare(expected, {"meta_json": rounded["meta_json"].replace("0.81616029", "0.71616029")}, "demo")
+    assert compare(expected, {"meta_json": rounded["meta_json"].replace("A cat.", "A dog.")}, "demo")
+    assert compare(expected, {"meta_json": '{"gap": 0.8161604219203791, "index": 0}'}, "demo")
+    assert compare({"text": "0.1"}, {"text": "0.1000001"}, "demo")  # other strings stay exact
