@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-1/2's gradient overflow check in a few multi-tensor kernels instead of five per gradient.
+"""DeepSpeed ZeRO-1/2's gradient overflow check in a few multi-tensor kernels instead of about six per gradient.
 
 Before every optimizer step ZeRO checks each gradient of its partition for inf/NaN (`amax`, `amin`, two `isfinite`,
 `logical_and`, `logical_not` and an add per tensor). A LoRA adapter of a 7B model has ~400 small gradient tensors,
