@@ -19,6 +19,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The long end-to-end tests (marked slow, the longest by their `seconds`) first: with `-n 2` the workers start on
+    them, instead of one of them starting last and keeping a worker busy after the other has finished."""
+
+    def order(item: pytest.Item) -> tuple[bool, float]:
+        slow = item.get_closest_marker("slow")
+        return slow is None, -float(slow.kwargs.get("seconds", 0)) if slow else 0.0
+
+    items.sort(key=order)
+
+
 @pytest.fixture(autouse=True)
 def _default_image_limits():
     """Image limits are per process (a run config sets them): every test starts from the defaults."""

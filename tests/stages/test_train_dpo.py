@@ -247,6 +247,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_deepspeed_on_two_cpu_processes(tiny_models, sample_images, tmp_path, stage: str) -> None:
     pytest.importorskip("deepspeed", reason="requirements-deepspeed.txt is part of `make test`'s install")

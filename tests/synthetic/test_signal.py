@@ -15,9 +15,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 MODELS = Path(__file__).resolve().parents[2] / "models" / "synthetic"
 
 
+@pytest.mark.slow(seconds=170)
 def test_one_round_lowers_hallucination_and_shuffled_pairs_do_not(tmp_path: Path) -> None:
     from capdpo.synthetic.experiment import SCALES, Settings, run_experiment
 

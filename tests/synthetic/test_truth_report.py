@@ -73,6 +73,7 @@ def test_planted_hallucinations_count_only_where_the_rule_can_fire() -> None:
     assert planted_hallucinations(items, [rule]) == {"images": 2, "mentions": 2, "per_100_images": 100.0}
 
 
+@pytest.mark.slow
 def test_demo_steps_end_to_end_with_the_shipped_models(tmp_path: Path) -> None:
     """What `make demo` runs (stages 1-6, data report, truth report) on 12 of the bundled images."""
     assets = ROOT / "capdpo" / "assets" / "synthetic"

@@ -226,6 +226,7 @@ def test_resumed_run_logs_the_same_losses(tiny_models, sample_images, tmp_path) 
         run_sft(load_config("sft", ["--config", config, "--max_steps", "6", "--lora_r", "4"]))
 
 
+@pytest.mark.slow
 def test_deepspeed_zero2_on_two_cpu_processes(tiny_models, sample_images, tmp_path) -> None:
     import os
     import socket
