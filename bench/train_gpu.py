@@ -439,7 +439,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         trainer = _trl_baseline(settings, lm, pairs, dpo, timer)
         reference_seconds, share, precomputed, packed, tuned = 0.0, False, False, False, {}
     else:
-        library_check = _zero_overflow_check()
         trainer = build_trainer(
             settings,
             lm,
@@ -450,10 +449,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             fingerprint={"bench": args.seed},
             callbacks=[timer],
         )
-        if args.library_overflow_check and library_check is not None:
-            from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+        if args.library_overflow_check:
+            from capdpo.training.zero import library_overflow_check
 
-            DeepSpeedZeroOptimizer.has_overflow_partitioned_grads_serial = library_check
+            library_overflow_check()
         reference_seconds, share, precomputed, packed, tuned = (
             trainer.reference_seconds,
             trainer.share_images,
@@ -552,15 +551,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         dist.barrier()
         dist.destroy_process_group()
     return result
-
-
-def _zero_overflow_check() -> Any:
-    """DeepSpeed's own ZeRO-1/2 overflow check (None without DeepSpeed)."""
-    try:
-        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-    except ImportError:
-        return None
-    return DeepSpeedZeroOptimizer.__dict__.get("has_overflow_partitioned_grads_serial")
 
 
 def _trl_baseline(settings: Any, lm: Any, pairs: list[Any], dpo: Any, timer: Any) -> Any:

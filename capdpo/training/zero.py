@@ -30,14 +30,34 @@ def partition_has_overflow(optimizer: Any) -> Any:
     return torch.cat(flags).any().reshape(1)
 
 
-def fast_overflow_check() -> bool:
-    """Route ZeRO-1/2's partitioned overflow check through `partition_has_overflow` (idempotent); False where this
-    DeepSpeed has no such method (nothing changed)."""
+_NAME = "has_overflow_partitioned_grads_serial"
+_LIBRARY: dict[str, Any] = {}  # DeepSpeed's own check, kept when replaced
+
+
+def _zero_optimizer() -> Any:
+    """DeepSpeed's ZeRO-1/2 optimizer class, or None where DeepSpeed or its check is missing."""
     try:
         from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     except ImportError:
+        return None
+    return DeepSpeedZeroOptimizer if hasattr(DeepSpeedZeroOptimizer, _NAME) else None
+
+
+def fast_overflow_check() -> bool:
+    """Route ZeRO-1/2's partitioned overflow check through `partition_has_overflow` (idempotent); False where this
+    DeepSpeed has no such method (nothing changed)."""
+    optimizer = _zero_optimizer()
+    if optimizer is None:
         return False
-    if not hasattr(DeepSpeedZeroOptimizer, "has_overflow_partitioned_grads_serial"):
+    _LIBRARY.setdefault("check", getattr(optimizer, _NAME))
+    setattr(optimizer, _NAME, partition_has_overflow)
+    return True
+
+
+def library_overflow_check() -> bool:
+    """Put DeepSpeed's own check back after `fast_overflow_check`; False where nothing was replaced."""
+    optimizer = _zero_optimizer()
+    if optimizer is None or "check" not in _LIBRARY:
         return False
-    DeepSpeedZeroOptimizer.has_overflow_partitioned_grads_serial = partition_has_overflow
+    setattr(optimizer, _NAME, _LIBRARY["check"])
     return True

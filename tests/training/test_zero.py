@@ -16,7 +16,7 @@ def test_fast_overflow_check_answers_as_deepspeed(poison):
     from deepspeed.runtime.utils import has_inf_or_nan
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from capdpo.training.zero import fast_overflow_check, partition_has_overflow
+    from capdpo.training.zero import fast_overflow_check, library_overflow_check, partition_has_overflow
 
     original = DeepSpeedZeroOptimizer.__dict__["has_overflow_partitioned_grads_serial"]
     g = torch.Generator().manual_seed(0)
@@ -45,6 +45,7 @@ def test_fast_overflow_check_answers_as_deepspeed(poison):
         assert DeepSpeedZeroOptimizer.has_overflow_partitioned_grads_serial is partition_has_overflow
         assert fast_overflow_check()  # idempotent
     finally:
-        DeepSpeedZeroOptimizer.has_overflow_partitioned_grads_serial = original
+        assert library_overflow_check()  # DeepSpeed's own check back
+    assert DeepSpeedZeroOptimizer.__dict__["has_overflow_partitioned_grads_serial"] is original
     empty = SimpleNamespace(bit16_groups=[[]], averaged_gradients={0: [None]})
     assert not bool(partition_has_overflow(empty))
