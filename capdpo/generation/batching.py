@@ -116,13 +116,13 @@ class ImageInputs:
     """A processor's tensors for one prompt and its image with each image processed once: its pixel tensors are
     kept and the prompt's image token expanded to the image's token count (Qwen-style processors, which do no more
     than that). Checked once against the processor's own output; a processor that differs is always called itself.
-    `limit` bounds how many images are kept (None: all)."""
+    `limit` bounds how many images are kept (None: all); `enabled=False` calls the processor every time."""
 
-    def __init__(self, processor: Any, limit: int | None = None) -> None:
+    def __init__(self, processor: Any, limit: int | None = None, enabled: bool = True) -> None:
         self.processor = processor
         self.limit = limit
         merge = getattr(getattr(processor, "image_processor", None), "merge_size", None)
-        usable = merge is not None and getattr(processor, "image_token", None) is not None
+        usable = enabled and merge is not None and getattr(processor, "image_token", None) is not None
         self.cache: dict[str, dict[str, Any]] | None = {} if usable else None
         self._keys: set[str] | None = None  # the processor's output keys, once checked
 

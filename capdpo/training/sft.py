@@ -138,17 +138,15 @@ class SftEncoder:
         self.pairs = PairEncoder(processor, max_length)
         self.max_length = max_length
         self.pad_id = self.pairs.pad_id
-        self.images = ImageInputs(processor) if cache_images else None
+        self.images = ImageInputs(processor, enabled=cache_images)
 
     @property
     def image_cache(self) -> dict[str, dict[str, Any]] | None:
         """Each image's pixel tensors by path, while the shortcut is in use (None: the processor runs every time)."""
-        return self.images.cache if self.images is not None else None
+        return self.images.cache
 
     def prompt_inputs(self, prompt_text: str, image_path: str) -> dict[str, Any]:
         """Processor output for one prompt with its image (batch of 1)."""
-        if self.images is None:
-            return dict(self.pairs.processor(text=[prompt_text], images=[load_image(image_path)], return_tensors="pt"))
         return self.images(prompt_text, image_path, load_image)
 
     def response_ids(self, example: SftExample) -> list[int]:
