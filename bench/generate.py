@@ -49,7 +49,8 @@ def floor_images_per_s(
     batch: int, new_tokens: int, shapes: Shapes, params: dict, rates: dict, kv_bytes: float
 ) -> float:
     """Images/s if prefill + vision ran at the matmul rate and every decode step read the weights (and KV cache)
-    once at copy bandwidth or did its matmuls at the matmul rate, whichever is slower."""
+    once at the memory's bandwidth or did its matmuls at the matmul rate, whichever is slower. The bandwidth is that
+    of a device-to-device copy, which `hardware_rates` counts as bytes read plus bytes written."""
     prompt = shapes.text_before + shapes.text_after + image_tokens(shapes) + 2
     patches = (shapes.image_side // 14) ** 2
     prefill_flops = batch * (2 * params["text_matmul"] * prompt + 2 * params["vision"] * patches)
@@ -57,7 +58,7 @@ def floor_images_per_s(
     t_decode = 0.0
     for step in range(new_tokens):
         kv = kv_bytes * batch * (prompt + step)
-        read = (weight_bytes + kv) / (rates["copy_bytes_per_s"] / 2)  # copy moves each byte twice
+        read = (weight_bytes + kv) / rates["copy_bytes_per_s"]
         compute = 2 * params["text_matmul"] * batch / rates["matmul_flops"]
         t_decode += max(read, compute)
     return batch / (prefill_flops / rates["matmul_flops"] + t_decode)
@@ -80,6 +81,16 @@ def main() -> None:
     )
     parser.add_argument(
         "--sampled", action="store_true", help="also time capdpo with top-p sampling at its best batch"
+    )
+    parser.add_argument(
+        "--window-step", type=int, default=32, help="capdpo's attention window growth in decode steps (0: whole cache)"
+    )
+    parser.add_argument(
+        "--compare-windows",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time capdpo at its best batch with these --window-step values (0: the whole cache every step)",
     )
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument(
@@ -154,11 +165,11 @@ def main() -> None:
 
     # -- capdpo: static cache, explicit positions, CUDA-graph decode -------------------------------------
     lm = SimpleNamespace(model=model, device=torch.device(device))
-    decoder = StaticDecoder(lm, prefill_rows=args.prefill_rows)
+    decoder = StaticDecoder(lm, prefill_rows=args.prefill_rows, window_step=args.window_step)
     use_grouped_vision_attention()  # what capdpo's model loading applies; the baseline above ran without
     if device.startswith("cuda"):
         tune_for_cuda_inference(model)
-    result["prefill_rows"] = args.prefill_rows
+    result["prefill_rows"], result["window_step"] = args.prefill_rows, args.window_step
     best = None
     for b in args.batches:
         gen = Generation(max_new_tokens=T)
@@ -190,6 +201,26 @@ def main() -> None:
             best = entry
         del data, warm
         torch.cuda.empty_cache() if device.startswith("cuda") else None
+    for step in args.compare_windows if best is not None else []:
+        b = best["batch"]
+        gen = Generation(max_new_tokens=T)
+        data = batches_of(b, max(args.images, b), seed=0)
+        other = StaticDecoder(lm, prefill_rows=args.prefill_rows, window_step=step)
+
+        def windows(inputs: dict, d: StaticDecoder = other, gen: Generation = gen) -> None:
+            d.generate(inputs, gen, list(range(inputs["input_ids"].shape[0])), eos_ids=[], pad_id=ENDOFTEXT)
+
+        time_batches(windows, data[:1], device)
+        barrier()
+        seconds = time_batches(windows, data, device)
+        barrier()
+        n = b * len(data) * world
+        entry = {"window_step": step, "batch": b, "images": n, "seconds": seconds, "images_per_s": n / seconds}
+        result.setdefault("capdpo_window_steps", []).append(entry)
+        rows.append((f"capdpo static, window step {step}", str(b), str(n), f"{seconds:.2f}", f"{n / seconds:.2f}",
+                     f"{best['floor_images_per_s']:.1f}", f"{n / seconds / best['floor_images_per_s']:.0%}"))  # fmt: skip
+        print(" | ".join(rows[-1]), flush=True)
+        del data
     if args.sampled and best is not None:
         b = best["batch"]
         gen = Generation(max_new_tokens=T, temperature=0.7, top_p=0.9, repetition_penalty=1.05)

@@ -3,10 +3,16 @@
 `transformers.generate` spends most of a decode step outside the model at large batch (cache concatenation,
 logits processors, stopping checks, position bookkeeping). Here a decode step is one call of the text decoder on
 a static cache with explicit positions, a constant attention mask and the sampler; every tensor has a fixed shape,
-so on CUDA the step can be captured once as a CUDA graph and replayed. Greedy outputs are token-identical to
+so on CUDA the step can be captured as a CUDA graph and replayed. Greedy outputs are token-identical to
 `generate` (checked in fp32 by the tests); sampling uses the same per-row Gumbel noise as `SeededSampler`.
 Qwen-VL's 3-D rope positions for the prefill come from `capdpo.generation.rope` (batched on the device) instead of the
 model's per-row loop.
+
+A decode step's attention reads the keys and values of a window of the cache, not all of it: the prompt and the
+next `window_step` generated positions, widened by `window_step` when the tokens reach its end (one CUDA graph per
+window). With 128 new tokens on a ~280-token prompt the whole cache is ~20% longer than the average position a
+step needs. Each step writes its token's keys and values at the slot its position names (`_DecodeLayer`), so
+running a step twice (a graph's warm-up, then its replay) writes the same slot twice instead of shifting the rest.
 """
 
 from __future__ import annotations
@@ -22,12 +28,17 @@ from capdpo.generation.sampling import Generation, filter_scores, gumbel_noise, 
 class StaticDecoder:
     """Generates for one padded batch with a static cache; see the module docstring."""
 
-    def __init__(self, lm: Any, use_cuda_graph: bool | None = None, prefill_rows: int = 0) -> None:
+    def __init__(
+        self, lm: Any, use_cuda_graph: bool | None = None, prefill_rows: int = 0, window_step: int = 32
+    ) -> None:
         """`prefill_rows`: rows per prefill forward (0: the whole batch at once). Decoding is memory-bound, so it
         runs best on far more rows than a prefill (vision + prompt) needs to fill the GPU; chunking the prefill
-        lets one batch decode e.g. 1024 rows while vision and prompt activations stay those of 256."""
+        lets one batch decode e.g. 1024 rows while vision and prompt activations stay those of 256.
+        `window_step`: generated positions added to the attention window at a time (0: every step reads the whole
+        cache)."""
         self.lm = lm
         self.prefill_rows = prefill_rows
+        self.window_step = window_step
         self.model = lm.model
         self.decoder = self.model.model.language_model
         self.embed = self.model.get_input_embeddings()
@@ -92,39 +103,56 @@ class StaticDecoder:
                     state["seen"].scatter_(1, token[:, None], True)
                 return token
 
-            def decode_step() -> None:
+            windowed = _static_layers(cache)
+            if windowed:  # the same tensors, written at the slot `position` names and read up to a window
+                position = torch.zeros((), dtype=torch.long, device=device)
+                layers = cache.layers
+                cache.layers = [_decode_layer_class()(layer, position) for layer in layers]
+
+            def decode_step(window: int) -> None:
                 # the token chosen at step t sits at cache position prompt_len + t
-                position = (real_len + state["step"] + deltas).view(1, batch, 1)
-                position = position.expand(3, batch, 1) if self.mrope else position.view(batch, 1)
-                cache_position = (prompt_len + state["step"]).view(1)
+                position_ids = (real_len + state["step"] + deltas).view(1, batch, 1)
+                position_ids = position_ids.expand(3, batch, 1) if self.mrope else position_ids.view(batch, 1)
+                if windowed:
+                    torch.add(state["step"], prompt_len, out=position)
+                    for layer in cache.layers:
+                        layer.window = window
                 hidden = self.decoder(
                     inputs_embeds=self.embed(state["token"].view(batch, 1)),
-                    position_ids=position,
-                    attention_mask=full_mask,
+                    position_ids=position_ids,
+                    attention_mask=full_mask[:, :window],
                     past_key_values=cache,
-                    cache_position=cache_position,
                     use_cache=True,
                 ).last_hidden_state
                 state["logits"] = self.head(hidden[:, -1]).float()
 
             state["token"].copy_(select(logits))  # in place: a captured graph reads this memory
             tokens[:, 0] = state["token"]
-            step_fn = decode_step
-            graph = None
+            # a graph per window; windows only grow, so the graphs can share one memory pool. A cache whose layers
+            # are not plain static ones is read whole and decoded eagerly (its write slot follows its own counter)
+            graphs: dict[int, Any] = {}
+            capture = self.use_cuda_graph and windowed
+            pool = torch.cuda.graph_pool_handle() if capture else None
             for t in range(1, gen.max_new_tokens):
                 # write the previous token into the cache at position prompt_len + t - 1, read the next
                 state["step"].fill_(t - 1)
-                if graph is None and self.use_cuda_graph and t >= 3:
-                    graph = _capture(step_fn)
+                window = total
+                if windowed and self.window_step > 0:
+                    window = min(total, prompt_len + -(-t // self.window_step) * self.window_step)
+                if capture and t >= 3 and window not in graphs:
+                    graphs[window] = _capture(lambda w=window: decode_step(w), pool)
+                graph = graphs.get(window)
                 if graph is not None:
                     graph.replay()
                 else:
-                    step_fn()
+                    decode_step(window)
                 state["step"].fill_(t)
                 state["token"].copy_(select(state["logits"]))
                 tokens[:, t] = state["token"]
                 if t % 16 == 0 and bool(state["finished"].all()):
                     break
+            if windowed:
+                cache.layers = layers
         return tokens
 
     def _prefill(self, inputs: dict[str, Any], extra: dict[str, Any], cache: Any, total: int) -> tuple[Any, Any]:
@@ -269,8 +297,52 @@ def _row_view_class() -> type:
 _ROW_VIEW: type | None = None
 
 
-def _capture(step_fn: Any) -> Any:
-    """Capture one decode step as a CUDA graph (after a warm-up on a side stream); None when capture fails."""
+def _decode_layer_class() -> type:
+    from transformers.cache_utils import StaticLayer
+
+    global _DECODE_LAYER
+    if _DECODE_LAYER is not None:
+        return _DECODE_LAYER
+
+    class DecodeLayer(StaticLayer):
+        """A filled StaticLayer's tensors for decode steps: a step writes its one token at the slot `position`
+        (a device scalar the step sets, so a captured graph reads it at replay) and attention reads slots
+        [0, window). The masks take the query's offset from `get_seq_length` and the key count from
+        `get_mask_sizes`, so both follow."""
+
+        def __init__(self, big: Any, position: Any) -> None:
+            super().__init__(max_cache_len=big.max_cache_len)
+            self.dtype, self.device = big.dtype, big.device
+            self.batch_size, self.num_heads = big.batch_size, big.num_heads
+            self.k_head_dim, self.v_head_dim = big.k_head_dim, big.v_head_dim
+            self.keys, self.values = big.keys, big.values
+            self.position, self.window = position, big.max_cache_len
+            self.is_initialized = True
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            if key_states.shape[-2] != 1:
+                raise ValueError(f"a decode step writes one position, got {key_states.shape[-2]}")
+            slot = self.position.view(1)
+            self.keys.index_copy_(2, slot, key_states)
+            self.values.index_copy_(2, slot, value_states)
+            return self.keys[:, :, : self.window], self.values[:, :, : self.window]
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.window, 0
+
+        def get_seq_length(self) -> Any:
+            return self.position
+
+    _DECODE_LAYER = DecodeLayer
+    return DecodeLayer
+
+
+_DECODE_LAYER: type | None = None
+
+
+def _capture(step_fn: Any, pool: Any = None) -> Any:
+    """Capture one decode step as a CUDA graph (after a warm-up on a side stream) in memory pool `pool`; None
+    when capture fails."""
     import torch
 
     stream = torch.cuda.Stream()
@@ -280,7 +352,7 @@ def _capture(step_fn: Any) -> Any:
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             step_fn()
     except RuntimeError as err:  # an op that synchronises with the host cannot be captured: stay eager
         print(f"CUDA graph capture failed, decoding eagerly ({str(err).splitlines()[0]})", flush=True)

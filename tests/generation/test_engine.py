@@ -154,6 +154,74 @@ def test_static_decoder_is_token_identical_to_generate(tiny_models, sample_image
         assert chunks == expected * 2
 
 
+class _ReplayedGraph:
+    """What `_capture` gives on CUDA, run eagerly: the step ran once as the warm-up, each replay runs it again."""
+
+    def __init__(self, step_fn):
+        self.replay = step_fn
+
+
+@pytest.mark.parametrize("arch", ["strong", "qwen3vl", "llava"])
+def test_static_decoder_windows_and_graph_replays_match_generate(tiny_models, sample_images, arch, monkeypatch):
+    """Steps read growing windows of the cache, each window's step "captured" (warmed up once, then replayed): the
+    tokens equal `generate`'s and the filled cache equals that of whole-cache eager decoding slot for slot (a step
+    run twice must not write its token into a second slot), and attention reads only each window's keys."""
+    import capdpo.generation.static_decoder as fastgen
+
+    captured, read_lengths, caches = [], [], []
+
+    def fake_capture(step_fn, pool=None):
+        captured.append(pool)
+        step_fn()
+        return _ReplayedGraph(step_fn)
+
+    layer_class = fastgen._decode_layer_class()
+    update = layer_class.update
+
+    def spy_update(self, *args, **kwargs):
+        keys, values = update(self, *args, **kwargs)
+        read_lengths.append(keys.shape[2])
+        return keys, values
+
+    prefill = fastgen.StaticDecoder._prefill
+    monkeypatch.setattr(fastgen.StaticDecoder, "_prefill", lambda self, *a: caches.append(a[2]) or prefill(self, *a))
+    monkeypatch.setattr(layer_class, "update", spy_update)
+    monkeypatch.setattr(fastgen, "_capture", fake_capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    lm = load_vlm(str(tiny_models[arch]))
+    requests, new = _requests(sample_images, 3), 20
+    plain = Engine(lm, decoder="hf")
+    whole = Engine(lm, decoder="static")
+    whole.static.window_step = 0
+    windowed = Engine(lm, decoder="static", prefill_rows=2)
+    windowed.static.window_step, windowed.static.use_cuda_graph = 3, True
+    for gen in (Generation(max_new_tokens=new), Generation(max_new_tokens=new, temperature=0.9, top_p=0.9)):
+        captured.clear(), read_lengths.clear(), caches.clear()
+        reference = whole.generate(requests, gen)
+        assert captured == [] and caches  # no graphs on the CPU by default
+        layers = len(caches[0].layers)
+        assert set(read_lengths) == {caches[0].layers[0].max_cache_len}  # window_step 0: the whole cache every step
+        read_lengths.clear()
+        ours = windowed.generate(requests, gen)
+        theirs = plain.generate(requests, gen)
+        assert [o.token_ids for o in ours] == [o.token_ids for o in theirs] == [o.token_ids for o in reference]
+        total = caches[1].layers[0].max_cache_len
+        prompt = total - new
+        last = new - 1  # the loop checks every 16 steps whether all rows have ended
+        if all(o.finish_reason == "stop" for o in ours):
+            last = min(last, -(-max(len(o.token_ids) for o in ours) // 16) * 16)
+        # windows of 3 new positions: a graph each from the third step on, the last window capped at the cache
+        steps = range(1, last + 1)
+        ends = [min(total, prompt + -(-t // 3) * 3) for t in steps]
+        firsts = [t for t, e in zip(steps, ends) if t >= 3 and (t == 3 or e != ends[t - 2])]
+        assert captured == ["pool"] * len(firsts) and len(firsts) >= 5
+        runs = [e for t, e in zip(steps, ends) for _ in range(2 if t in firsts else 1)]  # warm-up + replay
+        assert read_lengths == [e for e in runs for _ in range(layers)]
+        for a, b in zip(caches[0].layers, caches[1].layers):  # the last slot is never written
+            torch.testing.assert_close(a.keys[..., : total - 1, :], b.keys[..., : total - 1, :], rtol=0, atol=1e-5)
+            torch.testing.assert_close(a.values[..., : total - 1, :], b.values[..., : total - 1, :], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["strong", "llava"])
 def test_static_decoder_handles_text_only_padded_batches(tiny_models, arch):
     lm = load_vlm(str(tiny_models[arch]))
