@@ -201,39 +201,33 @@ def main() -> None:
             best = entry
         del data, warm
         torch.cuda.empty_cache() if device.startswith("cuda") else None
-    for step in args.compare_windows if best is not None else []:
-        b = best["batch"]
-        gen = Generation(max_new_tokens=T)
-        data = batches_of(b, max(args.images, b), seed=0)
-        other = StaticDecoder(lm, prefill_rows=args.prefill_rows, window_step=step)
 
-        def windows(inputs: dict, d: StaticDecoder = other, gen: Generation = gen) -> None:
+    def time_at(d: StaticDecoder, gen: Generation, b: int) -> tuple[int, float]:
+        """(images, seconds) of decoder `d` on the measured images at batch `b`, after one warm-up batch."""
+        data = batches_of(b, max(args.images, b), seed=0)
+
+        def run(inputs: dict) -> None:
             d.generate(inputs, gen, list(range(inputs["input_ids"].shape[0])), eos_ids=[], pad_id=ENDOFTEXT)
 
-        time_batches(windows, data[:1], device)
+        time_batches(run, data[:1], device)
         barrier()
-        seconds = time_batches(windows, data, device)
+        seconds = time_batches(run, data, device)
         barrier()
-        n = b * len(data) * world
+        return b * len(data) * world, seconds
+
+    for step in args.compare_windows if best is not None else []:
+        b = best["batch"]
+        other = StaticDecoder(lm, prefill_rows=args.prefill_rows, window_step=step)
+        n, seconds = time_at(other, Generation(max_new_tokens=T), b)
         entry = {"window_step": step, "batch": b, "images": n, "seconds": seconds, "images_per_s": n / seconds}
         result.setdefault("capdpo_window_steps", []).append(entry)
         rows.append((f"capdpo static, window step {step}", str(b), str(n), f"{seconds:.2f}", f"{n / seconds:.2f}",
                      f"{best['floor_images_per_s']:.1f}", f"{n / seconds / best['floor_images_per_s']:.0%}"))  # fmt: skip
         print(" | ".join(rows[-1]), flush=True)
-        del data
     if args.sampled and best is not None:
         b = best["batch"]
         gen = Generation(max_new_tokens=T, temperature=0.7, top_p=0.9, repetition_penalty=1.05)
-        data = batches_of(b, max(args.images, b), seed=0)
-
-        def sampled(inputs: dict) -> None:
-            decoder.generate(inputs, gen, list(range(inputs["input_ids"].shape[0])), eos_ids=[], pad_id=ENDOFTEXT)
-
-        time_batches(sampled, data[:1], device)
-        barrier()
-        seconds = time_batches(sampled, data, device)
-        barrier()
-        n = b * len(data) * world
+        n, seconds = time_at(decoder, gen, b)
         result["capdpo_sampled"] = {"batch": b, "images": n, "seconds": seconds, "images_per_s": n / seconds}
         rows.append(("capdpo static, top-p", str(b), str(n), f"{seconds:.2f}", f"{n / seconds:.2f}", "", ""))
 
