@@ -51,6 +51,11 @@ VOLATILE = {
     "peak_gpu_memory_gib",
     "total_flos",
 }
+# Reward accuracies count the pairs whose margin is above zero. Early in a run the adapter has barely moved, so some
+# margins are ~1e-7, rounding noise whose sign depends on the CPU's summation order: one such pair flips a 7-pair
+# step's accuracy by 1/7, the 4-step mean the snapshot keeps by 1/28. Those fields compare within one pair's share;
+# the margins and losses themselves stay within the tight float tolerance.
+SIGN_COUNTS_ABS_TOL = 0.04
 DEMOS = {"synthetic_demo": "configs/synthetic_demo.yaml", "demo": "configs/demo.yaml"}
 # a smaller synthetic demo keeps the test quick; every stage and setting of the demo still runs
 SMALLER = {"synthetic_demo": {"images": {"n": 24}, "describe": {"samples_per_image": 2}, "train": {"epochs": 2}}}
@@ -143,7 +148,8 @@ def compare(expected: Any, actual: Any, where: str = "", rel: float = 1e-4, abs_
         diffs += [f"{where}.{k}: unexpected" for k in actual if k not in expected]
         for k in expected:
             if k in actual:
-                diffs += compare(expected[k], actual[k], f"{where}.{k}", rel, abs_tol)
+                tol = max(abs_tol, SIGN_COUNTS_ABS_TOL) if str(k).endswith("accuracies") else abs_tol
+                diffs += compare(expected[k], actual[k], f"{where}.{k}", rel, tol)
         return diffs
     if isinstance(expected, list):
         if len(expected) != len(actual):

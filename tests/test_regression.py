@@ -33,3 +33,17 @@ def test_json_documents_inside_fields_compare_their_floats_with_tolerance() -> N
     assert compare(expected, {"meta_json": rounded["meta_json"].replace("A cat.", "A dog.")}, "demo")
     assert compare(expected, {"meta_json": '{"gap": 0.8161604219203791, "index": 0}'}, "demo")
     assert compare({"text": "0.1"}, {"text": "0.1000001"}, "demo")  # other strings stay exact
+
+
+def test_reward_accuracies_allow_one_flipped_near_tie_pair_and_no_more() -> None:
+    """A pair whose margin is rounding noise may count on either side; a real change in accuracy is a difference."""
+    expected = {"rewards/accuracies": 0.4330357, "rewards/margins": 0.0254124, "final_rewards": {"accuracies": 0.75}}
+    one_pair = {
+        "rewards/accuracies": 0.4330357 + 1 / 28,
+        "rewards/margins": 0.0254124,
+        "final_rewards": {"accuracies": 0.75},
+    }
+    assert compare(expected, one_pair, "demo") == []
+    assert compare(expected, {**one_pair, "rewards/accuracies": 0.4330357 + 2 / 28}, "demo")
+    assert compare(expected, {**one_pair, "final_rewards": {"accuracies": 0.8}}, "demo")
+    assert compare(expected, {**one_pair, "rewards/margins": 0.0264124}, "demo")  # margins stay tight
