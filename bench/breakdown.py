@@ -81,9 +81,10 @@ def captioning(result: dict, size7: str, shapes: Shapes, batch: int, device: str
     def run_vision():
         return model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
 
-    # capdpo's CUDA inference tunings (models.tune_for_cuda_inference), timed one at a time
+    # capdpo's CUDA inference tunings (models.tune_for_cuda_inference, all of them), timed one at a time
     steps = [("none", None), ("linear_patch_embedding", models.linear_patch_embedding),
-             ("pad_vision_mlp", models.pad_vision_mlp), ("fuse_vision_elementwise", models.fuse_vision_elementwise)]  # fmt: skip
+             ("pad_vision_mlp", models.pad_vision_mlp), ("fuse_vision_elementwise", models.fuse_vision_elementwise),
+             ("fuse_text_elementwise", models.fuse_text_elementwise)]  # fmt: skip
     with torch.inference_mode():
         reference = run_vision()
         reference = getattr(reference, "pooler_output", reference)
