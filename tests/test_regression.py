@@ -47,3 +47,6 @@ def test_reward_accuracies_allow_one_flipped_near_tie_pair_and_no_more() -> None
     assert compare(expected, {**one_pair, "rewards/accuracies": 0.4330357 + 2 / 28}, "demo")
     assert compare(expected, {**one_pair, "final_rewards": {"accuracies": 0.8}}, "demo")
     assert compare(expected, {**one_pair, "rewards/margins": 0.0264124}, "demo")  # margins stay tight
+    tokens = {"mean_token_accuracy": 0.9668955}
+    assert compare(tokens, {"mean_token_accuracy": 0.9668955 + 4e-4}, "demo") == []  # a flipped token
+    assert compare(tokens, {"mean_token_accuracy": 0.9668955 + 3e-3}, "demo")
