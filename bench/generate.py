@@ -83,7 +83,7 @@ def main() -> None:
         "--sampled", action="store_true", help="also time capdpo with top-p sampling at its best batch"
     )
     parser.add_argument(
-        "--window-step", type=int, default=32, help="capdpo's attention window growth in decode steps (0: whole cache)"
+        "--window-step", type=int, default=0, help="capdpo's attention window growth in decode steps (0: whole cache)"
     )
     parser.add_argument(
         "--compare-windows",

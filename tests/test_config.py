@@ -48,6 +48,7 @@ def test_flags_override_yaml_and_yaml_overrides_defaults(tmp_path):
         ("run_dir: r\ndtype: float16\n", r"dtype: 'float16'"),
         ("run_dir: r\nvariants:\n  k: 3\n  temperature: 0\n", r"variants.k: greedy decoding"),
         ("run_dir: r\npairs: 3\n", r"section 'pairs' must be a mapping"),
+        ("run_dir: r\ndescribe:\n  decode_window: -1\n", r"describe.decode_window: must be >= 0"),
         ("run_dir: [r\n", r"run.yaml:\d+: malformed YAML"),
         ("- a\n- b\n", r"top level must be a mapping"),
         ("run_dir: r\nseed: 1\nseed: 2\n", r"run.yaml:3: malformed YAML \(duplicate key 'seed' \(first on line 2\)\)"),

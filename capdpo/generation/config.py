@@ -67,6 +67,12 @@ class SamplingConfig(BackendConfig):
         "memory-bound and gains from batches far larger than a prefill needs (GPU: batch_size 1024, 256 here).",
         0,
     )
+    decode_window: int = option(
+        "Static decoder: generated positions added to a decode step's attention window at a time (0: every step "
+        "reads the whole KV cache). On CUDA each window is one more graph to capture, an extra eager step and the "
+        "capture, so windows pay for long answers (max_new_tokens of several hundred: try 64-128), not for 128 tokens.",
+        0,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -150,10 +156,11 @@ class VariantsConfig(SamplingConfig):
 
 
 def check_sampling(section: str, cfg: Any) -> None:
-    """The sampling fields both sections share (`max_new_tokens` ... `prefill_batch_size`)."""
+    """The sampling fields both sections share (`max_new_tokens` ... `decode_window`)."""
     require_at_least(section, cfg, 1, ("max_new_tokens", "batch_size"))
     require_at_least(section, cfg, 0, ("top_k",))
     require(cfg.temperature >= 0, f"{section}.temperature", "must be >= 0")
     require(0 < cfg.top_p <= 1, f"{section}.top_p", "must be in (0, 1]")
     require(cfg.repetition_penalty > 0, f"{section}.repetition_penalty", "must be > 0")
     require(cfg.prefill_batch_size >= 0, f"{section}.prefill_batch_size", "must be >= 0 (0: the whole batch)")
+    require(cfg.decode_window >= 0, f"{section}.decode_window", "must be >= 0 (0: the whole cache)")

@@ -30,16 +30,20 @@ class Engine:
         lm: LoadedModel,
         decoder: str = "static",
         prefill_rows: int = 0,
+        window_step: int = 0,
         shared_prefix: bool = True,
         images_per_pass: int = 32,
     ) -> None:
         """`decoder`: "static" (capdpo's static-cache loop, CUDA graphs on GPU) or "hf" (`model.generate`).
-        `prefill_rows`: rows per prefill forward of the static decoder (0: the whole batch at once).
+        `prefill_rows`: rows per prefill forward of the static decoder (0: the whole batch at once); `window_step`:
+        its decode attention window's growth (0: the whole cache; see `StaticDecoder`).
         `shared_prefix`: `score` runs each image's common prefix once, for `images_per_pass` images per forward."""
         self.lm = lm
         self.batcher = Batcher(lm)
         self.eos_ids = lm.end_of_turn_ids()
-        self.static = StaticDecoder(lm, prefill_rows=prefill_rows) if decoder == "static" else None
+        self.static = (
+            StaticDecoder(lm, prefill_rows=prefill_rows, window_step=window_step) if decoder == "static" else None
+        )
         self.shared_prefix = shared_prefix
         self.images_per_pass = images_per_pass
         self._scorer: SharedPrefixScorer | None = None

@@ -8,11 +8,13 @@ so on CUDA the step can be captured as a CUDA graph and replayed. Greedy outputs
 Qwen-VL's 3-D rope positions for the prefill come from `capdpo.generation.rope` (batched on the device) instead of the
 model's per-row loop.
 
-A decode step's attention reads the keys and values of a window of the cache, not all of it: the prompt and the
-next `window_step` generated positions, widened by `window_step` when the tokens reach its end (one CUDA graph per
-window). With 128 new tokens on a ~280-token prompt the whole cache is ~20% longer than the average position a
-step needs. Each step writes its token's keys and values at the slot its position names (`_DecodeLayer`), so
-running a step twice (a graph's warm-up, then its replay) writes the same slot twice instead of shifting the rest.
+With `window_step` > 0 a decode step's attention reads the keys and values of a window of the cache, not all of
+it: the prompt and the next `window_step` generated positions, widened by `window_step` when the tokens reach its
+end (one CUDA graph per window). Each window costs an eager warm-up step and a capture, and with 128 new tokens on a
+~280-token prompt the whole cache is only ~20% longer than the average position a step needs, so the default reads
+the whole cache with one graph; windows are for long answers. Each step writes its token's keys and values at the
+slot its position names (`_DecodeLayer`), so running a step twice (a graph's warm-up, then its replay) writes the
+same slot twice instead of shifting the rest.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class StaticDecoder:
     """Generates for one padded batch with a static cache; see the module docstring."""
 
     def __init__(
-        self, lm: Any, use_cuda_graph: bool | None = None, prefill_rows: int = 0, window_step: int = 32
+        self, lm: Any, use_cuda_graph: bool | None = None, prefill_rows: int = 0, window_step: int = 0
     ) -> None:
         """`prefill_rows`: rows per prefill forward (0: the whole batch at once). Decoding is memory-bound, so it
         runs best on far more rows than a prefill (vision + prompt) needs to fill the GPU; chunking the prefill

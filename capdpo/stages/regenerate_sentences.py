@@ -131,7 +131,9 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
         return records
 
     if len(out.ids) < len(sentences):
-        engine = open_backend(sec, cfg.common, "strong", prefill_rows=sec.prefill_batch_size)
+        engine = open_backend(
+            sec, cfg.common, "strong", prefill_rows=sec.prefill_batch_size, window_step=sec.decode_window
+        )
         per_unit = max(1, sec.batch_size // sec.k)
         order = sorted(
             sentences,

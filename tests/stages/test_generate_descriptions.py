@@ -62,6 +62,31 @@ def test_rerun_skips_finished_work_and_a_changed_config_never_mixes(run_setup):
     assert (run_dir / "02_descriptions.jsonl").read_bytes() == before
 
 
+def test_decode_window_reaches_the_decoder_and_leaves_the_records_unchanged(
+    run_setup, tmp_path, sample_images, monkeypatch
+):
+    """`describe.decode_window` only changes how many cache positions a decode step reads: the same records."""
+    import capdpo.generation.static_decoder as static
+
+    run_dir, config, _ = run_setup
+    describe.run(load_config("describe", ["--config", str(config)]))
+    windows = []
+    init = static.StaticDecoder.__init__
+    monkeypatch.setattr(
+        static.StaticDecoder, "__init__", lambda self, *a, **k: windows.append(k["window_step"]) or init(self, *a, **k)
+    )
+    other = tmp_path / "windowed"
+    write_images_stage(other, sample_images[:3])
+    flags = ["--config", str(config), "--run_dir", str(other), "--decode_window", "3"]
+    describe.run(load_config("describe", flags))
+    assert windows == [3]
+
+    def texts(folder):
+        return sorted((r["id"], r["text"]) for r in read_jsonl(folder / "02_descriptions.jsonl"))
+
+    assert texts(other) == texts(run_dir) and len(texts(run_dir)) == 6
+
+
 def test_crash_and_rerun_gives_every_id_once_and_the_same_records(tmp_path, tiny_models, sample_images):
     reference_dir, crash_dir = tmp_path / "ref", tmp_path / "crash"
     for d in (reference_dir, crash_dir):
