@@ -7,11 +7,13 @@ function faster (measured by bench/breakdown.py; tested equal to the unpatched m
 * `fuse_vision_elementwise` / `fuse_text_elementwise`: rotary, RMSNorm and SiLU gating as compiled kernels.
 
 `tune_for_cuda_inference` applies them on CUDA; `capdpo.models.loading` calls it for every inference model.
-`tune_for_training` applies the compiled ones and `capdpo.models.lora.fuse_lora_updates` to a model being trained.
+`tune_for_training` applies the patch embedding and the padding (while the vision tower is frozen), the compiled
+ones and `capdpo.models.lora.fuse_lora_updates` to a model being trained.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 
@@ -115,15 +117,17 @@ def pad_vision_mlp(model: Any, multiple: int = 128) -> int:
     The vision tower's MLP width (3,420) is not a multiple of 8, so its rows are not 16-byte aligned and cuBLAS
     falls back to Ampere-era kernels that run those matmuls ~3x slower on Hopper. Extra gate/up rows of zeros
     give act(0) * 0 = 0, and the matching zero columns of the down projection add nothing: the output is the
-    same. For inference only (a padded model must not be saved).
+    same. The module's `state_dict` and `load_state_dict` keep the original width (the padding is cut off on the
+    way out and added on the way in), so a padded model saves and loads like the original. For frozen weights
+    only: the parameters are replaced and lose `requires_grad`.
     """
     import torch
 
     count = 0
     for module in _vision_tower(model).modules():
         gate, up, down = (getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
-        if not all(isinstance(m, torch.nn.Linear) for m in (gate, up, down)):
-            continue
+        if not all(type(m) is torch.nn.Linear and not hasattr(m.weight, "ds_id") for m in (gate, up, down)):
+            continue  # plain weights only: not quantized, wrapped by PEFT or partitioned by ZeRO-3
         width = gate.out_features
         pad = -width % multiple
         if pad == 0 or up.out_features != width or down.in_features != width:
@@ -141,8 +145,40 @@ def pad_vision_mlp(model: Any, multiple: int = 128) -> int:
             down.in_features = width + pad
         if hasattr(module, "intermediate_size"):
             module.intermediate_size = width + pad
+        module.register_state_dict_post_hook(functools.partial(_unpad_mlp_state, width=width, pad=pad))
+        module.register_load_state_dict_pre_hook(functools.partial(_pad_mlp_state, width=width, pad=pad))
         count += 1
     return count
+
+
+# the state-dict view of a padded vision MLP: parameter name -> the dimension that was padded
+_PADDED_DIMS = {
+    "gate_proj.weight": 0,
+    "gate_proj.bias": 0,
+    "up_proj.weight": 0,
+    "up_proj.bias": 0,
+    "down_proj.weight": 1,
+}
+
+
+def _unpad_mlp_state(module: Any, state: dict, prefix: str, metadata: Any, *, width: int, pad: int) -> None:
+    """`state_dict` post-hook: the original width out."""
+    for name, dim in _PADDED_DIMS.items():
+        key = prefix + name
+        if key in state and state[key].shape[dim] == width + pad:
+            state[key] = state[key].narrow(dim, 0, width).contiguous()
+
+
+def _pad_mlp_state(module: Any, state: dict, prefix: str, *args: Any, width: int, pad: int) -> None:
+    """`load_state_dict` pre-hook: a state of the original width padded with zeros to the module's."""
+    import torch
+
+    for name, dim in _PADDED_DIMS.items():
+        value = state.get(prefix + name)
+        if value is not None and value.shape[dim] == width:
+            shape = list(value.shape)
+            shape[dim] = pad
+            state[prefix + name] = torch.cat([value, value.new_zeros(shape)], dim)
 
 
 def _vision_tower(model: Any) -> Any:
@@ -388,7 +424,8 @@ def tune_for_cuda_inference(model: Any) -> None:
 
 def tune_for_training(model: Any, cuda: bool, backend: str = "inductor") -> dict[str, int]:
     """capdpo's training speed-ups, each the same function as the module it replaces (tested equal in fp32, gradients
-    included): the LoRA update inside the B GEMM everywhere; on CUDA with Triton also the language model's norms and
+    included): the LoRA update inside the B GEMM everywhere; the frozen vision tower's patch embedding as a matmul and
+    its MLP padded to an aligned width (not under ZeRO-3); on CUDA with Triton also the language model's norms and
     gating and the (frozen) vision tower's elementwise parts as compiled kernels, which autograd and activation
     recomputation run like any other function. CAPDPO_NO_COMPILE=1 leaves out the compiled parts. Returns how many
     modules each changed."""
@@ -400,6 +437,11 @@ def tune_for_training(model: Any, cuda: bool, backend: str = "inductor") -> dict
 
     model = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside a PeftModel
     changed = {"lora": fuse_lora_updates(model)}
+    vision = list(_vision_tower(model).parameters())
+    if not any(p.requires_grad or hasattr(p, "ds_id") for p in vision):  # frozen, not partitioned by ZeRO-3
+        # the frozen vision tower's exact inference tunings (the padded width never reaches a saved file)
+        changed["patch_embedding"] = linear_patch_embedding(model)
+        changed["vision_mlp"] = pad_vision_mlp(model)
     if os.environ.get("CAPDPO_NO_COMPILE", "0") == "1" or (backend == "inductor" and not (cuda and has_triton())):
         return changed  # inductor's kernels only on CUDA (other backends: tests on CPU)
     changed["text"] = fuse_text_elementwise(model, backend)

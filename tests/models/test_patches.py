@@ -96,6 +96,45 @@ def test_cuda_inference_tunings_keep_the_vision_tower_and_model_outputs(arch):
     assert torch.allclose(features(got), features(expected), atol=1e-5)
 
 
+def test_a_padded_vision_mlp_saves_and_loads_at_its_original_width(tmp_path):
+    """The padded model's state dict is the original one (keys, shapes, values); the original state loads into a
+    padded model; `save_pretrained` writes a checkpoint that loads as the original model."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from capdpo.models.patches import pad_vision_mlp
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=60, num_heads=2, out_hidden_size=32, window_size=56,
+                  fullatt_block_indexes=[1])  # fmt: skip
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=128, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]})  # fmt: skip
+    torch.manual_seed(0)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    assert pad_vision_mlp(model) == 2
+    assert model.model.visual.blocks[0].mlp.down_proj.weight.shape == (32, 128)
+    state = model.state_dict()
+    assert state.keys() == original.keys()
+    for key, value in original.items():
+        assert state[key].shape == value.shape and torch.equal(state[key], value), key
+
+    other = Qwen2_5_VLForConditionalGeneration(config).eval()  # other random weights
+    assert pad_vision_mlp(other) == 2
+    other.load_state_dict(original)  # strict: every key at its original width
+    grid = torch.tensor([[1, 4, 4]])
+    pixels = torch.randn(16, 3 * 2 * 14 * 14)
+    with torch.no_grad():
+        expected = model.model.visual(pixels, grid_thw=grid).pooler_output
+        assert torch.equal(other.model.visual(pixels, grid_thw=grid).pooler_output, expected)
+        assert other.model.visual.blocks[1].mlp.gate_proj.weight[60:].abs().sum() == 0
+
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert reloaded.model.visual.blocks[0].mlp.up_proj.weight.shape == (60, 32)
+    with torch.no_grad():
+        assert torch.allclose(reloaded.model.visual(pixels, grid_thw=grid).pooler_output, expected, atol=1e-6)
+
+
 def test_a_failing_compiler_falls_back_to_the_eager_function(capsys):
     from capdpo.models.patches import _CompiledOrEager, _silu_mul
 

@@ -145,7 +145,9 @@ def test_lora_sft_lowers_the_loss_and_the_adapter_reloads(tiny_models, sample_im
     assert lora and not [n for n in lora if is_vision_parameter(n)]
     assert any("mlp.down_proj" in n for n in lora) and any("self_attn.v_proj" in n for n in lora)
     # the one-GEMM LoRA update (fused_kernels) is on, and the trained adapter gives PEFT's own loss through it
-    assert outcome.trainer.tuned == {"lora": len(lora)}
+    # and the frozen vision tower's exact tunings (patch embedding as a matmul, MLP padded) are too
+    depth = model.get_base_model().config.vision_config.depth
+    assert outcome.trainer.tuned == {"lora": len(lora), "patch_embedding": 1, "vision_mlp": depth}
     from capdpo.training.sft import SftCollator, SftEncoder, SftExample, example_row
     from tests.training.test_kernels import _peft_forward_back
 
