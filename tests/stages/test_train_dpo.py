@@ -117,12 +117,19 @@ def test_lora_steps_train_only_the_language_model_adapter(tiny_models, sample_im
     assert all(float(p.detach().abs().max()) > 0 for n, p in lora.items() if "lora_B" in n)  # B starts at zero
     lora_modules = [n for n, _ in model.named_modules() if n.endswith(".lora_A")]
     assert lora_modules and not [n for n in lora_modules if is_vision_parameter(n)]
-    # every base weight, vision tower included, is bit-for-bit what was loaded
+    # every base weight, vision tower included, is bit-for-bit what was loaded; the state dict (what a checkpoint
+    # saves) has the loaded widths although the frozen vision MLPs run zero-padded
     original = _original_weights(strong)
-    base = {n.replace(".base_layer", ""): p for n, p in model.get_base_model().named_parameters() if "lora_" not in n}
+    hf = model.get_base_model()
+    assert (
+        hf.model.visual.blocks[0].mlp.up_proj.out_features % 128
+        == 0
+        != original["model.visual.blocks.0.mlp.up_proj.weight"].shape[0] % 128
+    )
+    base = {n.replace(".base_layer", ""): p for n, p in hf.state_dict().items() if "lora_" not in n}
     assert set(base) == set(original)
     assert all(torch.equal(base[n].detach().cpu(), original[n]) for n in original)
-    assert not any(p.requires_grad for n, p in base.items())
+    assert not any(p.requires_grad for n, p in hf.named_parameters() if "lora_" not in n)
 
     out = run_dir / "06_train"
     summary = json.loads((out / "summary.json").read_text())
@@ -167,7 +174,7 @@ def test_full_finetuning_with_unidpo_keeps_the_vision_tower_frozen(tiny_models, 
     assert sorted(losses) == [1, 2] and all(math.isfinite(r["loss"]) for r in losses.values())
     assert {"unidpo/w_qual", "unidpo/w_perf", "rewards/accuracies"} <= set(losses[2])
     original = _original_weights(strong)
-    trained = dict(outcome.trainer.model.named_parameters())
+    trained = outcome.trainer.model.state_dict()  # the frozen vision MLPs run padded; the state has their widths
     vision = [n for n in original if is_vision_parameter(n)]
     language = [n for n in original if ".language_model.layers." in n]
     assert vision and all(torch.equal(trained[n].detach(), original[n]) for n in vision)
