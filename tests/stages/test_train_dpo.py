@@ -121,11 +121,8 @@ def test_lora_steps_train_only_the_language_model_adapter(tiny_models, sample_im
     # saves) has the loaded widths although the frozen vision MLPs run zero-padded
     original = _original_weights(strong)
     hf = model.get_base_model()
-    assert (
-        hf.model.visual.blocks[0].mlp.up_proj.out_features % 128
-        == 0
-        != original["model.visual.blocks.0.mlp.up_proj.weight"].shape[0] % 128
-    )
+    loaded_width = original["model.visual.blocks.0.mlp.up_proj.weight"].shape[0]
+    assert loaded_width % 128 and hf.model.visual.blocks[0].mlp.up_proj.out_features % 128 == 0
     base = {n.replace(".base_layer", ""): p for n, p in hf.state_dict().items() if "lora_" not in n}
     assert set(base) == set(original)
     assert all(torch.equal(base[n].detach().cpu(), original[n]) for n in original)
