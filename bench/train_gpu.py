@@ -119,6 +119,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-fused-kernels", action="store_true", help="Stage 6 with PEFT's LoRA forward and the library's modules."
     )
     p.add_argument(
+        "--compile-layers", action="store_true", help="Stage 6 with each language-model layer compiled whole."
+    )
+    p.add_argument(
         "--no-gradient-checkpointing", action="store_true", help="Keep activations (faster, more memory); both modes."
     )
     p.add_argument(
@@ -388,6 +391,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         share_image_features=not args.no_share,
         share_prompt=not args.no_share_prompt,
         fused_kernels=not args.no_fused_kernels,
+        compile_layers=args.compile_layers,
         dataloader_workers=2 if cuda else 0,
         ref_batch_size=micro,
         gradient_checkpointing=not args.no_gradient_checkpointing,

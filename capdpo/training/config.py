@@ -82,6 +82,12 @@ class TrainingConfig:
         "vision tower's elementwise parts as compiled kernels (the same functions; false: the library's modules).",
         True,
     )
+    compile_layers: bool = option(
+        "Also compile each layer of the language model whole with torch.compile on CUDA (with fused_kernels): its "
+        "forward, recomputation and backward run as compiled graphs, with far fewer operator launches; the first "
+        "steps pay a compilation of a minute or two.",
+        False,
+    )
     deepspeed: str = option(
         "DeepSpeed config: zero2, zero3, zero2_offload, zero3_offload (configs/deepspeed/*.json) or a JSON path. "
         "Empty: none, or the one `accelerate launch --config_file` names.",

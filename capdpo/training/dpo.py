@@ -191,6 +191,7 @@ def build_trainer(
         reference_batch_size=settings.ref_batch_size,
         share_prompt=settings.share_prompt,
         fused_kernels=settings.fused_kernels,
+        compile_layers=settings.compile_layers,
     )
 
 

@@ -320,7 +320,8 @@ class SftRecipe(Recipe):
 
             fast_overflow_check()  # ZeRO's inf/NaN check over all gradients at once (the same answer)
         if self.settings.fused_kernels:
-            trainer.tuned = tune_for_training(trainer.model, cuda=args.device.type == "cuda")
+            cuda = args.device.type == "cuda"
+            trainer.tuned = tune_for_training(trainer.model, cuda=cuda, compile_layers=self.settings.compile_layers)
         return trainer
 
     def summary(

@@ -225,6 +225,7 @@ class CapdpoDPOTrainer(DPOTrainer):
         mdpo: the `mdpo` loss type's constants (None: not listed); its terms are added to TRL's loss.
         share_prompt: run each pair's prompt once for both completions (`capdpo.training.packing`).
         fused_kernels: the training kernels of `capdpo.models.patches.tune_for_training`.
+        compile_layers: with them, each language-model layer compiled whole (`compile_decoder_layers`).
     """
 
     _parameter_count: int | None = None
@@ -259,6 +260,7 @@ class CapdpoDPOTrainer(DPOTrainer):
         mdpo: MdpoParams | None = None,
         share_prompt: bool = True,
         fused_kernels: bool = True,
+        compile_layers: bool = False,
     ) -> None:
         full_finetune = peft_config is None and not _is_peft(model)
         guard = _no_reference_model_load() if (reference is not None and full_finetune) else contextlib.nullcontext()
@@ -289,7 +291,9 @@ class CapdpoDPOTrainer(DPOTrainer):
         # after DPOTrainer's constructor, which gives the model the fused LM head this wraps
         self.share_prompt = share_prompt and install_prompt_sharing(hf_model(self.model), _SHARED_FLAG)
         cuda = self.args.device.type == "cuda"
-        self.tuned = tune_for_training(hf_model(self.model), cuda=cuda) if fused_kernels else {}
+        self.tuned = (
+            tune_for_training(hf_model(self.model), cuda=cuda, compile_layers=compile_layers) if fused_kernels else {}
+        )
         if self.is_deepspeed_enabled:
             fast_overflow_check()  # ZeRO's inf/NaN check over all gradients at once (the same answer)
         self.reference = reference

@@ -86,6 +86,39 @@ def test_compiled_norms_and_gating_equal_a_fresh_plain_model(tiny_models, sample
         _assert_same(tuned_step, plain_step, "all training kernels")
 
 
+@pytest.mark.parametrize("family", ["strong", "llava"])  # Qwen3-VL's layers are Qwen2.5-VL's plus q/k norms
+def test_compiled_layers_under_recomputation_give_the_plain_step(tiny_models, sample_images, tmp_path, family) -> None:
+    """Each language-model layer compiled whole (AOTAutograd on CPU: the graphs inductor would get), with gradient
+    checkpointing traced inside the compiled region and the other training kernels inside it too."""
+    import torch._dynamo
+
+    from capdpo.models.patches import compile_decoder_layers
+
+    pairs = _pairs(sample_images[:2])
+    plain_trainer = _trainer(tiny_models[family], tmp_path / "plain", pairs, precompute_ref=True, fused_kernels=False)
+    tuned_trainer = _trainer(tiny_models[family], tmp_path / "tuned", pairs, precompute_ref=True)
+    for trainer in (plain_trainer, tuned_trainer):
+        _set_lora_b(trainer.model)
+        hf_model(trainer.model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tuned = hf_model(tuned_trainer.model)
+    layers = tuned.config.get_text_config().num_hidden_layers
+    assert tune_for_training(tuned, cuda=False, backend="eager")["text"] > 0
+    torch._dynamo.reset()
+    assert compile_decoder_layers(tuned, backend="aot_eager") == layers
+    language_model = tuned.model.language_model
+    assert all(layer.gradient_checkpointing for layer in language_model.layers)
+    calls = []
+    language_model.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    right = plain_trainer._prepare_inputs(plain_trainer.data_collator([pair_to_example(p) for p in pairs]))
+    for batch in (right, _left_padded(right)):
+        tuned_step, plain_step = _step(tuned_trainer, batch, True), _step(plain_trainer, batch, True)
+        assert abs(plain_step[0] - 0.6931) > 1e-3
+        _assert_same(tuned_step, plain_step, "compiled layers")
+    assert calls, "the layers ran"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+
+
 def test_lora_update_falls_back_to_peft_where_it_cannot_fuse() -> None:
     """Dropout in train mode (same random mask), disabled adapters, two active adapters, mixed dtypes: PEFT's
     result every time; a layer with a LoRA bias is left to PEFT too."""
