@@ -430,7 +430,10 @@ def compile_decoder_layers(model: Any, backend: str = "inductor") -> int:
     hundreds of separately launched operators (the host time between them is what a DPO step waits on). The layers
     share one graph (their parameters are inputs to it). The first steps pay the compilation.
     """
-    layers = getattr(_language_model(model), "layers", None) or []
+    language_model = _language_model(model)
+    layers = getattr(language_model, "layers", None) or []
+    if any(hasattr(p, "ds_id") for p in language_model.parameters()):
+        return 0  # ZeRO-3 gathers each module's weights in hooks around its call: left eager
     for layer in layers:
         if getattr(layer, "_compiled_call_impl", None) is None:
             layer.compile(backend=backend, dynamic=True)
