@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-fused-kernels", action="store_true", help="Stage 6 with PEFT's LoRA forward and the library's modules."
     )
     p.add_argument(
-        "--compile-layers", action="store_true", help="Stage 6 with each language-model layer compiled whole."
+        "--no-compile-layers", action="store_true", help="Stage 6 with its language-model layers run eagerly."
     )
     p.add_argument(
         "--no-gradient-checkpointing", action="store_true", help="Keep activations (faster, more memory); both modes."
@@ -391,7 +391,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         share_image_features=not args.no_share,
         share_prompt=not args.no_share_prompt,
         fused_kernels=not args.no_fused_kernels,
-        compile_layers=args.compile_layers,
+        compile_layers=not args.no_compile_layers,
         dataloader_workers=2 if cuda else 0,
         ref_batch_size=micro,
         gradient_checkpointing=not args.no_gradient_checkpointing,

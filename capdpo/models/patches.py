@@ -428,16 +428,39 @@ def compile_decoder_layers(model: Any, backend: str = "inductor") -> int:
     The compiled region is the layer's whole call, gradient checkpointing included: dynamo traces the checkpoint as
     one region, so the layer's forward, its recomputation and its backward each run as one compiled graph instead of
     hundreds of separately launched operators (the host time between them is what a DPO step waits on). The layers
-    share one graph (their parameters are inputs to it). The first steps pay the compilation.
+    share one graph (their parameters are inputs to it). The first steps pay the compilation; if the compiler fails,
+    every layer runs eagerly from then on. Quantized (QLoRA) and ZeRO-3-partitioned models are left eager.
     """
+    import torch
+
     language_model = _language_model(model)
-    layers = getattr(language_model, "layers", None) or []
+    layers = list(getattr(language_model, "layers", None) or [])
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_loaded_in_4bit", False):
+        return 0  # bitsandbytes' 4-bit matmuls are not traced
     if any(hasattr(p, "ds_id") for p in language_model.parameters()):
-        return 0  # ZeRO-3 gathers each module's weights in hooks around its call: left eager
+        return 0  # ZeRO-3 gathers each module's weights in hooks around its call
+    state = {"eager": False}
     for layer in layers:
         if getattr(layer, "_compiled_call_impl", None) is None:
-            layer.compile(backend=backend, dynamic=True)
+            compiled = torch.compile(layer._call_impl, backend=backend, dynamic=True)
+            layer._compiled_call_impl = functools.partial(_compiled_or_eager_call, layer, compiled, state)
     return len(layers)
+
+
+def _compiled_or_eager_call(layer: Any, compiled: Any, state: dict, *args: Any, **kwargs: Any) -> Any:
+    if state["eager"]:
+        return layer._call_impl(*args, **kwargs)
+    try:
+        return compiled(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - only compiler failures are caught
+        from torch._dynamo.exc import BackendCompilerFailed
+
+        if not isinstance(err, BackendCompilerFailed):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"capdpo: torch.compile failed for the decoder layers, running them eagerly ({first})", flush=True)
+        state["eager"] = True
+        return layer._call_impl(*args, **kwargs)
 
 
 def tune_for_training(

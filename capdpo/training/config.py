@@ -85,8 +85,8 @@ class TrainingConfig:
     compile_layers: bool = option(
         "Also compile each layer of the language model whole with torch.compile on CUDA (with fused_kernels): its "
         "forward, recomputation and backward run as compiled graphs, with far fewer operator launches; the first "
-        "steps pay a compilation of a minute or two.",
-        False,
+        "steps pay a compilation of about a minute (false: the layers run eagerly).",
+        True,
     )
     deepspeed: str = option(
         "DeepSpeed config: zero2, zero3, zero2_offload, zero3_offload (configs/deepspeed/*.json) or a JSON path. "

@@ -260,7 +260,7 @@ class CapdpoDPOTrainer(DPOTrainer):
         mdpo: MdpoParams | None = None,
         share_prompt: bool = True,
         fused_kernels: bool = True,
-        compile_layers: bool = False,
+        compile_layers: bool = True,
     ) -> None:
         full_finetune = peft_config is None and not _is_peft(model)
         guard = _no_reference_model_load() if (reference is not None and full_finetune) else contextlib.nullcontext()

@@ -135,6 +135,37 @@ def test_a_padded_vision_mlp_saves_and_loads_at_its_original_width(tmp_path):
         assert torch.allclose(reloaded.model.visual(pixels, grid_thw=grid).pooler_output, expected, atol=1e-6)
 
 
+def test_decoder_layers_whose_compiler_fails_run_eagerly(capsys):
+    """A backend that fails: one message, and every layer gives the eager output from then on."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from capdpo.models.patches import compile_decoder_layers
+
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=128, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]})  # fmt: skip
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32)
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    calls = []
+
+    def broken(graph, example_inputs):  # noqa: ANN001
+        calls.append(1)
+        raise RuntimeError("no compiler here")
+
+    torch._dynamo.reset()
+    assert compile_decoder_layers(model, backend=broken) == 2
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-6) and torch.allclose(again, expected, atol=1e-6)
+    assert len(calls) == 1, "after the first failure no layer compiles again"
+    out = capsys.readouterr().out
+    assert out.count("torch.compile failed for the decoder layers") == 1 and "broken" in out
+
+
 def test_a_failing_compiler_falls_back_to_the_eager_function(capsys):
     from capdpo.models.patches import _CompiledOrEager, _silu_mul
 
