@@ -130,9 +130,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="Recompute with reentrant checkpointing (no per-tensor hooks) instead of stage 6's non-reentrant kind.",
     )
     p.add_argument(
-        "--library-overflow-check",
+        "--library-zero-reductions",
         action="store_true",
-        help="Keep DeepSpeed's per-gradient inf/NaN check instead of capdpo's multi-tensor one (capdpo.training.zero).",
+        help="Keep DeepSpeed's per-gradient inf/NaN check and gradient norm instead of capdpo's multi-tensor ones "
+        "(capdpo.training.zero).",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -453,10 +454,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             fingerprint={"bench": args.seed},
             callbacks=[timer],
         )
-        if args.library_overflow_check:
-            from capdpo.training.zero import library_overflow_check
+        if args.library_zero_reductions:
+            from capdpo.training.zero import library_zero_reductions
 
-            library_overflow_check()
+            library_zero_reductions()
         reference_seconds, share, precomputed, packed, tuned = (
             trainer.reference_seconds,
             trainer.share_images,
@@ -502,7 +503,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "gradient_checkpointing": not args.no_gradient_checkpointing,
         "checkpointing": "reentrant" if args.reentrant else "non-reentrant",
-        "overflow_check": "deepspeed" if args.baseline or args.library_overflow_check else "capdpo multi-tensor",
+        "zero_reductions": "deepspeed" if args.baseline or args.library_zero_reductions else "capdpo multi-tensor",
         "share_image_features": share,
         "share_prompt": packed,
         "fused_kernels": tuned,  # modules changed by capdpo.models.patches.tune_for_training, by kind

@@ -316,9 +316,9 @@ class SftRecipe(Recipe):
             callbacks=callbacks,
         )
         if trainer.is_deepspeed_enabled:
-            from capdpo.training.zero import fast_overflow_check
+            from capdpo.training.zero import fast_zero_reductions
 
-            fast_overflow_check()  # ZeRO's inf/NaN check over all gradients at once (the same answer)
+            fast_zero_reductions()  # ZeRO's inf/NaN check and gradient norm over all gradients at once (same answers)
         if self.settings.fused_kernels:
             cuda = args.device.type == "cuda"
             trainer.tuned = tune_for_training(trainer.model, cuda=cuda, compile_layers=self.settings.compile_layers)

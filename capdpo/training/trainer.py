@@ -40,7 +40,7 @@ from capdpo.training.data import EXTRA_PREFIX, PairCollator
 from capdpo.training.losses import LOSSES, UniDPOParams, map_scores, unidpo_loss
 from capdpo.training.packing import install_prompt_sharing, prompts_shared
 from capdpo.training.reference import ReferenceCache
-from capdpo.training.zero import fast_overflow_check
+from capdpo.training.zero import fast_zero_reductions
 
 _NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 
@@ -295,7 +295,7 @@ class CapdpoDPOTrainer(DPOTrainer):
             tune_for_training(hf_model(self.model), cuda=cuda, compile_layers=compile_layers) if fused_kernels else {}
         )
         if self.is_deepspeed_enabled:
-            fast_overflow_check()  # ZeRO's inf/NaN check over all gradients at once (the same answer)
+            fast_zero_reductions()  # ZeRO's inf/NaN check and gradient norm over all gradients at once (same answers)
         self.reference = reference
         self.reference_seconds = 0.0
         self.reference_computed = 0
