@@ -428,8 +428,9 @@ def compile_decoder_layers(model: Any, backend: str = "inductor") -> int:
     The compiled region is the layer's whole call, gradient checkpointing included: dynamo traces the checkpoint as
     one region, so the layer's forward, its recomputation and its backward each run as one compiled graph instead of
     hundreds of separately launched operators (the host time between them is what a DPO step waits on). The layers
-    share one graph (their parameters are inputs to it). The first steps pay the compilation; if the compiler fails,
-    every layer runs eagerly from then on. Quantized (QLoRA) and ZeRO-3-partitioned models are left eager.
+    share one graph (their parameters are inputs to it). The first steps pay the compilation; if compiling a layer's
+    call fails, every layer runs eagerly from then on (a backward graph that inductor compiles only at the first
+    backward pass is not covered: its failure raises). Quantized (QLoRA) and ZeRO-3-partitioned models are left eager.
     """
     import torch
 
