@@ -7,6 +7,7 @@ path in one process on the same inputs and reports the ratio.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import platform
@@ -207,14 +208,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def profiler(cuda: bool) -> Any:
-    """A torch.profiler recording CPU and, on a GPU, CUDA activity (enter it as a context manager)."""
+def profiler(cuda: bool, python: bool = False) -> Any:
+    """A torch.profiler recording CPU and, on a GPU, CUDA activity (enter it as a context manager); `python` also
+    records every Python call (slower, for `python_idle_table`)."""
     import torch
 
     activities = [torch.profiler.ProfilerActivity.CPU]
     if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    return torch.profiler.profile(activities=activities)
+    return torch.profiler.profile(activities=activities, with_stack=python)
 
 
 def operator_table(prof: Any, cuda: bool) -> str:
@@ -274,6 +276,67 @@ def idle_by_host_op(
         if python > 0:
             totals["(no operator: Python)"] = totals.get("(no operator: Python)", 0.0) + python
     return sorted(totals.items(), key=lambda kv: -kv[1])
+
+
+DEVICE_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def python_idle_table(trace: dict[str, Any], rows: int = 30) -> str:
+    """Where the host's Python was while the device sat idle, from a Chrome trace that torch.profiler exported with
+    `with_stack=True`: each Python function's idle time inclusive of its callees, and its own (not inside any of its
+    callees), summed by function, longest first. Idle time counts between the first and last host event."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+    kernels = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events if e.get("cat") in DEVICE_EVENTS]
+    host = [e for e in events if e.get("cat") in ("cpu_op", "python_function", "user_annotation")]
+    if not kernels or not host:
+        return "no device or no host events in the trace\n"
+    start = min(float(e["ts"]) for e in host)
+    end = max(float(e["ts"]) + float(e["dur"]) for e in host)
+    gaps, reach = [], start
+    for s, e in sorted(kernels) + [(end, end)]:
+        if s > reach:
+            gaps.append((reach, min(s, end)))
+        reach = max(reach, e)
+    gap_starts = [g[0] for g in gaps]
+    prefix = [0.0]
+    for g0, g1 in gaps:
+        prefix.append(prefix[-1] + g1 - g0)
+
+    def idle(t0: float, t1: float) -> float:
+        """Idle time inside [t0, t1): whole gaps by prefix sums, the two partial ones at the ends by hand."""
+        i = max(bisect.bisect_right(gap_starts, t0) - 1, 0)
+        j = bisect.bisect_left(gap_starts, t1)
+        if i >= j:
+            return 0.0
+        total = prefix[j] - prefix[i]
+        total -= max(0.0, min(t0, gaps[i][1]) - gaps[i][0])  # the first gap's part before t0
+        total -= max(0.0, gaps[j - 1][1] - max(t1, gaps[j - 1][0]))  # the last gap's part after t1
+        return max(total, 0.0)
+
+    calls = [e for e in host if e.get("cat") == "python_function"]
+    inclusive: dict[Any, float] = {}
+    child_idle: dict[Any, float] = {}
+    for e in calls:
+        args = e.get("args", {})
+        key = args.get("Python id", id(e))
+        inclusive[key] = idle(float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+        parent = args.get("Python parent id")
+        if parent is not None:
+            child_idle[parent] = child_idle.get(parent, 0.0) + inclusive[key]
+    by_incl: dict[str, float] = {}
+    by_self: dict[str, float] = {}
+    for e in calls:
+        key = e.get("args", {}).get("Python id", id(e))
+        name = e["name"]
+        by_incl[name] = by_incl.get(name, 0.0) + inclusive[key]
+        by_self[name] = by_self.get(name, 0.0) + max(inclusive[key] - child_idle.get(key, 0.0), 0.0)
+    total = prefix[-1]
+    lines = [f"device idle {total / 1e3:.1f} ms of the {(end - start) / 1e3:.1f} ms recorded; by Python function:"]
+    for title, table in (("own (not inside a callee)", by_self), ("inclusive of callees", by_incl)):
+        lines.append(f"\n{title}:")
+        for name, us in sorted(table.items(), key=lambda kv: -kv[1])[:rows]:
+            lines.append(f"  {us / 1e3:8.1f} ms  {name}")
+    return "\n".join(lines) + "\n"
 
 
 def covered(intervals: list[tuple[float, float]]) -> float:

@@ -142,6 +142,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="Also run one more step under torch.profiler and write its operator table to this file.",
     )
     p.add_argument(
+        "--profile-python",
+        action="store_true",
+        help="With --profile, also record every Python call and head the file with where Python was while the "
+        "device sat idle.",
+    )
+    p.add_argument(
         "--work-dir",
         default=None,
         help="Run folder shared by all processes (the reference cache lives there); default: a new temp folder, "
@@ -305,13 +311,16 @@ def pair_flops(model: Any, shapes: dict[str, int]) -> float:
     return float(4 * layers * (prompt + 2 * completion) + 4 * head * 2 * completion + 2 * vision * patches)
 
 
-def _timer_callback(warmup: int, cuda: bool, profile_step: int = 0, profile_out: Path | None = None) -> Any:
+def _timer_callback(
+    warmup: int, cuda: bool, profile_step: int = 0, profile_out: Path | None = None, python: bool = False
+) -> Any:
     """Times every optimizer step after `warmup`; with `profile_step`, records that step with torch.profiler and
-    writes its operator table (sorted by device time) to `profile_out`."""
+    writes its operator table (sorted by device time) to `profile_out`, and with `python` where the host's Python
+    was while the device sat idle (`bench.common.python_idle_table`)."""
     import torch
     from transformers import TrainerCallback
 
-    from bench.common import operator_table, profiler
+    from bench.common import operator_table, profiler, python_idle_table
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
@@ -322,7 +331,7 @@ def _timer_callback(warmup: int, cuda: bool, profile_step: int = 0, profile_out:
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if profile_step and state.global_step + 1 == profile_step:
-                self.profiler = profiler(cuda)
+                self.profiler = profiler(cuda, python=python)
                 self.profiler.__enter__()
             if cuda:
                 torch.cuda.synchronize()
@@ -334,7 +343,13 @@ def _timer_callback(warmup: int, cuda: bool, profile_step: int = 0, profile_out:
             if self.profiler is not None:
                 self.profiler.__exit__(None, None, None)
                 if profile_out is not None:
-                    profile_out.write_text(operator_table(self.profiler, cuda))
+                    text = operator_table(self.profiler, cuda)
+                    if python:
+                        with tempfile.TemporaryDirectory() as tmp:
+                            trace = Path(tmp) / "trace.json"
+                            self.profiler.export_chrome_trace(str(trace))
+                            text = python_idle_table(json.loads(trace.read_text())) + "\n" + text
+                    profile_out.write_text(text)
                 self.profiler = None
                 return  # a profiled step is not timed
             if state.global_step > warmup:
@@ -436,7 +451,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         model=model, processor=processor, name=name, device=device, dtype=dtype, family=family_of(model.config)
     )
     profile_step = args.warmup + args.steps + 1 if args.profile else 0
-    timer = _timer_callback(args.warmup, cuda, profile_step, Path(args.profile) if args.profile else None)
+    timer = _timer_callback(
+        args.warmup, cuda, profile_step, Path(args.profile) if args.profile else None, args.profile_python
+    )
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 

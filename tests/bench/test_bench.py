@@ -65,3 +65,78 @@ def test_idle_device_time_is_charged_to_the_host_operator_running_meanwhile():
     waits = dict(idle_by_host_op(kernels, ops, 0, 60))
     assert waits == {"aten::copy_": 6, "aten::isfinite": 6, "Optimizer.step": 8, "(no operator: Python)": 10}
     assert sum(waits.values()) == 30  # every idle moment counted once
+
+
+def _python_call(name: str, ts: float, dur: float, pid: int, parent: int | None = None) -> dict:
+    args = {"Python id": pid} | ({} if parent is None else {"Python parent id": parent})
+    return {"ph": "X", "cat": "python_function", "name": name, "ts": ts, "dur": dur, "args": args}
+
+
+def test_idle_device_time_is_charged_to_the_python_functions_running_meanwhile():
+    from bench.common import python_idle_table
+
+    def kernel(ts: float, dur: float) -> dict:
+        return {"ph": "X", "cat": "kernel", "name": "gemm", "ts": ts, "dur": dur}
+
+    # step() 0-100 ms calls collate() 10-40, which calls pad() 20-30, and then loss() 60-90 (trace times in us)
+    ms = 1000
+    calls = [
+        _python_call("trainer.py(1): step", 0, 100 * ms, 1),
+        _python_call("data.py(5): collate", 10 * ms, 30 * ms, 2, parent=1),
+        _python_call("data.py(9): pad", 20 * ms, 10 * ms, 3, parent=2),
+        _python_call("loss.py(3): loss", 60 * ms, 30 * ms, 4, parent=1),
+    ]
+    kernels = [kernel(0, 12 * ms), kernel(25 * ms, 50 * ms), kernel(80 * ms, 5 * ms)]  # idle 12-25, 75-80, 85-100
+    table = python_idle_table({"traceEvents": calls + kernels})
+
+    def row(section: str, name: str) -> float:
+        part = table.split(section)[1].split("\n\n")[0]
+        (line,) = [ln for ln in part.splitlines() if ln.endswith(name)]
+        return float(line.split()[0])
+
+    assert table.startswith("device idle 33.0 ms of the 100.0 ms recorded")
+    # own: pad 20-25; collate 12-20; loss 75-80 and 85-90; step 90-100
+    names = ("pad", "collate", "loss", "step")
+    assert [row("own (not inside a callee):", n) for n in names] == [5.0, 8.0, 10.0, 10.0]
+    assert [row("inclusive of callees:", n) for n in names] == [5.0, 13.0, 10.0, 33.0]
+
+
+def test_python_idle_reads_a_trace_the_profiler_wrote(tmp_path):
+    """The field names the analysis relies on are the ones torch.profiler exports with `with_stack=True`."""
+    import json
+
+    import torch
+
+    from bench.common import profiler, python_idle_table
+
+    def busy_python() -> int:
+        total = 0
+        for i in range(20000):
+            total += i * i
+        return total
+
+    with profiler(cuda=False, python=True) as prof:
+        torch.ones(4).sum()
+        busy_python()
+        torch.ones(4).sum()
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    calls = [e for e in trace["traceEvents"] if e.get("cat") == "python_function"]
+    assert any(e["name"].endswith("busy_python") and "Python id" in e["args"] for e in calls)
+    # a device that is busy except while busy_python runs: all of its idle time is that function's own
+    (busy,) = [e for e in calls if e["name"].endswith("busy_python")]
+    first = min(e["ts"] for e in calls)
+    last = max(e["ts"] + e["dur"] for e in calls)
+    trace["traceEvents"] += [
+        {"ph": "X", "cat": "kernel", "name": "k", "ts": first, "dur": busy["ts"] - first},
+        {
+            "ph": "X",
+            "cat": "kernel",
+            "name": "k",
+            "ts": busy["ts"] + busy["dur"],
+            "dur": last - busy["ts"] - busy["dur"],
+        },
+    ]
+    table = python_idle_table(trace, rows=100)
+    own = table.split("own (not inside a callee):")[1].split("\n\n")[0].splitlines()[1]
+    assert own.endswith("busy_python") and float(own.split()[0]) > 0
