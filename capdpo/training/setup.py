@@ -128,6 +128,21 @@ def check_qlora(settings: TrainingConfig, device: Any) -> None:
         )
 
 
+def speed_up_training(trainer: Any, model: Any, fused_kernels: bool, compile_layers: bool) -> dict[str, int]:
+    """What DPO and SFT trainers both get once built: under DeepSpeed, ZeRO's inf/NaN check and gradient norm over
+    all gradients at once (`capdpo.training.zero`, same answers); with `fused_kernels`, the training kernels of
+    `tune_for_training` on `model` (the transformers model, inside any PEFT wrapper). Returns what it changed."""
+    if trainer.is_deepspeed_enabled:
+        from capdpo.training.zero import fast_zero_reductions
+
+        fast_zero_reductions()
+    if not fused_kernels:
+        return {}
+    from capdpo.models.patches import tune_for_training
+
+    return tune_for_training(model, cuda=trainer.args.device.type == "cuda", compile_layers=compile_layers)
+
+
 # ---- distributed --------------------------------------------------------------------------------------------
 def init_deepspeed_comm() -> None:
     """Let DeepSpeed's comm layer adopt the process group before ZeRO-3 shards the model while it loads.

@@ -30,7 +30,6 @@ from capdpo.errors import InputError
 from capdpo.generation.batching import SEQUENCE_KEYS, ImageInputs
 from capdpo.images import load_image
 from capdpo.jsonl import iter_jsonl, stable_id
-from capdpo.models.patches import tune_for_training
 from capdpo.pipeline import stage as stage_info
 from capdpo.records import PairRecord
 from capdpo.run import Stage
@@ -38,7 +37,7 @@ from capdpo.sections import load_config
 from capdpo.splits import split_of
 from capdpo.training.config import SftConfig
 from capdpo.training.data import PairEncoder, PromptLength
-from capdpo.training.setup import Outcome, Prepared, Recipe, peft_setup, run_training
+from capdpo.training.setup import Outcome, Prepared, Recipe, peft_setup, run_training, speed_up_training
 
 EXAMPLE_COLUMNS = ("id", "image_id", "image", "prompt", "response")
 
@@ -315,13 +314,9 @@ class SftRecipe(Recipe):
             peft_config=peft_setup(self.settings, lm.model),
             callbacks=callbacks,
         )
-        if trainer.is_deepspeed_enabled:
-            from capdpo.training.zero import fast_zero_reductions
-
-            fast_zero_reductions()  # ZeRO's inf/NaN check and gradient norm over all gradients at once (same answers)
-        if self.settings.fused_kernels:
-            cuda = args.device.type == "cuda"
-            trainer.tuned = tune_for_training(trainer.model, cuda=cuda, compile_layers=self.settings.compile_layers)
+        trainer.tuned = speed_up_training(
+            trainer, trainer.model, self.settings.fused_kernels, self.settings.compile_layers
+        )
         return trainer
 
     def summary(

@@ -34,13 +34,13 @@ from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from capdpo.models.patches import tune_for_training, use_grouped_vision_attention
+from capdpo.models.patches import use_grouped_vision_attention
 from capdpo.training.conditional import ConditionalTerm, MdpoParams
 from capdpo.training.data import EXTRA_PREFIX, PairCollator
 from capdpo.training.losses import LOSSES, UniDPOParams, map_scores, unidpo_loss
 from capdpo.training.packing import install_prompt_sharing, prompts_shared
 from capdpo.training.reference import ReferenceCache
-from capdpo.training.zero import fast_zero_reductions
+from capdpo.training.setup import speed_up_training
 
 _NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 
@@ -290,12 +290,7 @@ class CapdpoDPOTrainer(DPOTrainer):
             reference_collator.share_images = self.share_images
         # after DPOTrainer's constructor, which gives the model the fused LM head this wraps
         self.share_prompt = share_prompt and install_prompt_sharing(hf_model(self.model), _SHARED_FLAG)
-        cuda = self.args.device.type == "cuda"
-        self.tuned = (
-            tune_for_training(hf_model(self.model), cuda=cuda, compile_layers=compile_layers) if fused_kernels else {}
-        )
-        if self.is_deepspeed_enabled:
-            fast_zero_reductions()  # ZeRO's inf/NaN check and gradient norm over all gradients at once (same answers)
+        self.tuned = speed_up_training(self, hf_model(self.model), fused_kernels, compile_layers)
         self.reference = reference
         self.reference_seconds = 0.0
         self.reference_computed = 0
