@@ -25,6 +25,7 @@ from typing import Any
 
 from capdpo.training.corruption import CORRUPT_PREFIX
 from capdpo.training.data import EXTRA_PREFIX
+from capdpo.training.metrics import record_metrics
 
 
 @dataclass
@@ -120,9 +121,8 @@ class ConditionalTerm:
         losses, parts = mdpo_loss(policy_chosen, ref_chosen, policy_corrupt, ref_corrupt, self.params)
         loss = loss + losses.mean()
         mode = "train" if trainer.model.training else "eval"
-        gather = trainer.accelerator.gather_for_metrics
-        for name in ("conditional", "anchor", "conditional_margin"):
-            trainer._metrics[mode][f"mdpo/{name}"].append(gather(parts[name].detach().float()).mean().item())
+        names = ("conditional", "anchor", "conditional_margin")
+        record_metrics(trainer, mode, {f"mdpo/{name}": parts[name].detach().float() for name in names})
         return (loss, *outputs) if outputs is not None else loss
 
     def _reference_chosen(self, trainer: Any, kwargs: dict[str, Any]) -> Any:

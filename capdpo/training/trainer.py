@@ -38,6 +38,7 @@ from capdpo.models.patches import use_grouped_vision_attention
 from capdpo.training.conditional import ConditionalTerm, MdpoParams
 from capdpo.training.data import EXTRA_PREFIX, PairCollator
 from capdpo.training.losses import LOSSES, UniDPOParams, map_scores, unidpo_loss
+from capdpo.training.metrics import record_metrics, settle_metrics
 from capdpo.training.packing import install_prompt_sharing, prompts_shared
 from capdpo.training.reference import ReferenceCache
 from capdpo.training.setup import speed_up_training
@@ -299,6 +300,10 @@ class CapdpoDPOTrainer(DPOTrainer):
             self.precompute_reference(datasets, reference_collator or data_collator, reference_batch_size)
             self.precompute_ref_logps = True  # TRL's _compute_loss now reads ref_*_logps from the batch
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        settle_metrics(self._metrics)
+        super().log(logs, start_time)
+
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
         with train_mode_kept(model):
             return super().training_step(model, inputs, num_items_in_batch)
@@ -475,17 +480,16 @@ class CapdpoDPOTrainer(DPOTrainer):
         beta = self.unidpo_params.beta
         chosen_rewards = (beta * (policy_chosen - ref_chosen)).detach()
         rejected_rewards = (beta * (policy_rejected - ref_rejected)).detach()
-        gather = self.accelerator.gather_for_metrics
-        metrics = self._metrics[mode]
-        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
-        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
-        metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
-        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
         chosen_sums, rejected_sums = sums.detach().chunk(2)
-        metrics["logps/chosen"].append(gather(chosen_sums).mean().item())
-        metrics["logps/rejected"].append(gather(rejected_sums).mean().item())
-        for name in ("w_qual", "w_perf", "nll_active"):
-            metrics[f"unidpo/{name}"].append(gather(parts[name].detach().float()).mean().item())
+        values = {
+            "rewards/chosen": chosen_rewards,
+            "rewards/rejected": rejected_rewards,
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+            "rewards/margins": chosen_rewards - rejected_rewards,
+            "logps/chosen": chosen_sums,
+            "logps/rejected": rejected_sums,
+        } | {f"unidpo/{name}": parts[name].detach().float() for name in ("w_qual", "w_perf", "nll_active")}
+        record_metrics(self, mode, values)
         if return_outputs:
             return loss, {"losses": losses.detach()}
         return loss
