@@ -12,6 +12,12 @@ from typing import Any
 
 from capdpo.errors import ConfigError
 
+
+def zero3_partitioned(parameter: Any) -> bool:
+    """A parameter that ZeRO-3 partitions: its data is a placeholder that only a call of its module gathers, so no
+    code may read it, replace its module's forward or change its shape outside such a call."""
+    return hasattr(parameter, "ds_id")
+
 # Module path parts that mark the vision tower and the projector, in every supported family.
 VISION_MARKERS = ("visual", "vision_tower", "vision_model", "multi_modal_projector", "merger")
 # the language model's linear layers (in every supported family)
@@ -94,7 +100,7 @@ def _fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     weight = lora_b.weight
     if (
         lora_b.bias is not None
-        or hasattr(weight, "ds_id")  # ZeRO-3: only a module call gathers the weight
+        or zero3_partitioned(weight)
         or not _one_compute_dtype(x, getattr(base, "weight", weight), lora_a.weight, weight)
     ):
         return plain(x)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from capdpo.models.lora import zero3_partitioned
+
 
 def _windows(t: Any, n: int, length: int) -> Any:
     """[n * length, heads, dim] -> [n, heads, length, dim]."""
@@ -126,7 +128,7 @@ def pad_vision_mlp(model: Any, multiple: int = 128) -> int:
     count = 0
     for module in _vision_tower(model).modules():
         gate, up, down = (getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
-        if not all(type(m) is torch.nn.Linear and not hasattr(m.weight, "ds_id") for m in (gate, up, down)):
+        if not all(type(m) is torch.nn.Linear and not zero3_partitioned(m.weight) for m in (gate, up, down)):
             continue  # plain weights only: not quantized, wrapped by PEFT or partitioned by ZeRO-3
         width = gate.out_features
         pad = -width % multiple
@@ -438,7 +440,7 @@ def compile_decoder_layers(model: Any, backend: str = "inductor") -> int:
     layers = list(getattr(language_model, "layers", None) or [])
     if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_loaded_in_4bit", False):
         return 0  # bitsandbytes' 4-bit matmuls are not traced
-    if any(hasattr(p, "ds_id") for p in language_model.parameters()):
+    if any(zero3_partitioned(p) for p in language_model.parameters()):
         return 0  # ZeRO-3 gathers each module's weights in hooks around its call
     state = {"eager": False}
     for layer in layers:
@@ -483,7 +485,7 @@ def tune_for_training(
     model = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside a PeftModel
     changed = {"lora": fuse_lora_updates(model)}
     vision = list(_vision_tower(model).parameters())
-    if not any(p.requires_grad or hasattr(p, "ds_id") for p in vision):  # frozen, not partitioned by ZeRO-3
+    if not any(p.requires_grad or zero3_partitioned(p) for p in vision):  # frozen, not partitioned by ZeRO-3
         # the frozen vision tower's exact inference tunings (the padded width never reaches a saved file)
         changed["patch_embedding"] = linear_patch_embedding(model)
         changed["vision_mlp"] = pad_vision_mlp(model)

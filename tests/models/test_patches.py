@@ -135,6 +135,36 @@ def test_a_padded_vision_mlp_saves_and_loads_at_its_original_width(tmp_path):
         assert torch.allclose(reloaded.model.visual(pixels, grid_thw=grid).pooler_output, expected, atol=1e-6)
 
 
+def test_zero3_partitioned_weights_are_left_as_they_are():
+    """ZeRO-3 marks each partitioned parameter (`ds_id`); no patch may reshape it or replace its module's call."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from capdpo.models.patches import compile_decoder_layers, pad_vision_mlp, tune_for_training
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=60, num_heads=2, out_hidden_size=32, window_size=56,
+                  fullatt_block_indexes=[1])  # fmt: skip
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=128, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]})  # fmt: skip
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision)
+
+    def partitioned():  # noqa: ANN202
+        model = Qwen2_5_VLForConditionalGeneration(config).eval()
+        for i, p in enumerate(model.parameters()):
+            p.requires_grad_(False)
+            p.ds_id = i
+        return model
+
+    model = partitioned()
+    assert pad_vision_mlp(model) == 0 and compile_decoder_layers(model, backend="eager") == 0
+    assert model.model.visual.blocks[0].mlp.gate_proj.weight.shape == (60, 32)
+    assert all(getattr(layer, "_compiled_call_impl", None) is None for layer in model.model.language_model.layers)
+    tuned = partitioned()
+    changed = tune_for_training(tuned, cuda=False, backend="eager", compile_layers=True)
+    assert "patch_embedding" not in changed and "vision_mlp" not in changed and changed["compiled_layers"] == 0
+    plain = Qwen2_5_VLForConditionalGeneration(config).eval()
+    assert pad_vision_mlp(plain) == 2 and compile_decoder_layers(plain, backend="eager") == 2  # the control
+
+
 def test_decoder_layers_whose_compiler_fails_run_eagerly(capsys):
     """A backend that fails: one message, and every layer gives the eager output from then on."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
