@@ -137,6 +137,8 @@ def test_python_idle_reads_a_trace_the_profiler_wrote(tmp_path):
             "dur": last - busy["ts"] - busy["dur"],
         },
     ]
-    table = python_idle_table(trace, rows=100)
-    own = table.split("own (not inside a callee):")[1].split("\n\n")[0].splitlines()[1]
-    assert own.endswith("busy_python") and float(own.split()[0]) > 0
+    table = python_idle_table(trace, rows=10_000)
+    # other threads (a test runner's) may hold Python calls too: read busy_python's own row
+    own = table.split("own (not inside a callee):")[1].split("\n\n")[0].splitlines()
+    (row,) = [line for line in own if line.endswith("busy_python")]
+    assert float(row.split()[0]) >= 0.5 * busy["dur"] / 1e3 > 0  # its loop calls nothing traced
