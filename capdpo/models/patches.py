@@ -431,8 +431,8 @@ def compile_decoder_layers(model: Any, backend: str = "inductor") -> int:
     one region, so the layer's forward, its recomputation and its backward each run as one compiled graph instead of
     hundreds of separately launched operators (the host time between them is what a DPO step waits on). The layers
     share one graph (their parameters are inputs to it). The first steps pay the compilation; if compiling a layer's
-    call fails, every layer runs eagerly from then on (a backward graph that inductor compiles only at the first
-    backward pass is not covered: its failure raises). Quantized (QLoRA) and ZeRO-3-partitioned models are left eager.
+    call fails (its forward graph or its backward graph, compiled together with the forward one), every layer runs
+    eagerly from then on. Quantized (QLoRA) and ZeRO-3-partitioned models are left eager.
     """
     import torch
 
@@ -453,8 +453,13 @@ def compile_decoder_layers(model: Any, backend: str = "inductor") -> int:
 def _compiled_or_eager_call(layer: Any, compiled: Any, state: dict, *args: Any, **kwargs: Any) -> Any:
     if state["eager"]:
         return layer._call_impl(*args, **kwargs)
+    import torch._functorch.config as functorch_config
+
     try:
-        return compiled(*args, **kwargs)
+        # the backward graph compiled with the forward one, so a failure of either is caught here (lazily, it would
+        # be compiled in the middle of the first backward pass, where no eager fallback can take over)
+        with functorch_config.patch(force_non_lazy_backward_lowering=True):
+            return compiled(*args, **kwargs)
     except Exception as err:  # noqa: BLE001 - only compiler failures are caught
         from torch._dynamo.exc import BackendCompilerFailed
 

@@ -196,6 +196,56 @@ def test_decoder_layers_whose_compiler_fails_run_eagerly(capsys):
     assert out.count("torch.compile failed for the decoder layers") == 1 and "broken" in out
 
 
+def test_decoder_layers_whose_backward_compiler_fails_train_eagerly(capsys):
+    """A backend whose forward compiles and whose backward fails: the failure comes with the forward's compilation
+    (not in the middle of the backward pass), and the loss and every gradient are the eager ones."""
+    from torch._dynamo.backends.common import aot_autograd
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from capdpo.models.patches import compile_decoder_layers
+
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=128, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]})  # fmt: skip
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32)
+    torch.manual_seed(0)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision)
+    model = Qwen2_5_VLForConditionalGeneration(config).train()
+    ids = torch.randint(0, 128, (2, 7))
+
+    def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        loss = model(input_ids=ids).logits.float().pow(2).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expected_loss, expected_grads = step()
+    compiled = []
+
+    def forward_compiler(graph, example_inputs):  # noqa: ANN001
+        compiled.append("forward")
+        return graph
+
+    def backward_compiler(graph, example_inputs):  # noqa: ANN001
+        compiled.append("backward")
+        raise RuntimeError("no backward compiler here")
+
+    torch._dynamo.reset()
+    assert (
+        compile_decoder_layers(
+            model, backend=aot_autograd(fw_compiler=forward_compiler, bw_compiler=backward_compiler)
+        )
+        == 2
+    )
+    loss, grads = step()
+    again, _ = step()
+    assert compiled == ["forward", "backward"], "compiled once, the backward with the forward"
+    assert torch.allclose(loss, expected_loss, atol=1e-6) and torch.allclose(again, expected_loss, atol=1e-6)
+    assert grads.keys() == expected_grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected_grads[name], atol=1e-6), name
+    assert capsys.readouterr().out.count("torch.compile failed for the decoder layers") == 1
+
+
 def test_a_failing_compiler_falls_back_to_the_eager_function(capsys):
     from capdpo.models.patches import _CompiledOrEager, _silu_mul
 
