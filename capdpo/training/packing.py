@@ -62,67 +62,69 @@ def pack_pairs(
     sequence: dict[str, torch.Tensor] | None = None,
 ) -> PackedPairs | None:
     """Pack 2B rows [chosen_1..chosen_B, rejected_1..rejected_B] (any padding) into B rows; None when a pair's two
-    rows do not begin with the same prompt followed by their completion (the tokens whose label is not -100)."""
+    rows do not begin with the same prompt followed by their completion (the tokens whose label is not -100).
+
+    Tensor operations on the inputs' device throughout, with one small copy to the host (each pair's three lengths
+    and whether it packs): no per-token Python, and one wait for the device instead of a copy of every token."""
     rows, length = input_ids.shape
     if rows % 2 or rows == 0:
         return None
     pairs = rows // 2
-    real = attention_mask.bool()
-    scored = labels != -100
-    ids_host, real_host, scored_host = input_ids.tolist(), real.tolist(), scored.tolist()
-    layouts = []
-    for i in range(pairs):
-        parts = []
-        for row in (i, pairs + i):
-            cols = [c for c in range(length) if real_host[row][c]]
-            first = next((k for k, c in enumerate(cols) if scored_host[row][c]), None)
-            if first is None or first == 0:
-                return None
-            prompt, completion = cols[:first], cols[first:]
-            if not all(scored_host[row][c] for c in completion):
-                return None  # the completion must be the row's last real tokens
-            parts.append((prompt, completion))
-        (prompt_c, chosen), (prompt_r, rejected) = parts
-        if [ids_host[i][c] for c in prompt_c] != [ids_host[pairs + i][c] for c in prompt_r]:
-            return None
-        source = [(i, c) for c in prompt_c + chosen] + [(pairs + i, prompt_r[-1])] + [(pairs + i, c) for c in rejected]
-        segment = [PROMPT] * len(prompt_c) + [CHOSEN] * len(chosen) + [REJECTED] * (1 + len(rejected))
-        layouts.append((source, segment, len(prompt_c)))
-    width = max(len(source) for source, _, _ in layouts)
     device = input_ids.device
-    rows_of, cols_of, segments, scored_of = [], [], [], []
-    packed_at, plain_at = [], []
-    for i, (source, seg, _) in enumerate(layouts):
-        pad = width - len(source)
-        rows_of.append([r for r, _ in source] + [0] * pad)
-        cols_of.append([c for _, c in source] + [0] * pad)
-        segments.append(seg + [PAD] * pad)
-        flags = [False] * width
-        for j, (row, col) in enumerate(source):
-            # scored: the completion tokens; the repeated prompt token (j == first rejected - 1) is not
-            if seg[j] != PROMPT and not (seg[j] == REJECTED and seg[j - 1] != REJECTED):
-                flags[j] = True
-                packed_at.append(i * (width - 1) + j - 1)
-                plain_at.append(row * (length - 1) + col - 1)
-        scored_of.append(flags)
-    # whole tensors from lists: writing them token by token cost ~15 ms of host time per DPO step
-    src_row, src_col, segment = (torch.tensor(t, dtype=torch.long) for t in (rows_of, cols_of, segments))
-    is_scored = torch.tensor(scored_of, dtype=torch.bool)
-    src_row, src_col, segment, is_scored = (t.to(device) for t in (src_row, src_col, segment, is_scored))
+    real = attention_mask.bool()
+    scored = (labels != -100) & real
+    rank = real.long().cumsum(1) - 1  # each real token's index among its row's real tokens
+    # the prompt: the real tokens before the first scored one; the completion: all real tokens from it on
+    prompt_len = torch.where(scored, rank, length).amin(1)
+    completion_len = real.sum(1) - prompt_len
+    packable = scored.any(1) & (prompt_len > 0) & (scored.sum(1) == completion_len)
+    # the column of each row's k-th real token (padding sent to a spare column that is then dropped)
+    col_of_rank = torch.zeros(rows, length + 1, dtype=torch.long, device=device)
+    columns = torch.arange(length, device=device).expand(rows, length)
+    col_of_rank.scatter_(1, torch.where(real, rank, length), columns)
+    col_of_rank = col_of_rank[:, :length]
+    ids_by_rank = input_ids.gather(1, col_of_rank)
+    prompt_c, prompt_r = prompt_len[:pairs], prompt_len[pairs:]
+    in_prompt = torch.arange(length, device=device)[None] < prompt_c[:, None]
+    same_prompt = (prompt_c == prompt_r) & ((ids_by_rank[:pairs] == ids_by_rank[pairs:]) | ~in_prompt).all(1)
+    ok = packable[:pairs] & packable[pairs:] & same_prompt
+    chosen_len, rejected_len = completion_len[:pairs], completion_len[pairs:]
+    lengths = torch.stack([prompt_c, chosen_len, rejected_len, ok.long()], dim=1)
+    host = lengths.tolist()  # the one copy to the host
+    if not all(flag for *_, flag in host):
+        return None
+    width = max(p + c + 1 + r for p, c, r, _ in host)
+
+    j = torch.arange(width, device=device)[None]
+    P, C, R = prompt_c[:, None], chosen_len[:, None], rejected_len[:, None]  # noqa: N806
+    first_rows = j < P + C  # prompt and chosen: the chosen row's tokens
+    repeat = j == P + C  # the last prompt token again, from the rejected row
+    rejected = (j > P + C) & (j <= P + C + R)
+    pad = j > P + C + R
+    pair = torch.arange(pairs, device=device)[:, None]
+    src_row = torch.where(first_rows, pair, pair + pairs).masked_fill(pad, 0)
+    src_rank = torch.where(first_rows, j, torch.where(repeat, P - 1, j - C - 1)).masked_fill(pad, 0)
+    src_col = col_of_rank[src_row, src_rank].masked_fill(pad, 0)
+    segment = torch.full((pairs, width), PAD, dtype=torch.long, device=device)
+    segment = segment.masked_fill(first_rows, CHOSEN).masked_fill(j < P, PROMPT)
+    segment = segment.masked_fill(repeat | rejected, REJECTED)
+    is_scored = (first_rows & (j >= P)) | rejected  # not the prompt, not the repeat
+    # the scored tokens in row-major order (their count is known, so no data-dependent shape)
+    scored_count = sum(c + r for _, c, r, _ in host)
+    flat = torch.argsort((~is_scored).flatten().to(torch.uint8), stable=True)[:scored_count]
+    packed_at = flat // width * (width - 1) + flat % width - 1
+    plain_at = src_row.flatten()[flat] * (length - 1) + src_col.flatten()[flat] - 1
     packed_ids = input_ids[src_row, src_col].masked_fill(segment == PAD, 0)
-    packed_labels = packed_ids.masked_fill(~is_scored, -100)
-    prompt_end = torch.tensor([n_prompt - 1 for _, _, n_prompt in layouts], device=device)
-    repeat_at = torch.tensor([seg.index(REJECTED) for _, seg, _ in layouts], device=device)
     return PackedPairs(
         input_ids=packed_ids,
         sequence={k: v[src_row, src_col].masked_fill(segment == PAD, 0) for k, v in (sequence or {}).items()},
         segment=segment,
-        prompt_end=prompt_end,
-        repeat_at=repeat_at,
-        labels=packed_labels,
+        prompt_end=prompt_c - 1,
+        repeat_at=prompt_c + chosen_len,
+        labels=packed_ids.masked_fill(~is_scored, -100),
         source=(src_row, src_col),
-        packed_at=torch.tensor(packed_at, dtype=torch.long, device=device),
-        plain_at=torch.tensor(plain_at, dtype=torch.long, device=device),
+        packed_at=packed_at,
+        plain_at=plain_at,
     )
 
 

@@ -57,6 +57,107 @@ def test_pairs_with_different_prompts_or_padding_inside_stay_unpacked() -> None:
     assert packed is not None and (packed.segment == PAD).sum() == 0
 
 
+def _reference_pack(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> dict | None:
+    """The packed layout token by token, from the module docstring's definition (None: not packable)."""
+    pairs, length = ids.shape[0] // 2, ids.shape[1]
+    layouts = []
+    for i in range(pairs):
+        parts = []
+        for row in (i, pairs + i):
+            cols = [c for c in range(length) if mask[row, c]]
+            scored = [k for k, c in enumerate(cols) if labels[row, c] != -100]
+            if not scored or scored[0] == 0 or scored != list(range(scored[0], len(cols))):
+                return None  # no completion, no prompt, or a completion that is not the row's last real tokens
+            parts.append((row, cols[: scored[0]], cols[scored[0] :]))
+        (rc, prompt_c, chosen), (rr, prompt_r, rejected) = parts
+        if ids[rc, prompt_c].tolist() != ids[rr, prompt_r].tolist():
+            return None
+        source = [(rc, c) for c in prompt_c + chosen] + [(rr, prompt_r[-1])] + [(rr, c) for c in rejected]
+        segment = [PROMPT] * len(prompt_c) + [CHOSEN] * len(chosen) + [REJECTED] * (1 + len(rejected))
+        layouts.append((source, segment, len(prompt_c)))
+    width = max(len(source) for source, _, _ in layouts)
+    out: dict[str, list] = {k: [] for k in ("ids", "segment", "row", "col", "labels", "packed_at", "plain_at")}
+    out |= {"end": [], "repeat": []}
+    for i, (source, segment, n_prompt) in enumerate(layouts):
+        pad = width - len(source)
+        out["ids"].append([int(ids[r, c]) for r, c in source] + [0] * pad)
+        out["segment"].append(segment + [PAD] * pad)
+        out["row"].append([r for r, _ in source] + [0] * pad)
+        out["col"].append([c for _, c in source] + [0] * pad)
+        out["end"].append(n_prompt - 1)
+        out["repeat"].append(segment.index(REJECTED))
+        out["labels"].append([-100] * width)
+        for j, (r, c) in enumerate(source):
+            if segment[j] == CHOSEN or (segment[j] == REJECTED and segment[j - 1] == REJECTED):
+                out["labels"][-1][j] = int(ids[r, c])
+                out["packed_at"].append(i * (width - 1) + j - 1)
+                out["plain_at"].append(r * (length - 1) + c - 1)
+    return out
+
+
+def test_packing_equals_its_token_by_token_definition_on_random_batches() -> None:
+    """Random pairs: left and right padding, padding inside a row, prompts that differ by a token, rows without a
+    prompt or a completion, a completion with a gap, scored padding; packable and not."""
+    gen = torch.Generator().manual_seed(0)
+
+    def randint(low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (), generator=gen))
+
+    def chance(p: float) -> bool:
+        return float(torch.rand((), generator=gen)) < p
+
+    packed_count = 0
+    for _ in range(400):
+        pairs, length = randint(1, 4), randint(4, 14)
+        ids = torch.zeros(2 * pairs, length, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for i in range(pairs):
+            prompt = [randint(1, 5) for _ in range(randint(0 if chance(0.05) else 1, length - 2))]
+            for row in (i, pairs + i):
+                tokens = list(prompt)
+                if tokens and chance(0.1):
+                    tokens[randint(0, len(tokens) - 1)] += 1
+                n_prompt = len(tokens)
+                tokens += [randint(1, 5) for _ in range(randint(0 if chance(0.05) else 1, length - 1 - n_prompt))]
+                real = [True] * len(tokens)
+                flags = [k >= n_prompt for k in range(len(tokens))]
+                if len(tokens) > 1 and chance(0.05):
+                    k = randint(0, len(tokens) - 1)
+                    flags[k] = not flags[k]
+                if len(tokens) < length and chance(0.1):  # padding inside the row
+                    k = randint(1, len(tokens))
+                    tokens, real, flags = (
+                        tokens[:k] + [0] + tokens[k:],
+                        real[:k] + [False] + real[k:],
+                        flags[:k] + [False] + flags[k:],
+                    )
+                offset = length - len(tokens) if chance(0.5) else 0
+                for k, (token, is_real, flag) in enumerate(zip(tokens, real, flags, strict=True)):
+                    ids[row, offset + k] = token
+                    mask[row, offset + k] = int(is_real)
+                    labels[row, offset + k] = token if flag else -100
+                if chance(0.05):
+                    labels[row][mask[row] == 0] = 3  # labels on padding are not scored
+        mm = torch.randint(0, 3, ids.shape, generator=gen)
+        expected = _reference_pack(ids, mask, labels)
+        packed = pack_pairs(ids, mask, labels, {"mm_token_type_ids": mm})
+        assert (packed is None) == (expected is None), (ids, mask, labels)
+        if packed is None:
+            continue
+        packed_count += 1
+        assert packed.input_ids.tolist() == expected["ids"]
+        assert packed.segment.tolist() == expected["segment"]
+        assert packed.source[0].tolist() == expected["row"] and packed.source[1].tolist() == expected["col"]
+        assert packed.packed_at.tolist() == expected["packed_at"] and packed.plain_at.tolist() == expected["plain_at"]
+        assert packed.prompt_end.tolist() == expected["end"] and packed.repeat_at.tolist() == expected["repeat"]
+        assert packed.labels.tolist() == expected["labels"]
+        src_row, src_col = packed.source
+        pad = packed.segment == PAD
+        assert torch.equal(packed.sequence["mm_token_type_ids"], mm[src_row, src_col].masked_fill(pad, 0))
+    assert 100 < packed_count < 350, packed_count  # both kinds were drawn often
+
+
 def _pairs(images: list[Path]) -> list[PairRecord]:
     """Three pairs over two images, with prompts of three lengths (the third has an assistant prefix)."""
 
