@@ -325,8 +325,12 @@ def _timer_callback(
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.step_seconds: list[float] = []
+            # from one step's end to the next one's: the step plus the data loading, collation and logging
+            # around it, which the step window leaves out (for TRL and for capdpo alike)
+            self.loop_seconds: list[float] = []
             self.losses: list[float] = []
             self.start = 0.0
+            self.last_end: float | None = None
             self.profiler: Any = None
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -340,6 +344,8 @@ def _timer_callback(
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if cuda:
                 torch.cuda.synchronize()
+            end, last_end = time.perf_counter(), self.last_end
+            self.last_end = end
             if self.profiler is not None:
                 self.profiler.__exit__(None, None, None)
                 if profile_out is not None:
@@ -351,9 +357,12 @@ def _timer_callback(
                             text = python_idle_table(json.loads(trace.read_text())) + "\n" + text
                     profile_out.write_text(text)
                 self.profiler = None
+                self.last_end = None  # nor is the loop around it
                 return  # a profiled step is not timed
             if state.global_step > warmup:
-                self.step_seconds.append(time.perf_counter() - self.start)
+                self.step_seconds.append(end - self.start)
+                if last_end is not None:
+                    self.loop_seconds.append(end - last_end)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
             if logs and "loss" in logs and "train_runtime" not in logs:
@@ -498,6 +507,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     seconds = timer.step_seconds
     mean = sum(seconds) / len(seconds) if seconds else float("nan")
+    loops = timer.loop_seconds
     pairs_per_step = args.batch * world
     result = {
         "mode": "trl-baseline" if args.baseline else "capdpo",
@@ -532,6 +542,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "timed_steps": len(seconds),
         "step_seconds": [round(s, 4) for s in seconds],
         "pairs_per_second": round(pairs_per_step / mean, 4) if seconds else None,
+        # the whole training loop between two step ends: data loading, collation and logging included
+        "loop_seconds": [round(s, 4) for s in loops],
+        "loop_pairs_per_second": round(pairs_per_step * len(loops) / sum(loops), 4) if loops else None,
         "peak_memory_gib": round(peak, 2),
         # model FLOPs of a step's useful work (prompt once, both completions, frozen base: forward + input
         # gradients, recomputation not counted) over the card's dense bf16 peak and over the matmul rate measured here
@@ -559,6 +572,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                         "device",
                         "gpus",
                         "pairs_per_second",
+                        "loop_pairs_per_second",
                         "peak_memory_gib",
                         "mfu",
                         "share_of_floor",

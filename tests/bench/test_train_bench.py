@@ -26,6 +26,10 @@ def test_tiny_bench_writes_a_complete_result(tmp_path, baseline: bool) -> None:
     assert result["mode"] == ("trl-baseline" if baseline else "capdpo")
     assert result["device"] == "cpu" and result["gpus"] == 1
     assert result["timed_steps"] == 2 and len(result["step_seconds"]) == 2
+    # each timed step's loop (from the previous step's end) holds the step and the work around it
+    loops, steps = result["loop_seconds"], result["step_seconds"]
+    assert len(loops) == 2 and all(loop >= step > 0 for loop, step in zip(loops, steps, strict=True))
+    assert 0 < result["loop_pairs_per_second"] <= result["pairs_per_second"]
     assert result["pairs_per_second"] > 0
     assert len(result["losses"]) == 3 and all(math.isfinite(v) for v in result["losses"])
     assert result["versions"]["trl"] and result["shapes"]["image_tokens"] > 0
