@@ -442,10 +442,15 @@ def compile_decoder_layers(model: Any, backend: str = "inductor") -> int:
         return 0  # bitsandbytes' 4-bit matmuls are not traced
     if any(zero3_partitioned(p) for p in language_model.parameters()):
         return 0  # ZeRO-3 gathers each module's weights in hooks around its call
+    import torch._functorch.config as functorch_config
+
+    # the backward graph compiled with the forward one, so a failure of either is caught by the call below (lazily,
+    # it would be compiled in the middle of the first backward pass, where no eager fallback can take over)
+    with_backward = functorch_config.patch(force_non_lazy_backward_lowering=True)
     state = {"eager": False}
     for layer in layers:
         if getattr(layer, "_compiled_call_impl", None) is None:
-            compiled = torch.compile(layer._call_impl, backend=backend, dynamic=True)
+            compiled = with_backward(torch.compile(layer._call_impl, backend=backend, dynamic=True))
             layer._compiled_call_impl = functools.partial(_compiled_or_eager_call, layer, compiled, state)
     return len(layers)
 
@@ -453,13 +458,8 @@ def compile_decoder_layers(model: Any, backend: str = "inductor") -> int:
 def _compiled_or_eager_call(layer: Any, compiled: Any, state: dict, *args: Any, **kwargs: Any) -> Any:
     if state["eager"]:
         return layer._call_impl(*args, **kwargs)
-    import torch._functorch.config as functorch_config
-
     try:
-        # the backward graph compiled with the forward one, so a failure of either is caught here (lazily, it would
-        # be compiled in the middle of the first backward pass, where no eager fallback can take over)
-        with functorch_config.patch(force_non_lazy_backward_lowering=True):
-            return compiled(*args, **kwargs)
+        return compiled(*args, **kwargs)
     except Exception as err:  # noqa: BLE001 - only compiler failures are caught
         from torch._dynamo.exc import BackendCompilerFailed
 
