@@ -122,7 +122,7 @@ class ConditionalTerm:
         loss = loss + losses.mean()
         mode = "train" if trainer.model.training else "eval"
         names = ("conditional", "anchor", "conditional_margin")
-        record_metrics(trainer, mode, {f"mdpo/{name}": parts[name].detach().float() for name in names})
+        record_metrics(trainer, mode, {f"mdpo/{name}": parts[name] for name in names})
         return (loss, *outputs) if outputs is not None else loss
 
     def _reference_chosen(self, trainer: Any, kwargs: dict[str, Any]) -> Any:

@@ -114,10 +114,10 @@ def pack_pairs(
     flat = torch.argsort((~is_scored).flatten().to(torch.uint8), stable=True)[:scored_count]
     packed_at = flat // width * (width - 1) + flat % width - 1
     plain_at = src_row.flatten()[flat] * (length - 1) + src_col.flatten()[flat] - 1
-    packed_ids = input_ids[src_row, src_col].masked_fill(segment == PAD, 0)
+    packed_ids = input_ids[src_row, src_col].masked_fill(pad, 0)
     return PackedPairs(
         input_ids=packed_ids,
-        sequence={k: v[src_row, src_col].masked_fill(segment == PAD, 0) for k, v in (sequence or {}).items()},
+        sequence={k: v[src_row, src_col].masked_fill(pad, 0) for k, v in (sequence or {}).items()},
         segment=segment,
         prompt_end=prompt_c - 1,
         repeat_at=prompt_c + chosen_len,

@@ -480,7 +480,7 @@ class CapdpoDPOTrainer(DPOTrainer):
         beta = self.unidpo_params.beta
         chosen_rewards = (beta * (policy_chosen - ref_chosen)).detach()
         rejected_rewards = (beta * (policy_rejected - ref_rejected)).detach()
-        chosen_sums, rejected_sums = sums.detach().chunk(2)
+        chosen_sums, rejected_sums = sums.chunk(2)
         values = {
             "rewards/chosen": chosen_rewards,
             "rewards/rejected": rejected_rewards,
@@ -488,7 +488,7 @@ class CapdpoDPOTrainer(DPOTrainer):
             "rewards/margins": chosen_rewards - rejected_rewards,
             "logps/chosen": chosen_sums,
             "logps/rejected": rejected_sums,
-        } | {f"unidpo/{name}": parts[name].detach().float() for name in ("w_qual", "w_perf", "nll_active")}
+        } | {f"unidpo/{name}": parts[name] for name in ("w_qual", "w_perf", "nll_active")}
         record_metrics(self, mode, values)
         if return_outputs:
             return loss, {"losses": losses.detach()}
