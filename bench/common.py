@@ -253,11 +253,7 @@ def idle_by_host_op(
     """How long the device sat idle between `start` and `end` while each host operator ran (outermost operators,
     (start, end, name); an operator of another thread running at the same moment is charged too), longest first;
     idle time with no operator running is Python's ("(no operator: Python)")."""
-    gaps, reach = [], start
-    for s, e in sorted(kernels) + [(end, end)]:
-        if s > reach:
-            gaps.append((reach, s))
-        reach = max(reach, e)
+    gaps = idle_gaps(kernels, start, end)
     totals: dict[str, float] = {}
     ops = sorted(ops)
     longest = max((e - s for s, e, _ in ops), default=0.0)
@@ -292,11 +288,7 @@ def python_idle_table(trace: dict[str, Any], rows: int = 30) -> str:
         return "no device or no host events in the trace\n"
     start = min(float(e["ts"]) for e in host)
     end = max(float(e["ts"]) + float(e["dur"]) for e in host)
-    gaps, reach = [], start
-    for s, e in sorted(kernels) + [(end, end)]:
-        if s > reach:
-            gaps.append((reach, min(s, end)))
-        reach = max(reach, e)
+    gaps = idle_gaps(kernels, start, end)
     gap_starts = [g[0] for g in gaps]
     prefix = [0.0]
     for g0, g1 in gaps:
@@ -313,23 +305,22 @@ def python_idle_table(trace: dict[str, Any], rows: int = 30) -> str:
         total -= max(0.0, gaps[j - 1][1] - max(t1, gaps[j - 1][0]))  # the last gap's part after t1
         return max(total, 0.0)
 
-    calls = [e for e in host if e.get("cat") == "python_function"]
-    inclusive: dict[Any, float] = {}
+    calls = []  # (name, its id, its idle time)
     child_idle: dict[Any, float] = {}
-    for e in calls:
+    for e in host:
+        if e.get("cat") != "python_function":
+            continue
         args = e.get("args", {})
-        key = args.get("Python id", id(e))
-        inclusive[key] = idle(float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+        key, wait = args.get("Python id", id(e)), idle(float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+        calls.append((e["name"], key, wait))
         parent = args.get("Python parent id")
         if parent is not None:
-            child_idle[parent] = child_idle.get(parent, 0.0) + inclusive[key]
+            child_idle[parent] = child_idle.get(parent, 0.0) + wait
     by_incl: dict[str, float] = {}
     by_self: dict[str, float] = {}
-    for e in calls:
-        key = e.get("args", {}).get("Python id", id(e))
-        name = e["name"]
-        by_incl[name] = by_incl.get(name, 0.0) + inclusive[key]
-        by_self[name] = by_self.get(name, 0.0) + max(inclusive[key] - child_idle.get(key, 0.0), 0.0)
+    for name, key, wait in calls:
+        by_incl[name] = by_incl.get(name, 0.0) + wait
+        by_self[name] = by_self.get(name, 0.0) + max(wait - child_idle.get(key, 0.0), 0.0)
     total = prefix[-1]
     lines = [f"device idle {total / 1e3:.1f} ms of the {(end - start) / 1e3:.1f} ms recorded; by Python function:"]
     for title, table in (("own (not inside a callee)", by_self), ("inclusive of callees", by_incl)):
@@ -337,6 +328,16 @@ def python_idle_table(trace: dict[str, Any], rows: int = 30) -> str:
         for name, us in sorted(table.items(), key=lambda kv: -kv[1])[:rows]:
             lines.append(f"  {us / 1e3:8.1f} ms  {name}")
     return "\n".join(lines) + "\n"
+
+
+def idle_gaps(kernels: list[tuple[float, float]], start: float, end: float) -> list[tuple[float, float]]:
+    """The stretches of [start, end) that no kernel (start, end) covers, in order."""
+    gaps, reach = [], start
+    for s, e in sorted(kernels) + [(end, end)]:
+        if s > reach:
+            gaps.append((reach, min(s, end)))
+        reach = max(reach, e)
+    return gaps
 
 
 def covered(intervals: list[tuple[float, float]]) -> float:
