@@ -16,8 +16,14 @@
    one packed row under a block attention mask (`capdpo.training.packing`); the per-token log-probs come back in
    the two-row layout, so every loss reads them unchanged.
 
-Every TRL loss type and loss-weight combination (MPO included) runs through TRL's own `_compute_loss`, for which
-this class only prepares the inputs; Uni-DPO replaces it, and mDPO adds its terms to its result.
+5. **No waits for the device mid-step.** TRL's `_compute_loss` reads about 15 floats from the device for its
+   metrics in every step, and each read waits for the whole queued forward. For plain DPO (the `sigmoid` loss
+   alone, reverse KL, no LD-DPO or WPO weighting, precomputed reference: the default), this class computes the
+   same loss and the same metrics itself and keeps the metrics on the device until they are logged
+   (`capdpo.training.metrics`).
+
+Every other TRL loss type and loss-weight combination (MPO included) runs through TRL's own `_compute_loss`, for
+which this class only prepares the inputs; Uni-DPO replaces it, and mDPO adds its terms to either's result.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
@@ -38,7 +45,7 @@ from capdpo.models.patches import use_grouped_vision_attention
 from capdpo.training.conditional import ConditionalTerm, MdpoParams
 from capdpo.training.data import EXTRA_PREFIX, PairCollator
 from capdpo.training.losses import LOSSES, UniDPOParams, map_scores, unidpo_loss
-from capdpo.training.metrics import record_metrics, settle_metrics
+from capdpo.training.metrics import record_metrics, record_ratio, reward_metrics, settle_metrics
 from capdpo.training.packing import install_prompt_sharing, prompts_shared
 from capdpo.training.reference import ReferenceCache
 from capdpo.training.setup import speed_up_training
@@ -335,30 +342,35 @@ class CapdpoDPOTrainer(DPOTrainer):
             if self.own_loss is not None:
                 own_losses = {"unidpo": self._unidpo_loss}
                 return own_losses[self.own_loss](model, kwargs, extras, return_outputs)
+            preference_loss = self._dpo_loss if self._dpo_on_device(return_outputs) else super()._compute_loss
             if self.conditional is not None:
-                trl_loss = super()._compute_loss
                 return self.conditional.compute(
-                    self, model, kwargs, extras, lambda m, k: trl_loss(m, k, return_outputs)
+                    self, model, kwargs, extras, lambda m, k: preference_loss(m, k, return_outputs)
                 )
-            return super()._compute_loss(model, kwargs, return_outputs)
+            return preference_loss(model, kwargs, return_outputs)
 
     def _prompts_shared(self, model: Any) -> Any:
         return prompts_shared([hf_model(model)], self.share_prompt)
 
     # ---- log-probs --------------------------------------------------------------------------------------------
+    @staticmethod
+    def _scored_forward(model: Any, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        """The model's forward under the fused LM head, which scores the completion tokens only: (its outputs, the
+        completion mask shifted to the scored positions)."""
+        completion_mask = kwargs["completion_mask"]
+        forward = {k: v for k, v in kwargs.items() if k not in _NON_MODEL_KEYS}
+        forward["use_cache"] = False
+        labels = kwargs["input_ids"].masked_fill(completion_mask == 0, -100)
+        return model(**forward, labels=labels, fused_lm_head=True), completion_mask[:, 1:]
+
     def completion_logps(self, model: Any, kwargs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
         """Completion log-probs of each row [2B]: (sums, token counts, per-token log-probs, completion mask).
 
         Position t of the per-token tensors scores token t + 1 given tokens 0..t; only completion tokens (the
         assistant's answer and its end-of-turn token) are counted, never prompt or image tokens.
         """
-        completion_mask = kwargs["completion_mask"]
-        forward = {k: v for k, v in kwargs.items() if k not in _NON_MODEL_KEYS}
-        forward["use_cache"] = False
-        labels = kwargs["input_ids"].masked_fill(completion_mask == 0, -100)
         with images_shared([model], self.share_images), self._prompts_shared(model):
-            out = model(**forward, labels=labels, fused_lm_head=True)
-        mask = completion_mask[:, 1:]
+            out, mask = self._scored_forward(model, kwargs)
         per_token = out.log_probs[:, -mask.size(1) :]
         return (per_token * mask).sum(dim=1), mask.sum(dim=1), per_token, mask
 
@@ -450,6 +462,49 @@ class CapdpoDPOTrainer(DPOTrainer):
             raise RuntimeError(f"reference pass left {len(left)} pair(s) without values (first: {left[0]})")
         self.reference_seconds = time.time() - start
 
+    # ---- plain DPO ----------------------------------------------------------------------------------------------
+    def _dpo_on_device(self, return_outputs: bool) -> bool:
+        """Whether this step's loss is plain DPO, which `_dpo_loss` computes as TRL does (read per step: the loss
+        settings are attributes that may change)."""
+        return (
+            list(self.loss_types) == ["sigmoid"]
+            and self.f_divergence_type == "reverse_kl"
+            and self.ld_alpha is None
+            and not self.use_weighting
+            and not self.aux_loss_enabled
+            and self.precompute_ref_logps
+            and not return_outputs  # TRL recomputes the logits for that (deprecated) case
+        )
+
+    def _dpo_loss(self, model: Any, kwargs: dict[str, Any], return_outputs: bool = False) -> Any:
+        """TRL's `sigmoid` loss with its reference log-probs read from the batch, and TRL's metrics under TRL's
+        names and definitions, kept on the device (`_dpo_on_device` says when this replaces TRL's `_compute_loss`).
+        """
+        mode = "train" if self.model.training else "eval"
+        out, mask = self._scored_forward(model, kwargs)
+        seq_len = mask.size(1)
+        chosen_logps, rejected_logps = out.log_probs[:, -seq_len:].sum(dim=1).chunk(2)
+        chosen_ratio = chosen_logps - kwargs["ref_chosen_logps"]
+        rejected_ratio = rejected_logps - kwargs["ref_rejected_logps"]
+        loss = -F.logsigmoid(self.beta * (chosen_ratio - rejected_ratio)).mean() * self.loss_weights[0]
+
+        record_ratio(self, mode, "entropy", (out.entropy[:, -seq_len:] * mask).sum(), mask.sum())
+        if mode == "train":
+            tokens = self.accelerator.gather_for_metrics(kwargs["attention_mask"].sum()).sum()
+            self._total_train_tokens = self._total_train_tokens + tokens // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        chosen_mask, rejected_mask = mask.bool().chunk(2)
+        chosen_logits, rejected_logits = out.mean_logits[:, -seq_len:].chunk(2)
+        record_ratio(self, mode, "logits/chosen", chosen_logits.where(chosen_mask, 0.0).sum(), chosen_mask.sum())
+        record_ratio(
+            self, mode, "logits/rejected", rejected_logits.where(rejected_mask, 0.0).sum(), rejected_mask.sum()
+        )
+        chosen_top1 = out.is_top1[:, -seq_len:].chunk(2)[0]
+        record_ratio(self, mode, "mean_token_accuracy", (chosen_top1 & chosen_mask).sum(), chosen_mask.sum())
+        rewards = reward_metrics(self.beta * chosen_ratio, self.beta * rejected_ratio, chosen_logps, rejected_logps)
+        record_metrics(self, mode, rewards)
+        return loss
+
     # ---- Uni-DPO ------------------------------------------------------------------------------------------------
     def _unidpo_loss(self, model: Any, kwargs: dict[str, Any], extras: dict[str, Any], return_outputs: bool) -> Any:
         mode = "train" if self.model.training else "eval"
@@ -478,17 +533,10 @@ class CapdpoDPOTrainer(DPOTrainer):
         loss = losses.mean()
 
         beta = self.unidpo_params.beta
-        chosen_rewards = (beta * (policy_chosen - ref_chosen)).detach()
-        rejected_rewards = (beta * (policy_rejected - ref_rejected)).detach()
         chosen_sums, rejected_sums = sums.chunk(2)
-        values = {
-            "rewards/chosen": chosen_rewards,
-            "rewards/rejected": rejected_rewards,
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-            "rewards/margins": chosen_rewards - rejected_rewards,
-            "logps/chosen": chosen_sums,
-            "logps/rejected": rejected_sums,
-        } | {f"unidpo/{name}": parts[name] for name in ("w_qual", "w_perf", "nll_active")}
+        values = reward_metrics(
+            beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected), chosen_sums, rejected_sums
+        ) | {f"unidpo/{name}": parts[name] for name in ("w_qual", "w_perf", "nll_active")}
         record_metrics(self, mode, values)
         if return_outputs:
             return loss, {"losses": losses.detach()}

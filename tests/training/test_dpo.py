@@ -16,6 +16,7 @@ from capdpo.records import PairRecord
 from capdpo.training.config import DpoConfig as TrainConfig
 from capdpo.training.data import PairEncoder, pair_to_example
 from capdpo.training.losses import LOSSES, UniDPOParams, map_scores, unidpo_loss
+from capdpo.training.metrics import settle_metrics
 
 # ---- Uni-DPO ------------------------------------------------------------------------------------------------
 
@@ -235,6 +236,7 @@ def test_completion_logprobs_cover_exactly_the_completion_tokens(tiny_models, sa
         trainer._metrics["train"].clear()
         with torch.no_grad():
             trainer.compute_loss(trainer.model, batch)
+        settle_metrics(trainer._metrics)
         assert trainer._metrics["train"]["logps/chosen"][0] == pytest.approx(expected, abs=1e-4)
 
 
@@ -296,6 +298,78 @@ def test_each_image_is_encoded_once_per_pair(tiny_models, sample_images, tmp_pat
     assert loss_shared == pytest.approx(loss_repeated, abs=1e-5)
     for name, grad in grads_shared.items():
         assert torch.allclose(grad, grads_repeated[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_plain_dpo_equals_trls_loss_gradients_and_metrics_without_reading_the_device(
+    tiny_models, sample_images, tmp_path, monkeypatch, share_prompt: bool
+) -> None:
+    """Plain DPO (the default) is computed by capdpo with its metrics kept on the device: the same loss, gradients
+    and logged metrics as TRL's `_compute_loss` on the same batch over two steps, without TRL's float reads."""
+    from trl import DPOTrainer
+
+    from capdpo.training.trainer import images_shared
+
+    pairs = _pairs(sample_images[4])
+    trainer = _trainer(
+        tiny_models["strong"], tmp_path, pairs, precompute_ref=True, share_prompt=share_prompt, beta=0.02
+    )
+    _set_lora_b(trainer.model)
+    trainer.loss_weights = [0.7]
+    batch = trainer._prepare_inputs(trainer.data_collator([pair_to_example(p) for p in pairs]))
+    kwargs = trainer._model_inputs(trainer.model, batch)
+    assert trainer._dpo_on_device(return_outputs=False) and not trainer._dpo_on_device(return_outputs=True)
+
+    item = torch.Tensor.item
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or item(self))
+
+    def counted(fn) -> tuple[object, int]:
+        """fn's result and how many floats it read from the device (each read waits for all the queued work)."""
+        before = len(reads)
+        result = fn()
+        return result, len(reads) - before
+
+    def trl_loss():
+        with trainer._prompts_shared(trainer.model), images_shared([trainer.model], trainer.share_images):
+            return DPOTrainer._compute_loss(trainer, trainer.model, kwargs, False)
+
+    def two_steps(loss_fn):
+        trainer._metrics["train"].clear()
+        trainer._total_train_tokens = 0
+        trainer.model.train()
+        trainer.model.zero_grad()
+        losses, step_reads = [], []
+        for _ in range(2):
+            loss, n = counted(loss_fn)
+            loss.backward()
+            losses.append(item(loss))
+            step_reads.append(n)
+        grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        settle_metrics(trainer._metrics)
+        return losses, grads, dict(trainer._metrics["train"]), trainer._total_train_tokens, step_reads
+
+    with torch.no_grad():  # the model's forward alone reads a few (transformers checks the image token count)
+        _, forward_reads = counted(lambda: trainer.completion_logps(trainer.model, kwargs))
+    loss_ours, grads_ours, metrics_ours, tokens_ours, reads_ours = two_steps(
+        lambda: trainer.compute_loss(trainer.model, batch)
+    )
+    loss_trl, grads_trl, metrics_trl, tokens_trl, reads_trl = two_steps(trl_loss)
+    assert reads_ours == [forward_reads] * 2, "plain DPO must read no float beyond the model's own forward"
+    assert all(n >= forward_reads + 10 for n in reads_trl)
+
+    # policy and reference differ, and the loss is far from saturated: its gradients are not vanishing
+    assert 0.05 < loss_trl[0] < 0.7 * math.log(2) - 0.05
+    assert loss_ours == pytest.approx(loss_trl, rel=1e-6)
+    assert grads_ours.keys() == grads_trl.keys() and any("lora_A" in n for n in grads_ours)
+    for name, grad in grads_ours.items():
+        assert torch.allclose(grad, grads_trl[name], atol=1e-6, rtol=1e-5), name
+    assert list(metrics_ours) == list(metrics_trl)  # the same names, logged in the same order
+    for name, values in metrics_trl.items():
+        assert [type(v) for v in metrics_ours[name]] == [type(v) for v in values], name
+        assert metrics_ours[name] == pytest.approx(values, rel=1e-5, abs=1e-6), name
+    assert tokens_ours == tokens_trl == 2 * int(batch["attention_mask"].sum())
+    assert metrics_ours["num_tokens"] == [tokens_trl]
 
 
 def test_every_trl_loss_type_and_mpo_weights_run_on_our_batches(tiny_models, sample_images, tmp_path) -> None:

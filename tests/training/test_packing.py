@@ -11,6 +11,7 @@ import torch
 
 from capdpo.records import PairRecord
 from capdpo.training.data import pair_to_example
+from capdpo.training.metrics import settle_metrics
 from capdpo.training.packing import CHOSEN, PAD, PROMPT, REJECTED, block_mask, pack_pairs
 from tests.training.test_dpo import _set_lora_b, _trainer
 
@@ -207,6 +208,7 @@ def _step(trainer, batch: dict, share_prompt: bool) -> tuple[float, dict, dict, 
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    settle_metrics(trainer._metrics)  # plain DPO keeps its metrics on the device until it logs
     metrics = {k: v[0] for k, v in trainer._metrics["train"].items() if k != "num_tokens"}
     with torch.no_grad():
         _, _, per_token, _ = trainer.completion_logps(trainer.model, trainer._model_inputs(trainer.model, batch))
