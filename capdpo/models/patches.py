@@ -24,6 +24,21 @@ def _windows(t: Any, n: int, length: int) -> Any:
     return t.view(n, length, *t.shape[1:]).transpose(1, 2)
 
 
+def _window_plan(cu_seqlens: Any) -> dict[int, Any]:
+    """Window length -> [start offsets, their token index (made on first use)] from a vision forward's cumulative
+    window lengths. Worked out once per tensor: every block of one forward gets the same one (or two: windowed and
+    full attention), and reading it from the device waits for all the work queued before it."""
+    plan = getattr(cu_seqlens, "_capdpo_window_plan", None)
+    if plan is None:
+        bounds = cu_seqlens.tolist()
+        plan = {}
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end > start:
+                plan.setdefault(end - start, [[], None])[0].append(start)
+        cu_seqlens._capdpo_window_plan = plan
+    return plan
+
+
 def _grouped_vision_attention(original: Any, apply_rotary: Any) -> Any:
     """A drop-in `forward` for Qwen-VL vision attention that batches equal-length chunks into one SDPA call.
 
@@ -42,20 +57,17 @@ def _grouped_vision_attention(original: Any, apply_rotary: Any) -> Any:
         q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = position_embeddings
         q, k = getattr(self, "capdpo_rotary", apply_rotary)(q, k, cos, sin)
-        bounds = cu_seqlens.tolist()
-        chunks: dict[int, list[int]] = {}
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            if end > start:
-                chunks.setdefault(end - start, []).append(start)
         out = torch.empty_like(q)
-        for length, starts in chunks.items():
+        for length, entry in _window_plan(cu_seqlens).items():
+            starts, index = entry
             n = len(starts)
             if n * length == seq_length:  # one size tiles the whole sequence: views, no copies
                 o = F.scaled_dot_product_attention(*(_windows(t, n, length) for t in (q, k, v)), scale=self.scaling)
                 out = o.transpose(1, 2).reshape(seq_length, *q.shape[1:])
                 break
-            index = torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)
-            index = index.reshape(-1)
+            if index is None or index.device != q.device:
+                index = torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)
+                entry[1] = index = index.reshape(-1)
             o = F.scaled_dot_product_attention(*(_windows(t[index], n, length) for t in (q, k, v)), scale=self.scaling)
             out[index] = o.transpose(1, 2).reshape(-1, *q.shape[1:])
         return self.proj(out.reshape(seq_length, -1).contiguous())

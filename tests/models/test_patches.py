@@ -28,7 +28,41 @@ def test_grouped_vision_attention_equals_the_per_chunk_loop(arch):
         with torch.no_grad():
             expected = original(layer, x, cu, pos)
             got = grouped(layer, x, cu, pos)
+            again = grouped(layer, x, cu, pos)  # the window plan (and index) worked out by the first call
         assert torch.allclose(got, expected, atol=1e-5), bounds
+        assert torch.equal(again, got), bounds
+
+
+def test_vision_windows_are_read_from_the_device_once_per_forward(monkeypatch):
+    """Every block of a Qwen2.5-VL vision forward gets one of two window layouts (windowed, full): each is read
+    from the device once, not once per block (each read waits for all the queued work)."""
+    import sys
+
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from capdpo.models.patches import use_grouped_vision_attention
+
+    vision = dict(depth=6, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, window_size=56,
+                  fullatt_block_indexes=[2, 5])  # fmt: skip
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=128, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]})  # fmt: skip
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+    use_grouped_vision_attention()
+    grid = torch.tensor([[1, 8, 8], [1, 8, 12]])
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14)
+    tolist = torch.Tensor.tolist
+    reads = []
+
+    def counting(self):
+        reads.append(sys._getframe(1).f_globals["__name__"])
+        return tolist(self)
+
+    with torch.no_grad():
+        monkeypatch.setattr(torch.Tensor, "tolist", counting)
+        for _ in range(2):  # a fresh forward makes fresh layouts, read again
+            model.model.visual(pixels, grid_thw=grid)
+    assert reads.count("capdpo.models.patches") == 2 * 2
 
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
