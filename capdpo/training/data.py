@@ -214,6 +214,10 @@ class PairCollator:
         share_images: pass each image once (see above).
         reference: pair id -> cached reference values (`ReferenceCache`), or None for no reference columns.
         ld_alpha: LD-DPO weight applied to the cached reference sums (None: plain sums).
+
+    `pixel_dtype` (set by the trainer under DeepSpeed) is the dtype the training step would cast the image tensors
+    to: they are cast here, in the DataLoader's workers, and the step only copies them to the GPU (half the bytes,
+    and no conversion on the host while the GPU waits).
     """
 
     def __init__(
@@ -229,6 +233,7 @@ class PairCollator:
         self.reference = reference
         self.ld_alpha = ld_alpha
         self.corruption = corruption  # mdpo: add each pair's corrupted image (`capdpo.training.conditional`)
+        self.pixel_dtype: Any = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -261,6 +266,8 @@ class PairCollator:
             if key in seq_keys or not torch.is_tensor(value):
                 continue
             images = torch.cat([e.prompt[key] for e in encoded], dim=0)
+            if self.pixel_dtype is not None and images.is_floating_point():
+                images = images.to(self.pixel_dtype)
             batch[key] = images if self.share_images else torch.cat([images, images], dim=0)
         batch[EXTRA_PREFIX + "score_chosen"] = torch.tensor([p.score_chosen for p in pairs], dtype=torch.float32)
         batch[EXTRA_PREFIX + "score_rejected"] = torch.tensor([p.score_rejected for p in pairs], dtype=torch.float32)

@@ -173,6 +173,19 @@ def install_frozen_vision_no_grad(model: Any) -> bool:
     return True
 
 
+def cast_pixels_in_workers(trainer: Any, collators: list[PairCollator | None]) -> Any:
+    """Under DeepSpeed, Trainer casts every float input to DeepSpeed's dtype on its way to the GPU, in the step;
+    give that dtype to the collators, which then cast the pixels in the DataLoader's workers (the same conversion,
+    so the same values). Returns the dtype (None: not under DeepSpeed, nothing changed)."""
+    if not trainer.is_deepspeed_enabled:
+        return None
+    dtype = trainer.accelerator.state.deepspeed_plugin.hf_ds_config.dtype()
+    for collator in collators:
+        if collator is not None:
+            collator.pixel_dtype = dtype
+    return dtype
+
+
 def _first_half(value: Any) -> Any:
     return value[: value.shape[0] // 2] if torch.is_tensor(value) else value
 
@@ -296,6 +309,7 @@ class CapdpoDPOTrainer(DPOTrainer):
         data_collator.share_images = self.share_images
         if reference_collator is not None:
             reference_collator.share_images = self.share_images
+        cast_pixels_in_workers(self, [data_collator, reference_collator])
         # after DPOTrainer's constructor, which gives the model the fused LM head this wraps
         self.share_prompt = share_prompt and install_prompt_sharing(hf_model(self.model), _SHARED_FLAG)
         self.tuned = speed_up_training(self, hf_model(self.model), fused_kernels, compile_layers)

@@ -372,6 +372,34 @@ def test_plain_dpo_equals_trls_loss_gradients_and_metrics_without_reading_the_de
     assert metrics_ours["num_tokens"] == [tokens_trl]
 
 
+def test_under_deepspeed_the_collator_casts_the_pixels_as_the_step_would(tiny_models, sample_images, tmp_path):
+    """Trainer casts float inputs to DeepSpeed's dtype in the step; the collators get that dtype and cast the pixels
+    in the DataLoader's workers instead: the same tensors reach the model, and nothing else is cast."""
+    from types import SimpleNamespace
+
+    from capdpo.training.trainer import cast_pixels_in_workers
+
+    pairs = _pairs(sample_images[5])
+    trainer = _trainer(tiny_models["strong"], tmp_path, pairs, precompute_ref=True)
+    collator = trainer.data_collator
+    assert collator.pixel_dtype is None  # no DeepSpeed: nothing to cast
+    examples = [pair_to_example(p) for p in pairs]
+    plain = collator(examples)
+    plugin = SimpleNamespace(hf_ds_config=SimpleNamespace(dtype=lambda: torch.bfloat16))
+    deepspeed = SimpleNamespace(
+        is_deepspeed_enabled=True, accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
+    )
+    assert cast_pixels_in_workers(deepspeed, [collator, None]) is torch.bfloat16
+    cast = collator(examples)
+    assert plain["pixel_values"].dtype == torch.float32 and cast["pixel_values"].dtype == torch.bfloat16
+    assert torch.equal(cast["pixel_values"], plain["pixel_values"].to(torch.bfloat16))  # the step's own cast
+    assert plain.keys() == cast.keys()
+    for key, value in plain.items():
+        if key != "pixel_values":
+            assert cast[key].dtype == value.dtype and torch.equal(cast[key], value), key
+    assert cast_pixels_in_workers(SimpleNamespace(is_deepspeed_enabled=False), [collator]) is None
+
+
 def test_every_trl_loss_type_and_mpo_weights_run_on_our_batches(tiny_models, sample_images, tmp_path) -> None:
     pairs = _pairs(sample_images[3])
     trainer = _trainer(tiny_models["strong"], tmp_path, pairs, precompute_ref=True, label_smoothing=0.1)
