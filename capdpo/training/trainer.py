@@ -16,8 +16,8 @@
    one packed row under a block attention mask (`capdpo.training.packing`); the per-token log-probs come back in
    the two-row layout, so every loss reads them unchanged.
 
-5. **No waits for the device mid-step.** TRL's `_compute_loss` reads about 15 floats from the device for its
-   metrics in every step, and each read waits for the whole queued forward. For plain DPO (the `sigmoid` loss
+5. **Loss metrics that do not wait for the device.** TRL's `_compute_loss` reads 13 floats from the device for its
+   metrics in every step, and each read waits for all the queued work. For plain DPO (the `sigmoid` loss
    alone, reverse KL, no LD-DPO or WPO weighting, precomputed reference: the default), this class computes the
    same loss and the same metrics itself and keeps the metrics on the device until they are logged
    (`capdpo.training.metrics`).
