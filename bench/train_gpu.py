@@ -417,7 +417,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         share_prompt=not args.no_share_prompt,
         fused_kernels=not args.no_fused_kernels,
         compile_layers=not args.no_compile_layers,
-        dataloader_workers=2 if cuda else 0,
         ref_batch_size=micro,
         gradient_checkpointing=not args.no_gradient_checkpointing,
     )

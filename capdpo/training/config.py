@@ -93,7 +93,11 @@ class TrainingConfig:
         "Empty: none, or the one `accelerate launch --config_file` names.",
         "",
     )
-    dataloader_workers: int = option("Worker processes that load and preprocess images.", 0)
+    dataloader_workers: int | None = option(
+        "Worker processes that load and preprocess images, off the training step's critical path (null: 2 per "
+        "process when training on a GPU, none on CPU).",
+        None,
+    )
 
     # ---- saving, logging, resuming -----------------------------------------------------------------------------
     save_steps: int = option("Write a resumable checkpoint every this many optimizer steps.", 100)
@@ -113,7 +117,11 @@ class TrainingConfig:
         require_at_least(s, self, 1, ("lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps"))
         require_at_least(s, self, 1, ("save_steps", "logging_steps"))
         require_at_least(s, self, 0, ("max_steps", "max_length", "eval_steps", "save_total_limit"))
-        require_at_least(s, self, 0, ("dataloader_workers",))
+        require(
+            self.dataloader_workers is None or self.dataloader_workers >= 0,
+            f"{s}.dataloader_workers",
+            "must be >= 0 (or null: 2 on a GPU, 0 on CPU)",
+        )
         require(self.epochs > 0 or self.max_steps > 0, f"{s}.epochs", "must be > 0 (or set max_steps)")
         require(0 <= self.warmup_ratio < 1, f"{s}.warmup_ratio", "must be in [0, 1)")
         require(0 <= self.lora_dropout < 1, f"{s}.lora_dropout", "must be in [0, 1)")

@@ -86,10 +86,18 @@ def trainer_arguments(
         eval_steps=settings.eval_steps or None,
         report_to=[r for r in settings.report_to if r != "none"] or "none",
         remove_unused_columns=False,  # the collators read the example columns
-        dataloader_num_workers=settings.dataloader_workers,
+        dataloader_num_workers=dataloader_workers(settings, use_cpu),
         disable_tqdm=True,  # one dense line per logged step instead (see StepLog)
         max_length=None,  # the collators tokenize, check lengths and truncate
     )
+
+
+def dataloader_workers(settings: TrainingConfig, use_cpu: bool) -> int:
+    """The DataLoader's worker processes: `dataloader_workers`, or where that is null 2 on a GPU (images decoded and
+    preprocessed while the GPU runs the step) and none on CPU (where the workers would take the step's cores)."""
+    if settings.dataloader_workers is not None:
+        return settings.dataloader_workers
+    return 0 if use_cpu else 2
 
 
 def peft_setup(settings: TrainingConfig, model: Any) -> Any:

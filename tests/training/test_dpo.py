@@ -104,6 +104,7 @@ def test_score_mapping_is_linear_onto_the_configured_range() -> None:
         ({"loss_type": ["exo_pair"]}, "exo_pair needs"),
         ({"deepspeed": "zero4"}, "train.deepspeed"),
         ({"unidpo_score_low": 1.0, "unidpo_score_high": 1.0}, "unidpo_score_high"),
+        ({"dataloader_workers": -1}, "train.dataloader_workers"),
     ],
 )
 def test_train_config_refuses_bad_values(kwargs: dict, message: str) -> None:
@@ -117,6 +118,19 @@ def test_mpo_and_unidpo_defaults() -> None:
     assert mpo.resolved_beta() == 0.1 and mpo.resolved_learning_rate() == 5e-5
     assert TrainConfig(loss_type=["unidpo"]).resolved_beta() == 2.0
     assert TrainConfig(method="full").resolved_learning_rate() == 1e-6
+
+
+def test_dataloader_workers_default_to_two_on_a_gpu_and_none_on_cpu() -> None:
+    from capdpo.training.dpo import dpo_arguments
+    from capdpo.training.setup import dataloader_workers
+
+    assert TrainConfig().dataloader_workers is None
+    assert dataloader_workers(TrainConfig(), use_cpu=False) == 2
+    assert dataloader_workers(TrainConfig(), use_cpu=True) == 0
+    assert dataloader_workers(TrainConfig(dataloader_workers=5), use_cpu=True) == 5
+    assert dataloader_workers(TrainConfig(dataloader_workers=0), use_cpu=False) == 0
+    args = dpo_arguments(TrainConfig(), CommonConfig(run_dir="/tmp/x"), Path("/tmp/x/c"), use_cpu=True)
+    assert args.dataloader_num_workers == 0
 
 
 # ---- the tiny model -----------------------------------------------------------------------------------------
