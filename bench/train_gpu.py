@@ -323,6 +323,10 @@ def _timer_callback(
     from bench.common import operator_table, profiler, python_idle_table
 
     class StepTimer(TrainerCallback):
+        """Step times, and where each step's time goes along the device's timeline (`phase_ms`): from the step's
+        start to the first image encoding (`prelude`), inside the vision tower, inside the language model's forward
+        calls, from the last of those to the step's end (loss, backward and optimizer step), and the rest."""
+
         def __init__(self) -> None:
             self.step_seconds: list[float] = []
             # from one step's end to the next one's: the step plus the data loading, collation and logging
@@ -332,6 +336,51 @@ def _timer_callback(
             self.start = 0.0
             self.last_end: float | None = None
             self.profiler: Any = None
+            self.marks: list[tuple[str, Any]] = []  # (point, clock) of the step being run
+            self.phases: list[dict[str, float]] = []
+
+        def _mark(self, point: str) -> None:
+            if cuda:
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+                self.marks.append((point, event))
+            else:
+                self.marks.append((point, time.perf_counter()))
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            for name, module in model.named_modules() if model is not None else []:
+                part = name.rsplit(".", 1)[-1]
+                if part in ("visual", "language_model") and not getattr(module, "_bench_timed", False):
+                    module._bench_timed = True
+                    module.register_forward_pre_hook(lambda *_, p=part: self._mark(p + "_start"))
+                    module.register_forward_hook(lambda *_, p=part: self._mark(p + "_end"))
+
+        def _phase_ms(self) -> dict[str, float]:
+            """Milliseconds of each phase of the step just ended (its marks run from step_start to step_end)."""
+            if cuda:
+                first = self.marks[0][1]
+                at = [(p, first.elapsed_time(e)) for p, e in self.marks]
+            else:
+                at = [(p, (t - self.marks[0][1]) * 1e3) for p, t in self.marks]
+            total = at[-1][1]
+            inside = {"visual": 0.0, "language_model": 0.0}
+            opened: dict[str, float] = {}
+            for point, ms in at:
+                part, _, edge = point.rpartition("_")
+                if part in inside and edge == "start":
+                    opened[part] = ms
+                elif part in inside and edge == "end" and part in opened:
+                    inside[part] += ms - opened.pop(part)
+            starts = [ms for p, ms in at if p.endswith("_start") and p != "step_start"]
+            ends = [ms for p, ms in at if p == "language_model_end"]
+            phases = {
+                "prelude": min(starts) if starts else 0.0,
+                "vision": inside["visual"],
+                "text_forward": inside["language_model"],
+                "after_last_forward": total - max(ends) if ends else 0.0,
+            }
+            phases["other"] = total - sum(phases.values())
+            return {k: round(v, 2) for k, v in phases.items()} | {"step": round(total, 2)}
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if profile_step and state.global_step + 1 == profile_step:
@@ -340,8 +389,11 @@ def _timer_callback(
             if cuda:
                 torch.cuda.synchronize()
             self.start = time.perf_counter()
+            self.marks = []
+            self._mark("step_start")
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._mark("step_end")
             if cuda:
                 torch.cuda.synchronize()
             end, last_end = time.perf_counter(), self.last_end
@@ -361,6 +413,7 @@ def _timer_callback(
                 return  # a profiled step is not timed
             if state.global_step > warmup:
                 self.step_seconds.append(end - self.start)
+                self.phases.append(self._phase_ms())
                 if last_end is not None:
                     self.loop_seconds.append(end - last_end)
 
@@ -553,6 +606,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "mfu": round(flops_per_pair * pairs_per_step / mean / world / PEAK_BF16, 4) if seconds and cuda else None,
         "share_of_floor": round(flops_per_pair * pairs_per_step / mean / world / rates, 4)
         if seconds and cuda
+        else None,
+        # mean milliseconds per timed step along the device's timeline (see StepTimer)
+        "phase_ms": {k: round(sum(p[k] for p in timer.phases) / len(timer.phases), 2) for k in timer.phases[0]}
+        if timer.phases
         else None,
         "losses": timer.losses,
         "train_wall_seconds": round(wall, 2),

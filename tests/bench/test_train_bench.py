@@ -30,6 +30,13 @@ def test_tiny_bench_writes_a_complete_result(tmp_path, baseline: bool) -> None:
     loops, steps = result["loop_seconds"], result["step_seconds"]
     assert len(loops) == 2 and all(loop >= step > 0 for loop, step in zip(loops, steps, strict=True))
     assert 0 < result["loop_pairs_per_second"] <= result["pairs_per_second"]
+    # the step's phases along its timeline add up to the step, and both images and text were timed
+    phases = result["phase_ms"]
+    assert set(phases) == {"prelude", "vision", "text_forward", "after_last_forward", "other", "step"}
+    parts = sum(v for k, v in phases.items() if k != "step")
+    assert parts == pytest.approx(phases["step"], abs=0.05)
+    assert phases["vision"] > 0 and phases["text_forward"] > 0 and phases["after_last_forward"] > 0
+    assert phases["step"] == pytest.approx(1e3 * sum(steps) / len(steps), rel=0.25)
     assert result["pairs_per_second"] > 0
     assert len(result["losses"]) == 3 and all(math.isfinite(v) for v in result["losses"])
     assert result["versions"]["trl"] and result["shapes"]["image_tokens"] > 0
