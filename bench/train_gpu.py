@@ -122,6 +122,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-compile-layers", action="store_true", help="Stage 6 with its language-model layers run eagerly."
     )
     p.add_argument(
+        "--no-cache-image-features",
+        action="store_true",
+        help="Stage 6 running the vision tower in every step (no image features cached before training).",
+    )
+    p.add_argument(
         "--no-gradient-checkpointing", action="store_true", help="Keep activations (faster, more memory); both modes."
     )
     p.add_argument(
@@ -470,6 +475,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         share_prompt=not args.no_share_prompt,
         fused_kernels=not args.no_fused_kernels,
         compile_layers=not args.no_compile_layers,
+        cache_image_features=not args.no_cache_image_features,
         ref_batch_size=micro,
         gradient_checkpointing=not args.no_gradient_checkpointing,
     )
@@ -521,6 +527,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if args.baseline:
         trainer = _trl_baseline(settings, lm, pairs, dpo, timer)
         reference_seconds, share, precomputed, packed, tuned = 0.0, False, False, False, {}
+        features, feature_seconds = False, 0.0
     else:
         trainer = build_trainer(
             settings,
@@ -543,6 +550,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             trainer.share_prompt,
             trainer.tuned,
         )
+        features, feature_seconds = trainer.features is not None, trainer.feature_seconds
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
@@ -587,6 +595,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "share_prompt": packed,
         "fused_kernels": tuned,  # modules changed by capdpo.models.patches.tune_for_training, by kind
         "precomputed_reference": precomputed,
+        "cached_image_features": features,
+        "feature_pass_seconds": round(feature_seconds, 3),
         "reference_pass_seconds": round(reference_seconds, 3),
         "reference_pass_pairs": len(pairs) if precomputed else 0,
         "model_build_seconds": round(build_seconds, 2),

@@ -188,7 +188,7 @@ def _atomic(path: Path, mode: str) -> Any:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, mode, encoding="utf-8") as fh:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh
         os.replace(tmp, path)
     except OSError as err:
@@ -204,6 +204,12 @@ def write_text(path: str | Path, text: str) -> None:
     """Write a text file atomically (temp file, then rename)."""
     with _atomic(Path(path), "w") as fh:
         fh.write(text)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a binary file atomically (temp file, then rename)."""
+    with _atomic(Path(path), "wb") as fh:
+        fh.write(data)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

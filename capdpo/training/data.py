@@ -215,7 +215,8 @@ class PairCollator:
         reference: pair id -> cached reference values (`ReferenceCache`), or None for no reference columns.
         ld_alpha: LD-DPO weight applied to the cached reference sums (None: plain sums).
 
-    `pixel_dtype` (set by the trainer under DeepSpeed) is the dtype the training step would cast the image tensors
+    With `features` (set by the trainer) the batch carries each image's cached vision features and empty pixels
+    (`capdpo.training.features`). `pixel_dtype` (set by the trainer under DeepSpeed) is the dtype the training step would cast the image tensors
     to: they are cast here, in the DataLoader's workers, and the step only copies them to the GPU (half the bytes,
     and no conversion on the host while the GPU waits).
     """
@@ -234,6 +235,7 @@ class PairCollator:
         self.ld_alpha = ld_alpha
         self.corruption = corruption  # mdpo: add each pair's corrupted image (`capdpo.training.conditional`)
         self.pixel_dtype: Any = None
+        self.features: Any = None  # set by the trainer: a `FeatureCache` holding every pair's image features
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -269,6 +271,11 @@ class PairCollator:
             if self.pixel_dtype is not None and images.is_floating_point():
                 images = images.to(self.pixel_dtype)
             batch[key] = images if self.share_images else torch.cat([images, images], dim=0)
+        if self.features is not None and "pixel_values" in batch:
+            # the cached features replace the pixels: the model reads them instead of running its vision tower
+            features = torch.cat([self.features.load(p.image_id) for p in pairs], dim=0)
+            batch[EXTRA_PREFIX + "image_features"] = features if self.share_images else torch.cat([features] * 2)
+            batch["pixel_values"] = batch["pixel_values"][:0]
         batch[EXTRA_PREFIX + "score_chosen"] = torch.tensor([p.score_chosen for p in pairs], dtype=torch.float32)
         batch[EXTRA_PREFIX + "score_rejected"] = torch.tensor([p.score_rejected for p in pairs], dtype=torch.float32)
         if self.corruption is not None:

@@ -161,6 +161,11 @@ def build_trainer(
     reference = None
     if settings.precompute_ref and reference_root is not None:
         reference = ReferenceCache(reference_root, fingerprint or {})
+    features = None
+    if settings.cache_image_features and reference_root is not None:
+        from capdpo.training.features import FeatureCache
+
+        features = FeatureCache(Path(reference_root).parent / "image_features", fingerprint or {})
     corruption = corruption_of(settings) if "mdpo" in settings.loss_type else None
     collator = PairCollator(
         encoder, settings.share_image_features, reference=reference, ld_alpha=settings.ld_alpha, corruption=corruption
@@ -186,6 +191,7 @@ def build_trainer(
         unidpo=unidpo,
         score_range=(settings.unidpo_score_low, settings.unidpo_score_high),
         reference=reference,
+        features=features,
         reference_collator=PairCollator(encoder, settings.share_image_features, corruption=corruption),
         mdpo=mdpo_params(settings),
         reference_batch_size=settings.ref_batch_size,
@@ -278,6 +284,11 @@ class DpoRecipe(Recipe):
                 "cached_pairs": len(reference) if reference is not None else 0,
                 "seconds": round(trainer.reference_seconds, 2),
                 "folder": str(reference.folder) if reference is not None else None,
+            },
+            "image_features": {
+                "cached": trainer.features is not None,
+                "seconds": round(trainer.feature_seconds, 2),
+                "folder": str(trainer.features.folder) if trainer.features is not None else None,
             },
             "truncated_completions": data.length_stats["pairs_truncated"],
             "longest_pair_tokens": data.length_stats["longest_pair_tokens"],

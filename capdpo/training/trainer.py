@@ -44,13 +44,15 @@ from trl.trainer.utils import use_adapter
 from capdpo.models.patches import use_grouped_vision_attention
 from capdpo.training.conditional import ConditionalTerm, MdpoParams
 from capdpo.training.data import EXTRA_PREFIX, PairCollator
+from capdpo.training.features import FeatureCache, cached_features, install_cached_image_features
 from capdpo.training.losses import LOSSES, UniDPOParams, map_scores, unidpo_loss
 from capdpo.training.metrics import record_metrics, record_ratio, reward_metrics, settle_metrics
 from capdpo.training.packing import install_prompt_sharing, prompts_shared
 from capdpo.training.reference import ReferenceCache
 from capdpo.training.setup import speed_up_training
 
-_NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+_FEATURES_KEY = EXTRA_PREFIX + "image_features"  # the batch's cached image features (`capdpo.training.features`)
+_NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps", _FEATURES_KEY)
 
 
 def _is_peft(model: Any) -> bool:
@@ -144,6 +146,17 @@ def install_shared_image_features(model: Any) -> bool:
     backbone._capdpo_get_image_features = original
     backbone.get_image_features = get_image_features
     return True
+
+
+def vision_frozen(model: Any) -> bool:
+    """Whether the model has a vision tower with no trainable parameter, not partitioned by ZeRO-3."""
+    from capdpo.models.lora import zero3_partitioned
+
+    backbone = _backbone(model)
+    visual = getattr(backbone, "visual", None) if backbone is not None else None
+    if visual is None:
+        return False
+    return not any(p.requires_grad or zero3_partitioned(p) for p in visual.parameters())
 
 
 def install_frozen_vision_no_grad(model: Any) -> bool:
@@ -276,6 +289,7 @@ class CapdpoDPOTrainer(DPOTrainer):
         unidpo: UniDPOParams | None = None,
         score_range: tuple[float, float] = (0.0, 5.0),
         reference: ReferenceCache | None = None,
+        features: FeatureCache | None = None,
         reference_collator: PairCollator | None = None,
         reference_batch_size: int = 4,
         mdpo: MdpoParams | None = None,
@@ -302,6 +316,12 @@ class CapdpoDPOTrainer(DPOTrainer):
         self.unidpo_params = unidpo or UniDPOParams(beta=self.beta)
         self.score_range = score_range
         use_grouped_vision_attention()  # one SDPA call per window size, not per window (SDPA only; exact)
+        # innermost: the wrappers below (one encoding per pair) pass it the grids of the images they need
+        cache_features = features is not None and vision_frozen(self.model)
+        # a separate reference model (full fine-tuning, reference not precomputed) holds the same frozen tower
+        for m in (self.model, self.ref_model):
+            if m is not None:
+                cache_features = cache_features and install_cached_image_features(hf_model(m), _backbone(m))
         install_frozen_vision_no_grad(self.model)
         self.share_images = data_collator.share_images and install_shared_image_features(self.model)
         if self.share_images and self.ref_model is not None:
@@ -320,6 +340,12 @@ class CapdpoDPOTrainer(DPOTrainer):
             datasets = [train_dataset] + ([eval_dataset] if eval_dataset is not None else [])
             self.precompute_reference(datasets, reference_collator or data_collator, reference_batch_size)
             self.precompute_ref_logps = True  # TRL's _compute_loss now reads ref_*_logps from the batch
+        self.features = features if cache_features else None
+        self.feature_seconds = 0.0
+        if self.features is not None:
+            datasets = [train_dataset] + ([eval_dataset] if eval_dataset is not None else [])
+            self.precompute_features(datasets, reference_collator or data_collator, reference_batch_size)
+            data_collator.features = self.features
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         settle_metrics(self._metrics)
@@ -342,7 +368,7 @@ class CapdpoDPOTrainer(DPOTrainer):
     def _model_inputs(self, model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
         """Batch -> forward kwargs: our extra keys dropped; with shared images, per-image metadata given per row
         (rope positions need it for every row) while the pixels stay once per pair."""
-        kwargs = {k: v for k, v in inputs.items() if not k.startswith(EXTRA_PREFIX)}
+        kwargs = {k: v for k, v in inputs.items() if not k.startswith(EXTRA_PREFIX) or k == _FEATURES_KEY}
         if self.share_images:
             for key in PER_IMAGE_KEYS:
                 if torch.is_tensor(kwargs.get(key)):
@@ -352,7 +378,12 @@ class CapdpoDPOTrainer(DPOTrainer):
     def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
         extras = {k[len(EXTRA_PREFIX) :]: v for k, v in inputs.items() if k.startswith(EXTRA_PREFIX)}
         kwargs = self._model_inputs(model, inputs)
-        with images_shared([model, self.ref_model], self.share_images), self._prompts_shared(model):
+        cached = kwargs.pop(_FEATURES_KEY, None)  # TRL's forward passes every other key to the model
+        with (
+            images_shared([model, self.ref_model], self.share_images),
+            self._prompts_shared(model),
+            self._features_cached(model, cached),
+        ):
             if self.own_loss is not None:
                 own_losses = {"unidpo": self._unidpo_loss}
                 return own_losses[self.own_loss](model, kwargs, extras, return_outputs)
@@ -365,6 +396,15 @@ class CapdpoDPOTrainer(DPOTrainer):
 
     def _prompts_shared(self, model: Any) -> Any:
         return prompts_shared([hf_model(model)], self.share_prompt)
+
+    def _features_cached(self, model: Any, features: Any) -> Any:
+        """Within the block, the model (and a separate reference model) read `features` for the batch's images
+        (None: they encode them)."""
+        stack = contextlib.ExitStack()
+        for m in (model, self.ref_model) if features is not None else ():
+            if m is not None:
+                stack.enter_context(cached_features(_backbone(m), features))
+        return stack
 
     # ---- log-probs --------------------------------------------------------------------------------------------
     @staticmethod
@@ -383,7 +423,11 @@ class CapdpoDPOTrainer(DPOTrainer):
         Position t of the per-token tensors scores token t + 1 given tokens 0..t; only completion tokens (the
         assistant's answer and its end-of-turn token) are counted, never prompt or image tokens.
         """
-        with images_shared([model], self.share_images), self._prompts_shared(model):
+        with (
+            images_shared([model], self.share_images),
+            self._prompts_shared(model),
+            self._features_cached(model, kwargs.get(_FEATURES_KEY)),
+        ):
             out, mask = self._scored_forward(model, kwargs)
         per_token = out.log_probs[:, -mask.size(1) :]
         return (per_token * mask).sum(dim=1), mask.sum(dim=1), per_token, mask
@@ -475,6 +519,43 @@ class CapdpoDPOTrainer(DPOTrainer):
         if left:
             raise RuntimeError(f"reference pass left {len(left)} pair(s) without values (first: {left[0]})")
         self.reference_seconds = time.time() - start
+
+    def precompute_features(self, datasets: list[Any], collator: PairCollator, batch_size: int) -> None:
+        """Encode every image of `datasets` that the feature cache lacks, `batch_size` images per forward, sharded
+        over the processes (`capdpo.training.features`)."""
+        cache, state = self.features, self.accelerator.state
+        if self.accelerator.is_main_process:
+            cache.prepare()
+        self.accelerator.wait_for_everyone()
+        first: dict[str, dict[str, Any]] = {}  # image id -> one example showing it
+        for dataset in datasets:
+            for example in dataset:
+                first.setdefault(example["image_id"], example)
+        missing = cache.missing(sorted(first))
+        start = time.time()
+        if missing:
+            mine = missing[state.process_index :: state.num_processes]
+            model = self._reference_model()
+            backbone = _backbone(model)
+            was_training = model.training
+            model.eval()
+            with torch.no_grad(), self.accelerator.autocast():
+                for at in range(0, len(mine), batch_size):
+                    ids = mine[at : at + batch_size]
+                    batch = self._prepare_inputs(collator([first[i] for i in ids]))
+                    grid = batch["image_grid_thw"][: len(ids)]  # the first images: one per pair, in order
+                    pixels = batch["pixel_values"][: int(grid.prod(-1).sum())]
+                    encoded = backbone.get_image_features(pixels, grid).pooler_output
+                    for image_id, features in zip(ids, encoded, strict=True):
+                        cache.save(image_id, features)
+            model.train(was_training)
+            if self.accelerator.is_main_process:
+                print(f"[train] image features: {len(missing)} image(s) encoded", flush=True)
+        self.accelerator.wait_for_everyone()
+        left = cache.missing(sorted(first))
+        if left:
+            raise RuntimeError(f"feature pass left {len(left)} image(s) without features (first: {left[0]})")
+        self.feature_seconds = time.time() - start
 
     # ---- plain DPO ----------------------------------------------------------------------------------------------
     def _dpo_on_device(self, return_outputs: bool) -> bool:

@@ -138,6 +138,11 @@ def test_lora_steps_train_only_the_language_model_adapter(tiny_models, sample_im
     assert meta["versions"]["trl"] and meta["git_commit"] and meta["config"]["train"]["max_steps"] == 3
     assert (run_dir / "06_train.done").exists() and (out / "checkpoints" / "checkpoint-2").is_dir()
     assert list((out / "ref_logps").glob("*/fingerprint.json"))
+    # the frozen vision tower encoded each training or validation image once, before training
+    images = {r["image_id"] for r in map(json.loads, (run_dir / "05_pairs.jsonl").read_text().splitlines())}
+    assert summary["image_features"]["cached"] and len(list((out / "image_features").rglob("*.safetensors"))) == len(
+        images
+    )
 
     # the saved adapter reloads through capdpo.models and generates; it changes the weights
     lm = load_vlm(str(strong), device="cpu", adapter=str(out / "adapter"))
@@ -277,6 +282,8 @@ def test_deepspeed_on_two_cpu_processes(tiny_models, sample_images, tmp_path, st
     summary = json.loads((run_dir / "06_train" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["deepspeed"].endswith(f"{stage}.json")
     assert summary["reference"]["cached_pairs"] == 8  # both processes' shares of the reference pass
+    # ZeRO-2: both processes' shares of the feature pass; ZeRO-3 partitions the vision tower, which then encodes
+    assert summary["image_features"]["cached"] is (stage == "zero2")
     losses = train_losses(run_dir)
     assert sorted(losses) == [1, 2] and all(math.isfinite(r["loss"]) for r in losses.values())
     from safetensors.torch import load_file

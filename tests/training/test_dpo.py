@@ -283,7 +283,11 @@ def test_precomputed_reference_gives_the_same_loss_and_gradients(
 def test_each_image_is_encoded_once_per_pair(tiny_models, sample_images, tmp_path, family: str) -> None:
     pairs = _pairs(sample_images[2])
     # two rows per pair (the packed step holds each image once anyway: tests/training/test_packing.py)
-    shared = _trainer(tiny_models[family], tmp_path / "shared", pairs, precompute_ref=True, share_prompt=False)
+    # the vision tower runs in the step (no cached features: tests/training/test_features.py)
+    shared = _trainer(
+        tiny_models[family], tmp_path / "shared", pairs, precompute_ref=True, share_prompt=False,
+        cache_image_features=False,
+    )  # fmt: skip
     repeated = _trainer(
         tiny_models[family],
         tmp_path / "repeated",
@@ -291,6 +295,7 @@ def test_each_image_is_encoded_once_per_pair(tiny_models, sample_images, tmp_pat
         precompute_ref=True,
         share_image_features=False,
         share_prompt=False,
+        cache_image_features=False,
     )
     assert shared.share_images and not repeated.share_images
     results = []
@@ -326,8 +331,9 @@ def test_plain_dpo_equals_trls_loss_gradients_and_metrics_without_reading_the_de
 
     pairs = _pairs(sample_images[4])
     trainer = _trainer(
-        tiny_models["strong"], tmp_path, pairs, precompute_ref=True, share_prompt=share_prompt, beta=0.02
-    )
+        tiny_models["strong"], tmp_path, pairs, precompute_ref=True, share_prompt=share_prompt, beta=0.02,
+        cache_image_features=False,  # TRL's _compute_loss, called below as is, runs the vision tower
+    )  # fmt: skip
     _set_lora_b(trainer.model)
     trainer.loss_weights = [0.7]
     batch = trainer._prepare_inputs(trainer.data_collator([pair_to_example(p) for p in pairs]))
@@ -462,7 +468,9 @@ def test_a_frozen_vision_tower_records_no_graph_under_gradient_checkpointing(
         # the vision attention's fused `qkv` exists in both families' towers (their MLP names differ)
         "vision_lora": {"gradient_checkpointing": True, "lora_vision": True, "lora_targets": ["q_proj", "qkv"]},
     }.items():
-        trainer = _trainer(tiny_models[family], tmp_path / name, pairs, precompute_ref=True, **settings)
+        trainer = _trainer(
+            tiny_models[family], tmp_path / name, pairs, precompute_ref=True, cache_image_features=False, **settings
+        )
         _set_lora_b(trainer.model)
         visual = trainer.model.get_base_model().model.visual
         recorded: list[bool] = []

@@ -1,0 +1,121 @@
+"""Image features cached before training (capdpo.training.features): the same loss and gradients as encoding the
+images in every step, no vision forward in the step, a pass that resumes after a kill, clear errors."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from capdpo.errors import InputError
+from capdpo.training.data import pair_to_example
+from tests.training.test_dpo import _loss_and_grads, _pairs, _set_lora_b, _trainer
+
+
+def _three_images(sample_images) -> list:
+    """Four pairs over three images (the first image in two pairs)."""
+    base = _pairs(sample_images[0])
+    pairs = list(base)
+    for n, image in enumerate(sample_images[1:3], start=1):
+        pairs.append(replace(base[0], id=f"ctx{n}", image_id=f"img{n}", image=str(image)))
+    return pairs
+
+
+def _vision_calls(trainer) -> list[int]:
+    calls: list[int] = []
+    visual = trainer.model.get_base_model().model.visual
+    visual.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize(("share_prompt", "share_images"), [(True, True), (False, True), (False, False)])
+def test_cached_features_give_the_step_that_encodes_the_images(
+    tiny_models, sample_images, tmp_path, share_prompt: bool, share_images: bool
+) -> None:
+    pairs = _three_images(sample_images)
+    settings = dict(precompute_ref=True, share_prompt=share_prompt, share_image_features=share_images)
+    cached = _trainer(tiny_models["strong"], tmp_path / "cached", pairs, **settings)
+    plain = _trainer(tiny_models["strong"], tmp_path / "plain", pairs, cache_image_features=False, **settings)
+    assert cached.features is not None and plain.features is None
+    assert len(list(cached.features.folder.glob("*.safetensors"))) == 3  # one file per image
+    results = {}
+    for name, trainer in (("cached", cached), ("plain", plain)):
+        _set_lora_b(trainer.model)
+        calls = _vision_calls(trainer)
+        results[name] = _loss_and_grads(trainer, pairs)
+        assert len(calls) == (0 if name == "cached" else 1), name
+    (loss_cached, grads_cached), (loss_plain, grads_plain) = results["cached"], results["plain"]
+    assert abs(loss_plain - 0.6931) > 1e-3, "policy and reference must differ for the gradients to mean much"
+    assert loss_cached == pytest.approx(loss_plain, abs=1e-5)
+    assert grads_cached.keys() == grads_plain.keys() and any("lora_A" in n for n in grads_cached)
+    for name, grad in grads_cached.items():
+        assert torch.allclose(grad, grads_plain[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_the_feature_pass_resumes_after_a_kill_and_encodes_each_image_once(
+    tiny_models, sample_images, tmp_path, monkeypatch
+) -> None:
+    from capdpo.training.features import FeatureCache
+
+    pairs = _three_images(sample_images)
+    saved: list[str] = []
+    original = FeatureCache.save
+
+    def save_then_die(self, image_id, features):
+        if len(saved) == 1:
+            raise KeyboardInterrupt  # killed after the first image's file was written
+        original(self, image_id, features)
+        saved.append(image_id)
+
+    monkeypatch.setattr(FeatureCache, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tiny_models["strong"], tmp_path, pairs, precompute_ref=False, ref_batch_size=1)
+    monkeypatch.setattr(FeatureCache, "save", lambda self, i, f: (original(self, i, f), saved.append(i)))
+    trainer = _trainer(tiny_models["strong"], tmp_path, pairs, precompute_ref=False, ref_batch_size=2)
+    assert sorted(saved) == ["img", "img1", "img2"]  # every image exactly once over both runs
+    assert not trainer.features.missing(["img", "img1", "img2"])
+    # a third run finds them all and encodes nothing
+    saved.clear()
+    _trainer(tiny_models["strong"], tmp_path, pairs, precompute_ref=False)
+    assert saved == []
+
+
+def test_an_unreadable_feature_file_is_a_clear_error(tiny_models, sample_images, tmp_path) -> None:
+    pairs = _pairs(sample_images[0])
+    trainer = _trainer(tiny_models["strong"], tmp_path, pairs, precompute_ref=False)
+    path = trainer.features.path("img")
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError) as err:
+        trainer.data_collator([pair_to_example(p) for p in pairs])
+    assert str(path) in str(err.value) and "delete" in str(err.value)
+
+
+def test_a_trainable_vision_tower_and_other_families_encode_in_every_step(
+    tiny_models, sample_images, tmp_path
+) -> None:
+    pairs = _pairs(sample_images[0])
+    lora_vision = _trainer(
+        tiny_models["strong"], tmp_path / "v", pairs, precompute_ref=False, lora_vision=True,
+        lora_targets=["q_proj", "qkv"],
+    )  # fmt: skip
+    assert lora_vision.features is None and lora_vision.data_collator.features is None
+    qwen3 = _trainer(tiny_models["qwen3vl"], tmp_path / "q3", pairs, precompute_ref=False)
+    assert qwen3.features is None
+    assert not (tmp_path / "q3" / "image_features").exists() or not any(
+        (tmp_path / "q3" / "image_features").rglob("*.safetensors")
+    )
+
+
+def test_mdpo_with_cached_features_equals_mdpo_without(tiny_models, sample_images, tmp_path) -> None:
+    pairs = _pairs(sample_images[1])
+    losses = {}
+    for name, cache in (("cached", True), ("plain", False)):
+        trainer = _trainer(
+            tiny_models["strong"], tmp_path / name, pairs, loss_type=["sigmoid", "mdpo"], precompute_ref=True,
+            cache_image_features=cache,
+        )  # fmt: skip
+        assert (trainer.features is not None) is cache
+        _set_lora_b(trainer.model)
+        losses[name] = _loss_and_grads(trainer, pairs)[0]
+    assert losses["cached"] == pytest.approx(losses["plain"], abs=1e-5)
