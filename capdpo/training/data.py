@@ -273,7 +273,9 @@ class PairCollator:
             batch[key] = images if self.share_images else torch.cat([images, images], dim=0)
         if self.features is not None and "pixel_values" in batch:
             # the cached features replace the pixels: the model reads them instead of running its vision tower
-            features = torch.cat([self.features.load(p.image_id) for p in pairs], dim=0)
+            from capdpo.training.features import image_key
+
+            features = torch.cat([self.features.load(image_key(p.image_id, p.image), p.image) for p in pairs])
             batch[EXTRA_PREFIX + "image_features"] = features if self.share_images else torch.cat([features] * 2)
             batch["pixel_values"] = batch["pixel_values"][:0]
         batch[EXTRA_PREFIX + "score_chosen"] = torch.tensor([p.score_chosen for p in pairs], dtype=torch.float32)

@@ -26,8 +26,13 @@ CACHED_FAMILIES = frozenset({"qwen2_5_vl"})
 _FEATURES = "_capdpo_cached_image_features"
 
 
+def image_key(image_id: str, image: str) -> str:
+    """What names an image's features: its id and its file (an id reused for another file gets other features)."""
+    return stable_id("image", image_id, image)
+
+
 class FeatureCache:
-    """Image id -> the vision tower's features of that image ([tokens, hidden]), one file each."""
+    """Image key (`image_key`) -> the vision tower's features of that image ([tokens, hidden]), one file each."""
 
     def __init__(self, root: Path, fingerprint: dict[str, Any]) -> None:
         self.folder = Path(root) / stable_id("image-features", FEATURE_FORMAT, fingerprint)
@@ -38,28 +43,28 @@ class FeatureCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         write_json(self.folder / "fingerprint.json", {"format": FEATURE_FORMAT, **self.fingerprint})
 
-    def path(self, image_id: str) -> Path:
-        return self.folder / f"{stable_id('image', image_id)}.safetensors"
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
 
-    def missing(self, image_ids: list[str]) -> list[str]:
-        return [i for i in image_ids if not self.path(i).is_file()]
+    def missing(self, keys: list[str]) -> list[str]:
+        return [k for k in keys if not self.path(k).is_file()]
 
-    def save(self, image_id: str, features: Any) -> None:
+    def save(self, key: str, features: Any) -> None:
         from safetensors.torch import save
 
-        write_bytes(self.path(image_id), save({"features": features.detach().contiguous().cpu()}))
+        write_bytes(self.path(key), save({"features": features.detach().contiguous().cpu()}))
 
-    def load(self, image_id: str) -> Any:
+    def load(self, key: str, image: str) -> Any:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        path = self.path(image_id)
+        path = self.path(key)
         try:
             return load_file(path)["features"]
         except (OSError, SafetensorError, KeyError) as err:
             raise InputError(
-                f"{path}: cached features of image {image_id} cannot be read ({err}); delete {self.folder} to "
-                "encode the images again"
+                f"{path}: the cached features of {image} cannot be read ({err}); delete {self.folder} to encode "
+                "the images again"
             ) from None
 
 

@@ -44,7 +44,7 @@ from trl.trainer.utils import use_adapter
 from capdpo.models.patches import use_grouped_vision_attention
 from capdpo.training.conditional import ConditionalTerm, MdpoParams
 from capdpo.training.data import EXTRA_PREFIX, PairCollator
-from capdpo.training.features import FeatureCache, cached_features, install_cached_image_features
+from capdpo.training.features import FeatureCache, cached_features, image_key, install_cached_image_features
 from capdpo.training.losses import LOSSES, UniDPOParams, map_scores, unidpo_loss
 from capdpo.training.metrics import record_metrics, record_ratio, reward_metrics, settle_metrics
 from capdpo.training.packing import install_prompt_sharing, prompts_shared
@@ -527,10 +527,10 @@ class CapdpoDPOTrainer(DPOTrainer):
         if self.accelerator.is_main_process:
             cache.prepare()
         self.accelerator.wait_for_everyone()
-        first: dict[str, dict[str, Any]] = {}  # image id -> one example showing it
+        first: dict[str, dict[str, Any]] = {}  # image key -> one example showing the image
         for dataset in datasets:
             for example in dataset:
-                first.setdefault(example["image_id"], example)
+                first.setdefault(image_key(example["image_id"], example["image"]), example)
         missing = cache.missing(sorted(first))
         start = time.time()
         if missing:
@@ -546,8 +546,8 @@ class CapdpoDPOTrainer(DPOTrainer):
                     grid = batch["image_grid_thw"][: len(ids)]  # the first images: one per pair, in order
                     pixels = batch["pixel_values"][: int(grid.prod(-1).sum())]
                     encoded = backbone.get_image_features(pixels, grid).pooler_output
-                    for image_id, features in zip(ids, encoded, strict=True):
-                        cache.save(image_id, features)
+                    for key, features in zip(ids, encoded, strict=True):
+                        cache.save(key, features)
             model.train(was_training)
             if self.accelerator.is_main_process:
                 print(f"[train] image features: {len(missing)} image(s) encoded", flush=True)

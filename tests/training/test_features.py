@@ -10,6 +10,7 @@ import torch
 
 from capdpo.errors import InputError
 from capdpo.training.data import pair_to_example
+from capdpo.training.features import image_key
 from tests.training.test_dpo import _loss_and_grads, _pairs, _set_lora_b, _trainer
 
 
@@ -62,19 +63,20 @@ def test_the_feature_pass_resumes_after_a_kill_and_encodes_each_image_once(
     saved: list[str] = []
     original = FeatureCache.save
 
-    def save_then_die(self, image_id, features):
+    def save_then_die(self, key, features):
         if len(saved) == 1:
             raise KeyboardInterrupt  # killed after the first image's file was written
-        original(self, image_id, features)
-        saved.append(image_id)
+        original(self, key, features)
+        saved.append(key)
 
     monkeypatch.setattr(FeatureCache, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         _trainer(tiny_models["strong"], tmp_path, pairs, precompute_ref=False, ref_batch_size=1)
     monkeypatch.setattr(FeatureCache, "save", lambda self, i, f: (original(self, i, f), saved.append(i)))
     trainer = _trainer(tiny_models["strong"], tmp_path, pairs, precompute_ref=False, ref_batch_size=2)
-    assert sorted(saved) == ["img", "img1", "img2"]  # every image exactly once over both runs
-    assert not trainer.features.missing(["img", "img1", "img2"])
+    keys = sorted({image_key(p.image_id, p.image) for p in pairs})
+    assert len(keys) == 3 and sorted(saved) == keys  # every image exactly once over both runs
+    assert not trainer.features.missing(keys)
     # a third run finds them all and encodes nothing
     saved.clear()
     _trainer(tiny_models["strong"], tmp_path, pairs, precompute_ref=False)
@@ -84,11 +86,11 @@ def test_the_feature_pass_resumes_after_a_kill_and_encodes_each_image_once(
 def test_an_unreadable_feature_file_is_a_clear_error(tiny_models, sample_images, tmp_path) -> None:
     pairs = _pairs(sample_images[0])
     trainer = _trainer(tiny_models["strong"], tmp_path, pairs, precompute_ref=False)
-    path = trainer.features.path("img")
+    path = trainer.features.path(image_key(pairs[0].image_id, pairs[0].image))
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(InputError) as err:
         trainer.data_collator([pair_to_example(p) for p in pairs])
-    assert str(path) in str(err.value) and "delete" in str(err.value)
+    assert str(path) in str(err.value) and pairs[0].image in str(err.value) and "delete" in str(err.value)
 
 
 def test_a_trainable_vision_tower_and_other_families_encode_in_every_step(
