@@ -207,6 +207,12 @@ def _vision_tower(model: Any) -> Any:
     return torch.nn.Module()  # no vision tower: nothing to change
 
 
+def vision_frozen(model: Any) -> bool:
+    """Whether no parameter of the model's vision tower trains or is partitioned by ZeRO-3 (true without a tower):
+    the tower's outputs are then fixed, and its modules may be changed (`model`: the transformers model)."""
+    return not any(p.requires_grad or zero3_partitioned(p) for p in _vision_tower(model).parameters())
+
+
 def _rotary_vision(q: Any, k: Any, cos: Any, sin: Any) -> Any:
     # transformers' apply_rotary_pos_emb_vision (float32 rotation, results in the input dtype), written so that
     # torch.compile turns it into one kernel per tensor instead of ~14 full passes over [tokens, heads, dim]
@@ -501,8 +507,7 @@ def tune_for_training(
 
     model = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside a PeftModel
     changed = {"lora": fuse_lora_updates(model)}
-    vision = list(_vision_tower(model).parameters())
-    if not any(p.requires_grad or zero3_partitioned(p) for p in vision):  # frozen, not partitioned by ZeRO-3
+    if vision_frozen(model):
         # the frozen vision tower's exact inference tunings (the padded width never reaches a saved file)
         changed["patch_embedding"] = linear_patch_embedding(model)
         changed["vision_mlp"] = pad_vision_mlp(model)

@@ -216,9 +216,9 @@ class PairCollator:
         ld_alpha: LD-DPO weight applied to the cached reference sums (None: plain sums).
 
     With `features` (set by the trainer) the batch carries each image's cached vision features and empty pixels
-    (`capdpo.training.features`). `pixel_dtype` (set by the trainer under DeepSpeed) is the dtype the training step would cast the image tensors
-    to: they are cast here, in the DataLoader's workers, and the step only copies them to the GPU (half the bytes,
-    and no conversion on the host while the GPU waits).
+    (`capdpo.training.features`). `pixel_dtype` (set by the trainer under DeepSpeed) is the dtype the training step
+    would cast the image tensors to: they are cast here, in the DataLoader's workers, and the step only copies them
+    to the GPU (half the bytes, and no conversion on the host while the GPU waits).
     """
 
     def __init__(

@@ -15,6 +15,8 @@ trainable vision tower and mDPO's corrupted images (real pixels) encode as usual
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,15 +98,12 @@ def install_cached_image_features(model: Any, backbone: Any) -> bool:
     return True
 
 
-class cached_features:  # noqa: N801 - a context manager used like a function
+@contextlib.contextmanager
+def cached_features(backbone: Any, features: Any) -> Iterator[None]:
     """Within the block, the backbone's empty-pixel image calls read `features` (see above)."""
-
-    def __init__(self, backbone: Any, features: Any) -> None:
-        self.backbone, self.features = backbone, features
-
-    def __enter__(self) -> None:
-        self.previous = getattr(self.backbone, _FEATURES, None)
-        setattr(self.backbone, _FEATURES, self.features)
-
-    def __exit__(self, *exc: Any) -> None:
-        setattr(self.backbone, _FEATURES, self.previous)
+    previous = getattr(backbone, _FEATURES, None)
+    setattr(backbone, _FEATURES, features)
+    try:
+        yield
+    finally:
+        setattr(backbone, _FEATURES, previous)

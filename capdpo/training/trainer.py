@@ -41,7 +41,7 @@ from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from capdpo.models.patches import use_grouped_vision_attention
+from capdpo.models.patches import use_grouped_vision_attention, vision_frozen
 from capdpo.training.conditional import ConditionalTerm, MdpoParams
 from capdpo.training.data import EXTRA_PREFIX, PairCollator
 from capdpo.training.features import FeatureCache, cached_features, image_key, install_cached_image_features
@@ -146,17 +146,6 @@ def install_shared_image_features(model: Any) -> bool:
     backbone._capdpo_get_image_features = original
     backbone.get_image_features = get_image_features
     return True
-
-
-def vision_frozen(model: Any) -> bool:
-    """Whether the model has a vision tower with no trainable parameter, not partitioned by ZeRO-3."""
-    from capdpo.models.lora import zero3_partitioned
-
-    backbone = _backbone(model)
-    visual = getattr(backbone, "visual", None) if backbone is not None else None
-    if visual is None:
-        return False
-    return not any(p.requires_grad or zero3_partitioned(p) for p in visual.parameters())
 
 
 def install_frozen_vision_no_grad(model: Any) -> bool:
@@ -317,7 +306,7 @@ class CapdpoDPOTrainer(DPOTrainer):
         self.score_range = score_range
         use_grouped_vision_attention()  # one SDPA call per window size, not per window (SDPA only; exact)
         # innermost: the wrappers below (one encoding per pair) pass it the grids of the images they need
-        cache_features = features is not None and vision_frozen(self.model)
+        cache_features = features is not None and vision_frozen(hf_model(self.model))
         # a separate reference model (full fine-tuning, reference not precomputed) holds the same frozen tower
         for m in (self.model, self.ref_model):
             if m is not None:
