@@ -221,8 +221,8 @@ class DpoConfig(TrainingConfig):
     )
     cache_image_features: bool = option(
         "With the vision tower frozen, encode each training image once before training and keep its features in "
-        "06_train/image_features/ (Qwen2.5-VL; about 1.8 MB per 448-px image for a 7B model); the steps then read "
-        "them instead of running the vision tower.",
+        "06_train/image_features/ (Qwen2.5-VL and Qwen3-VL; about 1.8 MB per 448-px image for Qwen2.5-VL-7B); the "
+        "steps then read them instead of running the vision tower.",
         True,
     )
     share_prompt: bool = option(

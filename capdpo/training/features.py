@@ -9,8 +9,9 @@ the collator then passes them with an empty `pixel_values`, and the model's `get
 
 `<key>` hashes the same fingerprint as the reference cache (model weights, dtype, attention kernel, image pixel
 limits, ...): another model or setting gets another folder. Each file is written atomically, so a kill mid-pass
-keeps every finished image and the rerun encodes the rest. Families: Qwen2.5-VL (`CACHED_FAMILIES`); others, a
-trainable vision tower and mDPO's corrupted images (real pixels) encode as usual.
+keeps every finished image and the rerun encodes the rest. Families: Qwen2.5-VL and Qwen3-VL (`CACHED_FAMILIES`;
+Qwen3-VL's file also holds the tower's deepstack features, which its language model adds to the image tokens of its
+first layers); others, a trainable vision tower and mDPO's corrupted images (real pixels) encode as usual.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from capdpo.errors import InputError
 from capdpo.jsonl import stable_id, write_bytes, write_json
 
 FEATURE_FORMAT = 1
-CACHED_FAMILIES = frozenset({"qwen2_5_vl"})
+CACHED_FAMILIES = frozenset({"qwen2_5_vl", "qwen3_vl"})
 _FEATURES = "_capdpo_cached_image_features"
 
 
@@ -33,8 +34,17 @@ def image_key(image_id: str, image: str) -> str:
     return stable_id("image", image_id, image)
 
 
+def per_image_features(encoded: Any) -> list[Any]:
+    """`get_image_features`' output as one tensor per image, [tokens, (1 + deepstack layers) * hidden]: the merged
+    features, then (Qwen3-VL) each deepstack layer's, side by side (`install_cached_image_features` splits them)."""
+    import torch
+
+    layers = [encoded.pooler_output, *(getattr(encoded, "deepstack_features", None) or [])]
+    return [torch.cat(parts, dim=-1) for parts in zip(*layers, strict=True)]
+
+
 class FeatureCache:
-    """Image key (`image_key`) -> the vision tower's features of that image ([tokens, hidden]), one file each."""
+    """Image key (`image_key`) -> the vision tower's features of that image (`per_image_features`), one file each."""
 
     def __init__(self, root: Path, fingerprint: dict[str, Any]) -> None:
         self.folder = Path(root) / stable_id("image-features", FEATURE_FORMAT, fingerprint)
@@ -83,15 +93,21 @@ def install_cached_image_features(model: Any, backbone: Any) -> bool:
         return True
     original = backbone.get_image_features
     merge = model.config.vision_config.spatial_merge_size
+    deepstack = len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or [])
 
     def get_image_features(pixel_values: Any, image_grid_thw: Any = None, *args: Any, **kwargs: Any) -> Any:
         cached = getattr(backbone, _FEATURES, None)
         if cached is None or pixel_values.numel() > 0:
             return original(pixel_values, image_grid_thw, *args, **kwargs)
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         sizes = (image_grid_thw.prod(-1) // merge**2).tolist()
-        return BaseModelOutputWithPooling(pooler_output=tuple(cached[: sum(sizes)].split(sizes)))
+        merged, *layers = (tuple(part.split(sizes)) for part in cached[: sum(sizes)].chunk(1 + deepstack, dim=-1))
+        if not deepstack:
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            return BaseModelOutputWithPooling(pooler_output=merged)
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+        return BaseModelOutputWithDeepstackFeatures(pooler_output=merged, deepstack_features=layers)
 
     backbone._capdpo_cached_original = original
     backbone.get_image_features = get_image_features

@@ -44,7 +44,13 @@ from trl.trainer.utils import use_adapter
 from capdpo.models.patches import use_grouped_vision_attention, vision_frozen
 from capdpo.training.conditional import ConditionalTerm, MdpoParams
 from capdpo.training.data import EXTRA_PREFIX, PairCollator
-from capdpo.training.features import FeatureCache, cached_features, image_key, install_cached_image_features
+from capdpo.training.features import (
+    FeatureCache,
+    cached_features,
+    image_key,
+    install_cached_image_features,
+    per_image_features,
+)
 from capdpo.training.losses import LOSSES, UniDPOParams, map_scores, unidpo_loss
 from capdpo.training.metrics import record_metrics, record_ratio, reward_metrics, settle_metrics
 from capdpo.training.packing import install_prompt_sharing, prompts_shared
@@ -534,7 +540,7 @@ class CapdpoDPOTrainer(DPOTrainer):
                     batch = self._prepare_inputs(collator([first[i] for i in ids]))
                     grid = batch["image_grid_thw"][: len(ids)]  # the first images: one per pair, in order
                     pixels = batch["pixel_values"][: int(grid.prod(-1).sum())]
-                    encoded = backbone.get_image_features(pixels, grid).pooler_output
+                    encoded = per_image_features(backbone.get_image_features(pixels, grid))
                     for key, features in zip(ids, encoded, strict=True):
                         cache.save(key, features)
             model.train(was_training)

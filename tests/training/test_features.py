@@ -30,14 +30,18 @@ def _vision_calls(trainer) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize(("share_prompt", "share_images"), [(True, True), (False, True), (False, False)])
+@pytest.mark.parametrize(
+    ("model", "share_prompt", "share_images"),
+    [("strong", True, True), ("strong", False, True), ("strong", False, False), ("qwen3vl", True, True),
+     ("qwen3vl", False, False)],
+)  # fmt: skip
 def test_cached_features_give_the_step_that_encodes_the_images(
-    tiny_models, sample_images, tmp_path, share_prompt: bool, share_images: bool
+    tiny_models, sample_images, tmp_path, model: str, share_prompt: bool, share_images: bool
 ) -> None:
     pairs = _three_images(sample_images)
     settings = dict(precompute_ref=True, share_prompt=share_prompt, share_image_features=share_images)
-    cached = _trainer(tiny_models["strong"], tmp_path / "cached", pairs, **settings)
-    plain = _trainer(tiny_models["strong"], tmp_path / "plain", pairs, cache_image_features=False, **settings)
+    cached = _trainer(tiny_models[model], tmp_path / "cached", pairs, **settings)
+    plain = _trainer(tiny_models[model], tmp_path / "plain", pairs, cache_image_features=False, **settings)
     assert cached.features is not None and plain.features is None
     assert len(list(cached.features.folder.glob("*.safetensors"))) == 3  # one file per image
     results = {}
@@ -102,11 +106,36 @@ def test_a_trainable_vision_tower_and_other_families_encode_in_every_step(
         lora_targets=["q_proj", "qkv"],
     )  # fmt: skip
     assert lora_vision.features is None and lora_vision.data_collator.features is None
-    qwen3 = _trainer(tiny_models["qwen3vl"], tmp_path / "q3", pairs, precompute_ref=False)
-    assert qwen3.features is None
-    assert not (tmp_path / "q3" / "image_features").exists() or not any(
-        (tmp_path / "q3" / "image_features").rglob("*.safetensors")
+    llava = _trainer(tiny_models["llava"], tmp_path / "llava", pairs, precompute_ref=False)
+    assert llava.features is None
+    assert not (tmp_path / "llava" / "image_features").exists() or not any(
+        (tmp_path / "llava" / "image_features").rglob("*.safetensors")
     )
+
+
+def test_qwen3_vl_files_hold_the_deepstack_features_beside_the_merged_ones(tiny_models, sample_images, tmp_path):
+    from safetensors.torch import load_file
+
+    from capdpo.training.trainer import _backbone
+
+    pairs = _pairs(sample_images[0])
+    trainer = _trainer(tiny_models["qwen3vl"], tmp_path, pairs, precompute_ref=False)
+    backbone = _backbone(trainer.model)
+    layers = len(backbone.config.vision_config.deepstack_visual_indexes)
+    collator = trainer.data_collator
+    assert layers >= 1 and collator([pair_to_example(pairs[0])])["pixel_values"].numel() == 0
+    collator.features = None  # the same batch with its pixels, encoded by the tower itself
+    batch = trainer._prepare_inputs(collator([pair_to_example(pairs[0])]))
+    with torch.no_grad():
+        grid = batch["image_grid_thw"][:1]
+        encoded = backbone._capdpo_cached_original(batch["pixel_values"][: int(grid.prod())], grid)
+    saved = load_file(trainer.features.path(image_key(pairs[0].image_id, pairs[0].image)))["features"]
+    parts = saved.chunk(1 + layers, dim=-1)
+    expected = [encoded.pooler_output[0], *(layer[0] for layer in encoded.deepstack_features)]
+    assert len(parts) == len(expected) == 1 + layers
+    for part, want in zip(parts, expected, strict=True):
+        assert part.shape == want.shape and torch.allclose(part, want.float(), atol=1e-5)
+    assert not torch.allclose(parts[0], parts[1])  # the deepstack layer is not a copy of the merged features
 
 
 def test_mdpo_with_cached_features_equals_mdpo_without(tiny_models, sample_images, tmp_path) -> None:
