@@ -472,42 +472,27 @@ class CapdpoDPOTrainer(DPOTrainer):
     def precompute_reference(self, datasets: list[Any], collator: PairCollator, batch_size: int) -> None:
         """Fill the reference cache for every pair of `datasets` that it lacks, sharded over the processes."""
         cache = self.reference
-        state = self.accelerator.state
-        if self.accelerator.is_main_process:
-            cache.prepare()
-        self.accelerator.wait_for_everyone()
+        self._prepare_cache(cache)
         cache.reload()
         examples = {ex["id"]: ex for ds in datasets for ex in ds}
         missing = cache.missing(sorted(examples))
         start = time.time()
         if missing:
-            mine = missing[state.process_index :: state.num_processes]
             # Every process runs the same number of forwards (ZeRO-3 gathers weights collectively); a process
             # that runs out repeats a pair and discards the result.
-            rounds = math.ceil(math.ceil(len(missing) / state.num_processes) / batch_size)
-            model = self._reference_model()
-            was_training = model.training
-            model.eval()
-            filler = [missing[0]]
-            with cache.appender(state.process_index) as out:
-                for r in range(rounds):
-                    ids = mine[r * batch_size : (r + 1) * batch_size]
-                    batch = collator([examples[i] for i in (ids or filler)])
-                    batch = self._prepare_inputs(batch)
+            batches = self._my_batches(missing, batch_size, same_count=True)
+            with self._pass_model() as model, cache.appender(self.accelerator.process_index) as out:
+                for r, ids in enumerate(batches):
+                    batch = self._prepare_inputs(collator([examples[i] for i in (ids or missing[:1])]))
                     values = self.reference_values(model, batch)
                     if self.conditional is not None:  # mdpo: the chosen answer's sum with the corrupted image too
                         self.conditional.add_reference(self, model, batch, values)
                     out.write({"id": i, **v} for i, v in zip(ids, values))
+                    rounds = len(batches)
                     if self.accelerator.is_main_process and ((r + 1) % max(1, rounds // 4) == 0 or r == rounds - 1):
-                        done = min((r + 1) * batch_size * state.num_processes, len(missing))
+                        done = min((r + 1) * batch_size * self.accelerator.num_processes, len(missing))
                         print(f"[train] reference log-probs: {done}/{len(missing)} pairs", flush=True)
-            model.train(was_training)
             self.reference_computed = len(missing)
-            engine = getattr(self, "_precompute_engine", None)
-            if engine is not None:
-                # Its ZeRO-3 hooks on the shared modules would clash with the training engine's.
-                engine.destroy()
-                self._precompute_engine = None
         self.accelerator.wait_for_everyone()
         cache.reload()
         left = cache.missing(sorted(examples))
@@ -518,10 +503,8 @@ class CapdpoDPOTrainer(DPOTrainer):
     def precompute_features(self, datasets: list[Any], collator: PairCollator, batch_size: int) -> None:
         """Encode every image of `datasets` that the feature cache lacks, `batch_size` images per forward, sharded
         over the processes (`capdpo.training.features`)."""
-        cache, state = self.features, self.accelerator.state
-        if self.accelerator.is_main_process:
-            cache.prepare()
-        self.accelerator.wait_for_everyone()
+        cache = self.features
+        self._prepare_cache(cache)
         first: dict[str, dict[str, Any]] = {}  # image key -> one example showing the image
         for dataset in datasets:
             for example in dataset:
@@ -529,21 +512,15 @@ class CapdpoDPOTrainer(DPOTrainer):
         missing = cache.missing(sorted(first))
         start = time.time()
         if missing:
-            mine = missing[state.process_index :: state.num_processes]
-            model = self._reference_model()
-            backbone = _backbone(model)
-            was_training = model.training
-            model.eval()
-            with torch.no_grad(), self.accelerator.autocast():
-                for at in range(0, len(mine), batch_size):
-                    ids = mine[at : at + batch_size]
+            with self._pass_model() as model, torch.no_grad(), self.accelerator.autocast():
+                backbone = _backbone(model)
+                for ids in self._my_batches(missing, batch_size):
                     batch = self._prepare_inputs(collator([first[i] for i in ids]))
                     grid = batch["image_grid_thw"][: len(ids)]  # the first images: one per pair, in order
                     pixels = batch["pixel_values"][: int(grid.prod(-1).sum())]
                     encoded = per_image_features(backbone.get_image_features(pixels, grid))
                     for key, features in zip(ids, encoded, strict=True):
                         cache.save(key, features)
-            model.train(was_training)
             if self.accelerator.is_main_process:
                 print(f"[train] image features: {len(missing)} image(s) encoded", flush=True)
         self.accelerator.wait_for_everyone()
@@ -551,6 +528,36 @@ class CapdpoDPOTrainer(DPOTrainer):
         if left:
             raise RuntimeError(f"feature pass left {len(left)} image(s) without features (first: {left[0]})")
         self.feature_seconds = time.time() - start
+
+    def _prepare_cache(self, cache: ReferenceCache | FeatureCache) -> None:
+        """The main process creates the cache's folder and fingerprint; every process waits for it."""
+        if self.accelerator.is_main_process:
+            cache.prepare()
+        self.accelerator.wait_for_everyone()
+
+    def _my_batches(self, missing: list[str], batch_size: int, same_count: bool = False) -> list[list[str]]:
+        """This process's share of `missing`, `batch_size` keys per forward. With `same_count` every process gets as
+        many batches as the busiest one, an empty batch where it has run out."""
+        state = self.accelerator.state
+        mine = missing[state.process_index :: state.num_processes]
+        share = math.ceil(len(missing) / state.num_processes) if same_count else len(mine)
+        return [mine[at : at + batch_size] for at in range(0, share, batch_size)]
+
+    @contextlib.contextmanager
+    def _pass_model(self) -> Iterator[Any]:
+        """The model for a pass before training (`_reference_model`), in eval mode within the block."""
+        model = self._reference_model()
+        was_training = model.training
+        model.eval()
+        try:
+            yield model
+        finally:
+            model.train(was_training)
+            engine = getattr(self, "_precompute_engine", None)
+            if engine is not None:
+                # Its ZeRO-3 hooks on the shared modules would clash with the training engine's.
+                engine.destroy()
+                self._precompute_engine = None
 
     # ---- plain DPO ----------------------------------------------------------------------------------------------
     def _dpo_on_device(self, return_outputs: bool) -> bool:
