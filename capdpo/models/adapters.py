@@ -462,7 +462,9 @@ class AverageOptions:
 
     adapters: list[str] = option("Adapter folders (two or more, same shape).", factory=list)
     weights: list[float] | None = option("One weight per adapter (default: uniform).", None)
-    method: str = option("delta: exact mean of the updates (default); naive: elementwise mean of the factors.", "delta")
+    method: str = option(
+        "delta: exact mean of the updates (default); naive: elementwise mean of the factors.", "delta"
+    )
     out: str = option("Output adapter folder.", "")
     overwrite: bool = option("Replace an existing output folder.", False)
 

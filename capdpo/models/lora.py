@@ -18,6 +18,7 @@ def zero3_partitioned(parameter: Any) -> bool:
     code may read it, replace its module's forward or change its shape outside such a call."""
     return hasattr(parameter, "ds_id")
 
+
 # Module path parts that mark the vision tower and the projector, in every supported family.
 VISION_MARKERS = ("visual", "vision_tower", "vision_model", "multi_modal_projector", "merger")
 # the language model's linear layers (in every supported family)

@@ -125,9 +125,7 @@ def test_cli_averages_and_reports(adapters, tmp_path, capsys):
     assert "Averaged 2 adapters (delta" in capsys.readouterr().out
     assert (tmp_path / "avg" / ADAPTER_WEIGHTS).is_file()
     # An existing output is kept unless --overwrite.
-    err = cli_error(
-        ["--adapters", str(adapters[0]), str(adapters[1]), "--out", str(tmp_path / "avg")], capsys
-    )
+    err = cli_error(["--adapters", str(adapters[0]), str(adapters[1]), "--out", str(tmp_path / "avg")], capsys)
     assert "--overwrite" in err
 
 
@@ -172,9 +170,7 @@ def test_cli_refuses_bad_weights(adapters, tmp_path, capsys, weights, message):
 
 
 def test_cli_refuses_missing_inputs(adapters, tmp_path, capsys):
-    err = cli_error(
-        ["--adapters", str(adapters[0]), str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capsys
-    )
+    err = cli_error(["--adapters", str(adapters[0]), str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capsys)
     assert "nope" in err and "not found" in err
     no_weights = tmp_path / "bin_only"
     no_weights.mkdir()

@@ -59,7 +59,9 @@ def test_attention_kernel_choice(tiny_models, monkeypatch):
 
     assert loading.resolve_attention("auto", torch.device("cpu")) == "sdpa"
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda n: None if n == "flash_attn" else real_find_spec(n))
+    monkeypatch.setattr(
+        loading.importlib.util, "find_spec", lambda n: None if n == "flash_attn" else real_find_spec(n)
+    )
     assert loading.resolve_attention("auto", torch.device("cuda", 0)) == "sdpa"  # no flash-attn installed
     with pytest.raises(ConfigError, match="flash-attn"):
         loading.resolve_attention("flash_attention_2", torch.device("cuda", 0))
@@ -110,7 +112,9 @@ def test_training_load_turns_the_cache_off_and_merges_a_given_adapter(tiny_model
     base = load_for_training(str(tiny_models["strong"]))
     assert base.model.config.use_cache is False and base.dtype == torch.float32
     torch.manual_seed(0)
-    peft = get_peft_model(base.model, LoraConfig(r=2, target_modules=lora_target_regex(base.model), init_lora_weights=False))
+    peft = get_peft_model(
+        base.model, LoraConfig(r=2, target_modules=lora_target_regex(base.model), init_lora_weights=False)
+    )
     peft.save_pretrained(tmp_path / "adapter")
     expected = {k: v.clone() for k, v in peft.merge_and_unload().state_dict().items()}
     merged = load_for_training(str(tiny_models["strong"]), adapter=str(tmp_path / "adapter"))
