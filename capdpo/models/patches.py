@@ -195,8 +195,12 @@ def _pad_mlp_state(module: Any, state: dict, prefix: str, *args: Any, width: int
             state[prefix + name] = torch.cat([value, value.new_zeros(shape)], dim)
 
 
-def _vision_tower(model: Any) -> Any:
-    for path in ("model.visual", "visual", "model.vision_tower", "vision_tower"):
+_TOWER_PATHS = ("model.visual", "visual", "model.vision_tower", "vision_tower")
+_PROJECTOR_PATHS = ("model.multi_modal_projector", "multi_modal_projector")  # LLaVA's, outside its tower
+
+
+def _vision_tower(model: Any, paths: tuple[str, ...] = _TOWER_PATHS) -> Any:
+    for path in paths:
         module = model
         for name in path.split("."):
             module = getattr(module, name, None)
@@ -208,9 +212,12 @@ def _vision_tower(model: Any) -> Any:
 
 
 def vision_frozen(model: Any) -> bool:
-    """Whether no parameter of the model's vision tower trains or is partitioned by ZeRO-3 (true without a tower):
-    the tower's outputs are then fixed, and its modules may be changed (`model`: the transformers model)."""
-    return not any(p.requires_grad or zero3_partitioned(p) for p in _vision_tower(model).parameters())
+    """Whether no parameter of the model's vision tower (and LLaVA's projector, which is outside it) trains or is
+    partitioned by ZeRO-3 (true without a tower): the image features are then fixed, and the tower's modules may be
+    changed (`model`: the transformers model)."""
+    projector = _vision_tower(model, _PROJECTOR_PATHS)
+    parts = (*_vision_tower(model).parameters(), *projector.parameters())
+    return not any(p.requires_grad or zero3_partitioned(p) for p in parts)
 
 
 def _rotary_vision(q: Any, k: Any, cos: Any, sin: Any) -> Any:

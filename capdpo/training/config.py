@@ -221,7 +221,7 @@ class DpoConfig(TrainingConfig):
     )
     cache_image_features: bool = option(
         "With the vision tower frozen, encode each training image once before training and keep its features in "
-        "06_train/image_features/ (Qwen2.5-VL and Qwen3-VL; about 1.8 MB per 448-px image for Qwen2.5-VL-7B); the "
+        "06_train/image_features/ (Qwen2.5-VL, Qwen3-VL, LLaVA; about 1.8 MB per 448-px image for Qwen2.5-VL-7B); the "
         "steps then read them instead of running the vision tower.",
         True,
     )

@@ -273,11 +273,13 @@ class PairCollator:
             batch[key] = images if self.share_images else torch.cat([images, images], dim=0)
         if self.features is not None and "pixel_values" in batch:
             # the cached features replace the pixels: the model reads them instead of running its vision tower
-            from capdpo.training.features import image_key
+            from capdpo.training.features import batch_features, image_key
 
-            features = torch.cat([self.features.load(image_key(p.image_id, p.image), p.image) for p in pairs])
+            loaded = [self.features.load(image_key(p.image_id, p.image), p.image) for p in pairs]
+            features = batch_features(loaded, by_grid="image_grid_thw" in batch)
             batch[EXTRA_PREFIX + "image_features"] = features if self.share_images else torch.cat([features] * 2)
-            batch["pixel_values"] = batch["pixel_values"][:0]
+            # no pixels, but still one row per image (LLaVA) or patch (Qwen-VL): the callers slice it per image
+            batch["pixel_values"] = batch["pixel_values"][:, :0]
         batch[EXTRA_PREFIX + "score_chosen"] = torch.tensor([p.score_chosen for p in pairs], dtype=torch.float32)
         batch[EXTRA_PREFIX + "score_rejected"] = torch.tensor([p.score_rejected for p in pairs], dtype=torch.float32)
         if self.corruption is not None:

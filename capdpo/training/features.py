@@ -9,9 +9,10 @@ the collator then passes them with an empty `pixel_values`, and the model's `get
 
 `<key>` hashes the same fingerprint as the reference cache (model weights, dtype, attention kernel, image pixel
 limits, ...): another model or setting gets another folder. Each file is written atomically, so a kill mid-pass
-keeps every finished image and the rerun encodes the rest. Families: Qwen2.5-VL and Qwen3-VL (`CACHED_FAMILIES`;
-Qwen3-VL's file also holds the tower's deepstack features, which its language model adds to the image tokens of its
-first layers); others, a trainable vision tower and mDPO's corrupted images (real pixels) encode as usual.
+keeps every finished image and the rerun encodes the rest. Families (`CACHED_FAMILIES`): Qwen2.5-VL, Qwen3-VL (its
+file also holds the tower's deepstack features, which its language model adds to the image tokens of its first
+layers) and LLaVA (the features after the projector). A trainable vision tower or projector and mDPO's corrupted
+images (real pixels) encode as usual.
 """
 
 from __future__ import annotations
@@ -25,13 +26,38 @@ from capdpo.errors import InputError
 from capdpo.jsonl import stable_id, write_bytes, write_json
 
 FEATURE_FORMAT = 1
-CACHED_FAMILIES = frozenset({"qwen2_5_vl", "qwen3_vl"})
+CACHED_FAMILIES = frozenset({"qwen2_5_vl", "qwen3_vl", "llava"})
 _FEATURES = "_capdpo_cached_image_features"
 
 
 def image_key(image_id: str, image: str) -> str:
     """What names an image's features: its id and its file (an id reused for another file gets other features)."""
     return stable_id("image", image_id, image)
+
+
+def encode_first_images(backbone: Any, batch: dict[str, Any], count: int) -> list[Any]:
+    """The features of the first `count` images of a collated batch, one tensor per image (`per_image_features`),
+    computed by the backbone's own `get_image_features`."""
+    grid = batch.get("image_grid_thw")
+    if grid is not None:  # Qwen-VL: pixel rows are patches, as many per image as its grid names
+        grid = grid[:count]
+        return per_image_features(backbone.get_image_features(batch["pixel_values"][: int(grid.prod(-1).sum())], grid))
+    config = backbone.config  # LLaVA: one pixel row per image; the layer and CLS choice its forward would pass
+    return per_image_features(
+        backbone.get_image_features(
+            pixel_values=batch["pixel_values"][:count],
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        )
+    )
+
+
+def batch_features(loaded: list[Any], by_grid: bool) -> Any:
+    """The loaded features of a batch's images as the batch carries them: rows end to end where the grids say how
+    many belong to each image (Qwen-VL), one [images, tokens, hidden] stack otherwise (LLaVA: the same count each)."""
+    import torch
+
+    return torch.cat(loaded) if by_grid else torch.stack(loaded)
 
 
 def per_image_features(encoded: Any) -> list[Any]:
@@ -84,21 +110,28 @@ def install_cached_image_features(model: Any, backbone: Any) -> bool:
     """Let the backbone's `get_image_features` return cached features (False where the family has no cache).
 
     Inside `cached_features(backbone, features)`, a call with empty `pixel_values` returns the features of the first
-    images of `features` (all of the batch's images in order), as many as its `image_grid_thw` names: the callers
-    that encode each pair's image once, or one row per pair, pass the first images' grids. Any other call (real
-    pixels: the reference pass, mDPO's corrupted images) runs the vision tower."""
+    images of `features` (`batch_features`: all of the batch's images in order), as many as its `image_grid_thw`
+    names, or (LLaVA) as many as its `pixel_values` has rows: the callers that encode each pair's image once, or one
+    row per pair, pass the first images' grids or rows. Any other call (real pixels: the reference pass, mDPO's
+    corrupted images) runs the vision tower."""
     if getattr(model.config, "model_type", None) not in CACHED_FAMILIES or not hasattr(backbone, "get_image_features"):
         return False
     if "_capdpo_cached_original" in vars(backbone):
         return True
     original = backbone.get_image_features
-    merge = model.config.vision_config.spatial_merge_size
+    merge = getattr(model.config.vision_config, "spatial_merge_size", 1)
     deepstack = len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or [])
 
     def get_image_features(pixel_values: Any, image_grid_thw: Any = None, *args: Any, **kwargs: Any) -> Any:
         cached = getattr(backbone, _FEATURES, None)
         if cached is None or pixel_values.numel() > 0:
+            if image_grid_thw is None:  # LLaVA's forward passes everything by name
+                return original(pixel_values, *args, **kwargs)
             return original(pixel_values, image_grid_thw, *args, **kwargs)
+        if image_grid_thw is None:
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            return BaseModelOutputWithPooling(pooler_output=list(cached[: pixel_values.shape[0]]))
         sizes = (image_grid_thw.prod(-1) // merge**2).tolist()
         merged, *layers = (tuple(part.split(sizes)) for part in cached[: sum(sizes)].chunk(1 + deepstack, dim=-1))
         if not deepstack:

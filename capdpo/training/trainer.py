@@ -47,9 +47,9 @@ from capdpo.training.data import EXTRA_PREFIX, PairCollator
 from capdpo.training.features import (
     FeatureCache,
     cached_features,
+    encode_first_images,
     image_key,
     install_cached_image_features,
-    per_image_features,
 )
 from capdpo.training.losses import LOSSES, UniDPOParams, map_scores, unidpo_loss
 from capdpo.training.metrics import record_metrics, record_ratio, reward_metrics, settle_metrics
@@ -516,10 +516,8 @@ class CapdpoDPOTrainer(DPOTrainer):
                 backbone = _backbone(model)
                 for ids in self._my_batches(missing, batch_size):
                     batch = self._prepare_inputs(collator([first[i] for i in ids]))
-                    grid = batch["image_grid_thw"][: len(ids)]  # the first images: one per pair, in order
-                    pixels = batch["pixel_values"][: int(grid.prod(-1).sum())]
-                    encoded = per_image_features(backbone.get_image_features(pixels, grid))
-                    for key, features in zip(ids, encoded, strict=True):
+                    # the first images: one per pair, in order
+                    for key, features in zip(ids, encode_first_images(backbone, batch, len(ids)), strict=True):
                         cache.save(key, features)
             if self.accelerator.is_main_process:
                 print(f"[train] image features: {len(missing)} image(s) encoded", flush=True)

@@ -25,15 +25,16 @@ def _three_images(sample_images) -> list:
 
 def _vision_calls(trainer) -> list[int]:
     calls: list[int] = []
-    visual = trainer.model.get_base_model().model.visual
-    visual.register_forward_hook(lambda *a: calls.append(1))
+    from capdpo.models.patches import _vision_tower
+
+    _vision_tower(trainer.model.get_base_model()).register_forward_hook(lambda *a: calls.append(1))
     return calls
 
 
 @pytest.mark.parametrize(
     ("model", "share_prompt", "share_images"),
     [("strong", True, True), ("strong", False, True), ("strong", False, False), ("qwen3vl", True, True),
-     ("qwen3vl", False, False)],
+     ("qwen3vl", False, False), ("llava", True, True), ("llava", False, False)],
 )  # fmt: skip
 def test_cached_features_give_the_step_that_encodes_the_images(
     tiny_models, sample_images, tmp_path, model: str, share_prompt: bool, share_images: bool
@@ -97,20 +98,24 @@ def test_an_unreadable_feature_file_is_a_clear_error(tiny_models, sample_images,
     assert str(path) in str(err.value) and pairs[0].image in str(err.value) and "delete" in str(err.value)
 
 
-def test_a_trainable_vision_tower_and_other_families_encode_in_every_step(
-    tiny_models, sample_images, tmp_path
-) -> None:
+def test_a_trainable_vision_tower_or_projector_encodes_in_every_step(tiny_models, sample_images, tmp_path) -> None:
+    from capdpo.models.patches import vision_frozen
+
     pairs = _pairs(sample_images[0])
     lora_vision = _trainer(
         tiny_models["strong"], tmp_path / "v", pairs, precompute_ref=False, lora_vision=True,
         lora_targets=["q_proj", "qkv"],
     )  # fmt: skip
     assert lora_vision.features is None and lora_vision.data_collator.features is None
-    llava = _trainer(tiny_models["llava"], tmp_path / "llava", pairs, precompute_ref=False)
-    assert llava.features is None
-    assert not (tmp_path / "llava" / "image_features").exists() or not any(
-        (tmp_path / "llava" / "image_features").rglob("*.safetensors")
+    assert not (tmp_path / "v" / "image_features").exists() or not any(
+        (tmp_path / "v" / "image_features").rglob("*.safetensors")
     )
+    # LLaVA's projector sits outside its tower: training it changes the features as much as training the tower
+    llava = _trainer(tiny_models["llava"], tmp_path / "llava", pairs, precompute_ref=False)
+    base = llava.model.get_base_model()
+    assert llava.features is not None and vision_frozen(base)
+    next(base.model.multi_modal_projector.parameters()).requires_grad_(True)
+    assert not vision_frozen(base)
 
 
 def test_qwen3_vl_files_hold_the_deepstack_features_beside_the_merged_ones(tiny_models, sample_images, tmp_path):
