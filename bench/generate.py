@@ -7,7 +7,8 @@
 Images are 448×448 (256 image tokens), every request generates exactly `--new-tokens` tokens (random weights
 never emit the end-of-turn token, and the baseline gets `min_new_tokens`). The table ends with capdpo's speed-up
 over the baseline and its share of the physical floor computed from the matmul rate and copy bandwidth measured
-in the same run.
+in the same run. At the best batch the same images also run with one new token, which splits its time (and the
+floor) into the prefill (vision tower + prompt) and the decode steps (`capdpo_split` in the JSON).
 """
 
 from __future__ import annotations
@@ -45,12 +46,13 @@ def time_batches(run, batches: list[dict], device: str) -> float:
     return time.perf_counter() - start
 
 
-def floor_images_per_s(
+def floor_seconds(
     batch: int, new_tokens: int, shapes: Shapes, params: dict, rates: dict, kv_bytes: float
-) -> float:
-    """Images/s if prefill + vision ran at the matmul rate and every decode step read the weights (and KV cache)
-    once at the memory's bandwidth or did its matmuls at the matmul rate, whichever is slower. The bandwidth is that
-    of a device-to-device copy, which `hardware_rates` counts as bytes read plus bytes written."""
+) -> tuple[float, float]:
+    """Seconds per batch of the prefill (vision + prompt at the matmul rate) and of the decode steps (each reading the
+    weights and KV cache once at the memory's bandwidth or doing its matmuls at the matmul rate, whichever is
+    slower). The bandwidth is that of a device-to-device copy, which `hardware_rates` counts as bytes read plus
+    bytes written."""
     prompt = shapes.text_before + shapes.text_after + image_tokens(shapes) + 2
     patches = (shapes.image_side // 14) ** 2
     prefill_flops = batch * (2 * params["text_matmul"] * prompt + 2 * params["vision"] * patches)
@@ -61,7 +63,14 @@ def floor_images_per_s(
         read = (weight_bytes + kv) / rates["copy_bytes_per_s"]
         compute = 2 * params["text_matmul"] * batch / rates["matmul_flops"]
         t_decode += max(read, compute)
-    return batch / (prefill_flops / rates["matmul_flops"] + t_decode)
+    return prefill_flops / rates["matmul_flops"], t_decode
+
+
+def floor_images_per_s(
+    batch: int, new_tokens: int, shapes: Shapes, params: dict, rates: dict, kv_bytes: float
+) -> float:
+    """Images/s at the floor of `floor_seconds`."""
+    return batch / sum(floor_seconds(batch, new_tokens, shapes, params, rates, kv_bytes))
 
 
 def main() -> None:
@@ -214,6 +223,24 @@ def main() -> None:
         seconds = time_batches(run, data, device)
         barrier()
         return b * len(data) * world, seconds
+
+    if best is not None:
+        # where the best batch's time goes: the same images with one new token (the prefill and the first token's
+        # choice), against each part's floor; the decode steps take the rest
+        b = best["batch"]
+        n, prefill_seconds = time_at(decoder, Generation(max_new_tokens=1), b)
+        batches = n / (b * world)
+        floors = floor_seconds(b, T, shapes, params, rates, kv_bytes)
+        split = {
+            "prefill_s_per_batch": prefill_seconds / batches,
+            "decode_s_per_batch": (best["seconds"] - prefill_seconds) / batches,
+        }
+        split |= {"prefill_floor_s": floors[0], "decode_floor_s": floors[1]}
+        result["capdpo_split"] = {"batch": b, **split}
+        for part in ("prefill", "decode"):
+            spent, floor = split[f"{part}_s_per_batch"], split[f"{part}_floor_s"]
+            share = f"{floor / spent:.0%}" if spent > 0 else "-"
+            print(f"capdpo at {b} rows, {part}: {spent:.3f} s per batch, floor {floor:.3f} s ({share})", flush=True)
 
     for step in args.compare_windows if best is not None else []:
         b = best["batch"]

@@ -31,6 +31,13 @@ def test_benchmark_tiny_mode_runs_and_reports_ratios(tmp_path, script, extra):
         assert [(w["window_step"], w["batch"]) for w in data["capdpo_window_steps"]] == [(32, best), (2, best)]
         assert data["window_step"] == 0  # the stages' default: the whole cache
         assert all(w["images_per_s"] > 0 for w in data["capdpo_window_steps"])
+        # the prefill timed alone on the same images; the decode steps take the rest of the best batch's time
+        split, entry = data["capdpo_split"], max(data["capdpo"], key=lambda e: e["images_per_s"])
+        per_batch = entry["seconds"] * entry["batch"] / entry["images"]
+        assert split["batch"] == best and 0 < split["prefill_s_per_batch"]
+        assert split["prefill_s_per_batch"] + split["decode_s_per_batch"] == pytest.approx(per_batch)
+        assert {"prefill_floor_s", "decode_floor_s"} <= split.keys()  # NaN here: the tiny mode measures no rates
+        assert "rows, prefill:" in result.stdout and "rows, decode:" in result.stdout
     else:  # the other shape is timed on the same groups
         [also] = data["capdpo_shared_prefix_also"]
         assert (also["batch"], also["images_per_pass"]) == (4, 1) and also["candidates_per_s"] > 0
@@ -142,3 +149,26 @@ def test_python_idle_reads_a_trace_the_profiler_wrote(tmp_path):
     own = table.split("own (not inside a callee):")[1].split("\n\n")[0].splitlines()
     (row,) = [line for line in own if line.endswith("busy_python")]
     assert float(row.split()[0]) >= 0.5 * busy["dur"] / 1e3 > 0  # its loop calls nothing traced
+
+
+def test_captioning_floor_splits_into_prefill_and_decode_in_both_regimes():
+    from bench.common import Shapes
+    from bench.generate import floor_images_per_s, floor_seconds
+
+    shapes = Shapes()  # 448 px: 1024 patches, 256 image tokens; prompt 20 + 256 + 12 + 2 = 290 tokens
+    params = {"text_matmul": 1e9, "vision": 1e8}
+    batch, steps = 4, 8
+    prefill = batch * (2e9 * 290 + 2e8 * 1024) / 1e12
+    # compute-bound steps: no KV cache and fast memory, every step does its matmuls at 1 TFLOP/s
+    compute = {"matmul_flops": 1e12, "copy_bytes_per_s": 1e15}
+    assert floor_seconds(batch, steps, shapes, params, compute, 0.0) == pytest.approx(
+        (prefill, steps * 2e9 * 4 / 1e12)
+    )
+    # memory-bound steps: the weights (bf16) and the cache up to each step's position read at 1 GB/s
+    memory = {"matmul_flops": 1e12, "copy_bytes_per_s": 1e9}
+    kv = 1000.0
+    reads = steps * 2e9 + kv * batch * (steps * 290 + steps * (steps - 1) / 2)
+    assert floor_seconds(batch, steps, shapes, params, memory, kv) == pytest.approx((prefill, reads / 1e9))
+    assert floor_images_per_s(batch, steps, shapes, params, memory, kv) == pytest.approx(
+        batch / (prefill + reads / 1e9)
+    )
