@@ -211,13 +211,16 @@ def _vision_tower(model: Any, paths: tuple[str, ...] = _TOWER_PATHS) -> Any:
     return torch.nn.Module()  # no vision tower: nothing to change
 
 
+def vision_parameters(model: Any) -> list[Any]:
+    """The parameters that make the image features: the vision tower's and LLaVA's projector's (outside its tower);
+    none for a model without a tower. Read when needed: LoRA on the tower adds parameters."""
+    return [*_vision_tower(model).parameters(), *_vision_tower(model, _PROJECTOR_PATHS).parameters()]
+
+
 def vision_frozen(model: Any) -> bool:
-    """Whether no parameter of the model's vision tower (and LLaVA's projector, which is outside it) trains or is
-    partitioned by ZeRO-3 (true without a tower): the image features are then fixed, and the tower's modules may be
-    changed (`model`: the transformers model)."""
-    projector = _vision_tower(model, _PROJECTOR_PATHS)
-    parts = (*_vision_tower(model).parameters(), *projector.parameters())
-    return not any(p.requires_grad or zero3_partitioned(p) for p in parts)
+    """Whether no parameter of `vision_parameters` trains or is partitioned by ZeRO-3 (true without a tower): the
+    image features are then fixed, and the tower's modules may be changed (`model`: the transformers model)."""
+    return not any(p.requires_grad or zero3_partitioned(p) for p in vision_parameters(model))
 
 
 def _rotary_vision(q: Any, k: Any, cos: Any, sin: Any) -> Any:

@@ -41,7 +41,7 @@ from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from capdpo.models.patches import use_grouped_vision_attention, vision_frozen
+from capdpo.models.patches import use_grouped_vision_attention, vision_frozen, vision_parameters
 from capdpo.training.conditional import ConditionalTerm, MdpoParams
 from capdpo.training.data import EXTRA_PREFIX, PairCollator
 from capdpo.training.features import (
@@ -155,7 +155,7 @@ def install_shared_image_features(model: Any) -> bool:
 
 
 def install_frozen_vision_no_grad(model: Any) -> bool:
-    """Encode images without autograd while no vision parameter is trainable; False if the model has no hook.
+    """Encode images without autograd while no vision parameter (`vision_parameters`) trains; False without a hook.
 
     With gradient checkpointing, transformers makes every sub-model's input embeddings require grad (the vision
     tower's patch embedding included), so a frozen vision tower would still be recorded, recomputed and
@@ -163,15 +163,14 @@ def install_frozen_vision_no_grad(model: Any) -> bool:
     vision tower or a full fine-tune with it unfrozen keeps the usual graph.
     """
     backbone = _backbone(model)
-    visual = getattr(backbone, "visual", None) if backbone is not None else None
-    if visual is None or not hasattr(backbone, "get_image_features"):
+    if backbone is None or not hasattr(backbone, "get_image_features") or not vision_parameters(backbone):
         return False
     if "_capdpo_frozen_vision" in vars(backbone):
         return True
     inner = backbone.get_image_features
 
     def get_image_features(*args: Any, **kwargs: Any) -> Any:
-        if any(p.requires_grad for p in visual.parameters()):
+        if any(p.requires_grad for p in vision_parameters(backbone)):
             return inner(*args, **kwargs)
         with torch.no_grad():
             return inner(*args, **kwargs)

@@ -12,6 +12,7 @@ import torch
 
 from capdpo.config import CommonConfig
 from capdpo.errors import ConfigError, InputError
+from capdpo.models.patches import _vision_tower
 from capdpo.records import PairRecord
 from capdpo.training.config import DpoConfig as TrainConfig
 from capdpo.training.data import PairEncoder, pair_to_example
@@ -454,7 +455,7 @@ def test_encoder_shortens_completions_and_refuses_cut_images(tiny_models, sample
         PairEncoder(processor, length.image_end - 1).encode(pair)
 
 
-@pytest.mark.parametrize("family", ["strong", "qwen3vl"])
+@pytest.mark.parametrize("family", ["strong", "qwen3vl", "llava"])
 def test_a_frozen_vision_tower_records_no_graph_under_gradient_checkpointing(
     tiny_models, sample_images, tmp_path, family: str
 ) -> None:
@@ -465,14 +466,15 @@ def test_a_frozen_vision_tower_records_no_graph_under_gradient_checkpointing(
     for name, settings in {
         "frozen": {"gradient_checkpointing": True},
         "plain": {"gradient_checkpointing": False},
-        # the vision attention's fused `qkv` exists in both families' towers (their MLP names differ)
+        # the vision attention's fused `qkv` exists in both Qwen families' towers (their MLP names differ), `q_proj`
+        # in LLaVA's
         "vision_lora": {"gradient_checkpointing": True, "lora_vision": True, "lora_targets": ["q_proj", "qkv"]},
     }.items():
         trainer = _trainer(
             tiny_models[family], tmp_path / name, pairs, precompute_ref=True, cache_image_features=False, **settings
         )
         _set_lora_b(trainer.model)
-        visual = trainer.model.get_base_model().model.visual
+        visual = _vision_tower(trainer.model.get_base_model())
         recorded: list[bool] = []
         hook = visual.register_forward_hook(
             lambda module, args, out, seen=recorded: seen.append(
@@ -484,10 +486,11 @@ def test_a_frozen_vision_tower_records_no_graph_under_gradient_checkpointing(
         assert recorded == [name == "vision_lora"], name
     (loss_frozen, grads_frozen), (loss_plain, grads_plain) = results["frozen"], results["plain"]
     assert loss_frozen == pytest.approx(loss_plain, abs=1e-5)
-    assert grads_frozen.keys() == grads_plain.keys() and not any("visual" in n for n in grads_frozen)
+    tower = ("visual", "vision_tower")
+    assert grads_frozen.keys() == grads_plain.keys() and not any(t in n for n in grads_frozen for t in tower)
     for name, grad in grads_frozen.items():
         assert torch.allclose(grad, grads_plain[name], atol=1e-5, rtol=1e-4), name
-    assert any("visual" in n for n in results["vision_lora"][1])  # LoRA on the tower still learns
+    assert any(t in n for n in results["vision_lora"][1] for t in tower)  # LoRA on the tower still learns
 
 
 def test_per_step_lookups_are_done_once(monkeypatch):
