@@ -128,15 +128,13 @@ def install_cached_image_features(model: Any, backbone: Any) -> bool:
             if image_grid_thw is None:  # LLaVA's forward passes everything by name
                 return original(pixel_values, *args, **kwargs)
             return original(pixel_values, image_grid_thw, *args, **kwargs)
-        if image_grid_thw is None:
-            from transformers.modeling_outputs import BaseModelOutputWithPooling
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+        if image_grid_thw is None:  # LLaVA: as many images as the empty pixels have rows
             return BaseModelOutputWithPooling(pooler_output=list(cached[: pixel_values.shape[0]]))
         sizes = (image_grid_thw.prod(-1) // merge**2).tolist()
         merged, *layers = (tuple(part.split(sizes)) for part in cached[: sum(sizes)].chunk(1 + deepstack, dim=-1))
         if not deepstack:
-            from transformers.modeling_outputs import BaseModelOutputWithPooling
-
             return BaseModelOutputWithPooling(pooler_output=merged)
         from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
