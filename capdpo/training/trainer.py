@@ -480,6 +480,7 @@ class CapdpoDPOTrainer(DPOTrainer):
             # Every process runs the same number of forwards (ZeRO-3 gathers weights collectively); a process
             # that runs out repeats a pair and discards the result.
             batches = self._my_batches(missing, batch_size, same_count=True)
+            rounds = len(batches)
             with self._pass_model() as model, cache.appender(self.accelerator.process_index) as out:
                 for r, ids in enumerate(batches):
                     batch = self._prepare_inputs(collator([examples[i] for i in (ids or missing[:1])]))
@@ -487,7 +488,6 @@ class CapdpoDPOTrainer(DPOTrainer):
                     if self.conditional is not None:  # mdpo: the chosen answer's sum with the corrupted image too
                         self.conditional.add_reference(self, model, batch, values)
                     out.write({"id": i, **v} for i, v in zip(ids, values))
-                    rounds = len(batches)
                     if self.accelerator.is_main_process and ((r + 1) % max(1, rounds // 4) == 0 or r == rounds - 1):
                         done = min((r + 1) * batch_size * self.accelerator.num_processes, len(missing))
                         print(f"[train] reference log-probs: {done}/{len(missing)} pairs", flush=True)
