@@ -270,7 +270,8 @@ class DpoRecipe(Recipe):
         pairs_per_step = self.settings.batch_size * self.settings.gradient_accumulation_steps
         pairs_per_step *= trainer.accelerator.num_processes
         steps_run = trainer.state.global_step - step_of(resumed_from)
-        reference = trainer.reference
+        reference, features = trainer.reference, trainer.features
+        feature_images, feature_bytes = features.size() if features is not None else (0, 0)
         return {
             "train_pairs": len(data.train),
             "val_pairs": len(data.val),
@@ -286,9 +287,11 @@ class DpoRecipe(Recipe):
                 "folder": str(reference.folder) if reference is not None else None,
             },
             "image_features": {
-                "cached": trainer.features is not None,
+                "cached": features is not None,
                 "seconds": round(trainer.feature_seconds, 2),
-                "folder": str(trainer.features.folder) if trainer.features is not None else None,
+                "folder": str(features.folder) if features is not None else None,
+                "images": feature_images,
+                "bytes": feature_bytes,
             },
             "truncated_completions": data.length_stats["pairs_truncated"],
             "longest_pair_tokens": data.length_stats["longest_pair_tokens"],

@@ -18,6 +18,7 @@ images (real pixels) encode as usual.
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from capdpo.jsonl import stable_id, write_bytes, write_json
 FEATURE_FORMAT = 1
 CACHED_FAMILIES = frozenset({"qwen2_5_vl", "qwen3_vl", "llava"})
 _FEATURES = "_capdpo_cached_image_features"
+_SPARE = 1 << 30  # bytes a feature pass leaves free on its disk
 
 
 def image_key(image_id: str, image: str) -> str:
@@ -87,10 +89,30 @@ class FeatureCache:
     def missing(self, keys: list[str]) -> list[str]:
         return [k for k in keys if not self.path(k).is_file()]
 
-    def save(self, key: str, features: Any) -> None:
+    def save(self, key: str, features: Any) -> int:
+        """Write one image's features; returns the bytes written."""
         from safetensors.torch import save
 
-        write_bytes(self.path(key), save({"features": features.detach().contiguous().cpu()}))
+        data = save({"features": features.detach().contiguous().cpu()})
+        write_bytes(self.path(key), data)
+        return len(data)
+
+    def check_room(self, needed: float) -> None:
+        """A one-line error unless the disk holding the cache has `needed` bytes free and 1 GiB to spare (training
+        still has checkpoints to write); the features already written stay."""
+        free = shutil.disk_usage(self.folder).free
+        if needed > 0 and free < needed + _SPARE:
+            raise InputError(
+                f"{self.folder}: the image features need about {needed / 2**30:.1f} GiB more and the disk has "
+                f"{free / 2**30:.1f} GiB free (keeping 1 GiB for the rest of the run); free some space and rerun (the "
+                "features written so far are kept), or set train.cache_image_features: false to encode the images "
+                "in every step"
+            )
+
+    def size(self) -> tuple[int, int]:
+        """(images, bytes) in the cache's folder."""
+        files = list(self.folder.glob("*.safetensors"))
+        return len(files), sum(f.stat().st_size for f in files)
 
     def load(self, key: str, image: str) -> Any:
         from safetensors import SafetensorError

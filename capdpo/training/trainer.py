@@ -513,11 +513,15 @@ class CapdpoDPOTrainer(DPOTrainer):
         if missing:
             with self._pass_model() as model, torch.no_grad(), self.accelerator.autocast():
                 backbone = _backbone(model)
-                for ids in self._my_batches(missing, batch_size):
+                for n, ids in enumerate(self._my_batches(missing, batch_size)):
                     batch = self._prepare_inputs(collator([first[i] for i in ids]))
                     # the first images: one per pair, in order
-                    for key, features in zip(ids, encode_first_images(backbone, batch, len(ids)), strict=True):
-                        cache.save(key, features)
+                    encoded = encode_first_images(backbone, batch, len(ids))
+                    written = sum(cache.save(key, features) for key, features in zip(ids, encoded, strict=True))
+                    if n == 0:  # before filling the disk: the rest at this batch's size per image must fit
+                        cache.check_room(
+                            written / len(ids) * (len(missing) - len(ids) * self.accelerator.num_processes)
+                        )
             if self.accelerator.is_main_process:
                 print(f"[train] image features: {len(missing)} image(s) encoded", flush=True)
         self.accelerator.wait_for_everyone()

@@ -140,9 +140,9 @@ def test_lora_steps_train_only_the_language_model_adapter(tiny_models, sample_im
     assert list((out / "ref_logps").glob("*/fingerprint.json"))
     # the frozen vision tower encoded each training or validation image once, before training
     images = {r["image_id"] for r in map(json.loads, (run_dir / "05_pairs.jsonl").read_text().splitlines())}
-    assert summary["image_features"]["cached"] and len(list((out / "image_features").rglob("*.safetensors"))) == len(
-        images
-    )
+    files = list((out / "image_features").rglob("*.safetensors"))
+    assert summary["image_features"]["cached"] and len(files) == len(images) == summary["image_features"]["images"]
+    assert summary["image_features"]["bytes"] == sum(f.stat().st_size for f in files) > 0
 
     # the saved adapter reloads through capdpo.models and generates; it changes the weights
     lm = load_vlm(str(strong), device="cpu", adapter=str(out / "adapter"))

@@ -71,13 +71,17 @@ def test_the_feature_pass_resumes_after_a_kill_and_encodes_each_image_once(
     def save_then_die(self, key, features):
         if len(saved) == 1:
             raise KeyboardInterrupt  # killed after the first image's file was written
-        original(self, key, features)
         saved.append(key)
+        return original(self, key, features)
+
+    def save_and_count(self, key, features):
+        saved.append(key)
+        return original(self, key, features)
 
     monkeypatch.setattr(FeatureCache, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         _trainer(tiny_models["strong"], tmp_path, pairs, precompute_ref=False, ref_batch_size=1)
-    monkeypatch.setattr(FeatureCache, "save", lambda self, i, f: (original(self, i, f), saved.append(i)))
+    monkeypatch.setattr(FeatureCache, "save", save_and_count)
     trainer = _trainer(tiny_models["strong"], tmp_path, pairs, precompute_ref=False, ref_batch_size=2)
     keys = sorted({image_key(p.image_id, p.image) for p in pairs})
     assert len(keys) == 3 and sorted(saved) == keys  # every image exactly once over both runs
@@ -86,6 +90,43 @@ def test_the_feature_pass_resumes_after_a_kill_and_encodes_each_image_once(
     saved.clear()
     _trainer(tiny_models["strong"], tmp_path, pairs, precompute_ref=False)
     assert saved == []
+
+
+def test_a_disk_too_small_for_the_features_stops_the_pass_early_and_keeps_what_it_wrote(
+    tiny_models, sample_images, tmp_path, monkeypatch
+) -> None:
+    import shutil
+    from collections import namedtuple
+
+    import capdpo.training.features as features_module
+
+    pairs = _three_images(sample_images)
+    real = shutil.disk_usage
+    usage = namedtuple("usage", "total used free")
+    # after the first image (one per forward), two more of its size must fit beside the 1 GiB kept free: give one
+    first_size: list[int] = []
+    original = features_module.FeatureCache.save
+
+    def save(self, key, features):
+        first_size.append(original(self, key, features))
+        return first_size[-1]
+
+    monkeypatch.setattr(features_module.FeatureCache, "save", save)
+    monkeypatch.setattr(
+        features_module.shutil, "disk_usage", lambda p: usage(0, 0, features_module._SPARE + first_size[0] + 1)
+    )
+    with pytest.raises(InputError) as err:
+        _trainer(tiny_models["strong"], tmp_path, pairs, precompute_ref=False, ref_batch_size=1)
+    message = str(err.value)
+    assert "GiB free" in message and "cache_image_features: false" in message and "kept" in message
+    assert "\n" not in message and len(first_size) == 1
+    folder = tmp_path / "image_features"
+    assert len(list(folder.rglob("*.safetensors"))) == 1  # the finished image stays
+    assert str(next(folder.iterdir())) in message
+    monkeypatch.setattr(features_module.shutil, "disk_usage", real)
+    trainer = _trainer(tiny_models["strong"], tmp_path, pairs, precompute_ref=False, ref_batch_size=1)
+    assert len(first_size) == 3  # the rerun encodes the other two only
+    assert trainer.features.size() == (3, sum(f.stat().st_size for f in folder.rglob("*.safetensors")))
 
 
 def test_an_unreadable_feature_file_is_a_clear_error(tiny_models, sample_images, tmp_path) -> None:
