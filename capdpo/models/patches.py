@@ -195,11 +195,8 @@ def _pad_mlp_state(module: Any, state: dict, prefix: str, *args: Any, width: int
             state[prefix + name] = torch.cat([value, value.new_zeros(shape)], dim)
 
 
-_TOWER_PATHS = ("model.visual", "visual", "model.vision_tower", "vision_tower")
-_PROJECTOR_PATHS = ("model.multi_modal_projector", "multi_modal_projector")  # LLaVA's, outside its tower
-
-
-def _vision_tower(model: Any, paths: tuple[str, ...] = _TOWER_PATHS) -> Any:
+def _submodule(model: Any, paths: tuple[str, ...]) -> Any:
+    """The first of the dotted `paths` that `model` has; an empty module (nothing to change) where it has none."""
     for path in paths:
         module = model
         for name in path.split("."):
@@ -208,13 +205,18 @@ def _vision_tower(model: Any, paths: tuple[str, ...] = _TOWER_PATHS) -> Any:
             return module
     import torch
 
-    return torch.nn.Module()  # no vision tower: nothing to change
+    return torch.nn.Module()
+
+
+def _vision_tower(model: Any) -> Any:
+    return _submodule(model, ("model.visual", "visual", "model.vision_tower", "vision_tower"))
 
 
 def vision_parameters(model: Any) -> list[Any]:
     """The parameters that make the image features: the vision tower's and LLaVA's projector's (outside its tower);
     none for a model without a tower. Read when needed: LoRA on the tower adds parameters."""
-    return [*_vision_tower(model).parameters(), *_vision_tower(model, _PROJECTOR_PATHS).parameters()]
+    projector = _submodule(model, ("model.multi_modal_projector", "multi_modal_projector"))
+    return [*_vision_tower(model).parameters(), *projector.parameters()]
 
 
 def vision_frozen(model: Any) -> bool:
@@ -427,15 +429,7 @@ def _fused_mlp_forward(backend: str) -> Any:
 
 
 def _language_model(model: Any) -> Any:
-    for path in ("model.language_model", "language_model"):
-        module = model
-        for name in path.split("."):
-            module = getattr(module, name, None)
-        if module is not None:
-            return module
-    import torch
-
-    return torch.nn.Module()  # not a VLM of a known layout: nothing to change
+    return _submodule(model, ("model.language_model", "language_model"))
 
 
 def tune_for_cuda_inference(model: Any) -> None:
