@@ -40,14 +40,15 @@ def image_key(image_id: str, image: str) -> str:
 def encode_first_images(backbone: Any, batch: dict[str, Any], count: int) -> list[Any]:
     """The features of the first `count` images of a collated batch, one tensor per image (`per_image_features`),
     computed by the backbone's own `get_image_features`."""
-    grid = batch.get("image_grid_thw")
-    if grid is not None:  # Qwen-VL: pixel rows are patches, as many per image as its grid names
-        grid = grid[:count]
-        return per_image_features(backbone.get_image_features(batch["pixel_values"][: int(grid.prod(-1).sum())], grid))
-    config = backbone.config  # LLaVA: one pixel row per image; the layer and CLS choice its forward would pass
+    from capdpo.training.packing import first_images
+
+    images = first_images(batch, count, images_once=False)
+    if "image_grid_thw" in images:  # Qwen-VL
+        return per_image_features(backbone.get_image_features(images["pixel_values"], images["image_grid_thw"]))
+    config = backbone.config  # LLaVA: the layer and CLS choice its forward would pass
     return per_image_features(
         backbone.get_image_features(
-            pixel_values=batch["pixel_values"][:count],
+            pixel_values=images["pixel_values"],
             vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
         )

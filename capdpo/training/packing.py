@@ -175,7 +175,7 @@ def standalone_positions(model: Any, kwargs: dict[str, Any]) -> torch.Tensor | N
     return positions
 
 
-def _first_images(kwargs: dict[str, Any], pairs: int, images_once: bool) -> dict[str, Any]:
+def first_images(kwargs: dict[str, Any], pairs: int, images_once: bool) -> dict[str, Any]:
     """Image inputs for one row per pair: each pair's image once (the rows of a pair show the same image)."""
     out: dict[str, Any] = {}
     grid = kwargs.get("image_grid_thw")
@@ -235,7 +235,7 @@ def packed_forward(model: Any, original: Any, images_once: bool, kwargs: dict[st
     forward.pop("pixel_values", None)
     forward.pop("image_grid_thw", None)
     forward.pop("image_sizes", None)
-    forward.update(_first_images(kwargs, packed.input_ids.shape[0], images_once))
+    forward.update(first_images(kwargs, packed.input_ids.shape[0], images_once))
     forward.update(packed.sequence)
     out = original(
         input_ids=packed.input_ids,
