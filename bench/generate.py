@@ -114,7 +114,12 @@ def main() -> None:
 
     from capdpo.generation.sampling import Generation
     from capdpo.generation.static_decoder import StaticDecoder
-    from capdpo.models.patches import tune_for_cuda_inference, use_grouped_vision_attention
+    from capdpo.models.patches import (
+        compile_decoder_layers,
+        compile_vision_blocks,
+        tune_for_cuda_inference,
+        use_grouped_vision_attention,
+    )
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -264,12 +269,8 @@ def main() -> None:
         torch._dynamo.config.cache_size_limit = 256
         b = best["batch"]
         gen = Generation(max_new_tokens=T)
-        for label, modules in (
-            ("vision", model.model.visual.blocks),
-            ("vision+text", model.model.language_model.layers),
-        ):
-            for module in modules:
-                module.compile()
+        for label, compile_modules in (("vision", compile_vision_blocks), ("vision+text", compile_decoder_layers)):
+            compile_modules(model)
             start = time.perf_counter()
             n, seconds = time_at(decoder, gen, b)
             _, prefill_seconds = time_at(decoder, Generation(max_new_tokens=1), b)

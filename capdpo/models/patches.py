@@ -456,25 +456,42 @@ def compile_decoder_layers(model: Any, backend: str = "inductor") -> int:
     call fails (its forward graph or its backward graph, compiled together with the forward one), every layer runs
     eagerly from then on. Quantized (QLoRA) and ZeRO-3-partitioned models are left eager.
     """
-    import torch
-
     language_model = _language_model(model)
     layers = list(getattr(language_model, "layers", None) or [])
     if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_loaded_in_4bit", False):
         return 0  # bitsandbytes' 4-bit matmuls are not traced
     if any(zero3_partitioned(p) for p in language_model.parameters()):
         return 0  # ZeRO-3 gathers each module's weights in hooks around its call
+    return _compile_each(layers, backend, "the decoder layers")
+
+
+def compile_vision_blocks(model: Any, backend: str = "inductor") -> int:
+    """Compile each block of the vision tower with `torch.compile` (dynamic shapes, for inference); returns how many.
+
+    Inside a block the residual adds, norms, rotary embedding and gating fuse with each other and with the bias adds
+    around the matmuls, instead of each making its own passes over [tokens, 1280] tensors. The blocks share one graph;
+    if compiling fails, every block runs eagerly from then on. A ZeRO-3-partitioned tower is left eager."""
+    tower = _vision_tower(model)
+    blocks = list(getattr(tower, "blocks", None) or []) if tower is not None else []
+    if any(zero3_partitioned(p) for b in blocks for p in b.parameters()):
+        return 0
+    return _compile_each(blocks, backend, "the vision blocks")
+
+
+def _compile_each(modules: list[Any], backend: str, label: str) -> int:
+    """Compile each module's whole call (sharing one graph); a compiler failure makes all of them eager."""
+    import torch
     import torch._functorch.config as functorch_config
 
     # the backward graph compiled with the forward one, so a failure of either is caught by the call below (lazily,
     # it would be compiled in the middle of the first backward pass, where no eager fallback can take over)
     with_backward = functorch_config.patch(force_non_lazy_backward_lowering=True)
-    state = {"eager": False}
-    for layer in layers:
-        if getattr(layer, "_compiled_call_impl", None) is None:
-            compiled = with_backward(torch.compile(layer._call_impl, backend=backend, dynamic=True))
-            layer._compiled_call_impl = functools.partial(_compiled_or_eager_call, layer, compiled, state)
-    return len(layers)
+    state = {"eager": False, "label": label}
+    for module in modules:
+        if getattr(module, "_compiled_call_impl", None) is None:
+            compiled = with_backward(torch.compile(module._call_impl, backend=backend, dynamic=True))
+            module._compiled_call_impl = functools.partial(_compiled_or_eager_call, module, compiled, state)
+    return len(modules)
 
 
 def _compiled_or_eager_call(layer: Any, compiled: Any, state: dict, *args: Any, **kwargs: Any) -> Any:
@@ -488,7 +505,7 @@ def _compiled_or_eager_call(layer: Any, compiled: Any, state: dict, *args: Any, 
         if not isinstance(err, BackendCompilerFailed):
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"capdpo: torch.compile failed for the decoder layers, running them eagerly ({first})", flush=True)
+        print(f"capdpo: torch.compile failed for {state['label']}, running them eagerly ({first})", flush=True)
         state["eager"] = True
         return layer._call_impl(*args, **kwargs)
 
