@@ -230,6 +230,41 @@ def test_decoder_layers_whose_compiler_fails_run_eagerly(capsys):
     assert out.count("torch.compile failed for the decoder layers") == 1 and "broken" in out
 
 
+def test_compiled_vision_blocks_give_the_eager_tower_and_fall_back_when_the_compiler_fails(capsys):
+    """The vision blocks compiled whole (AOTAutograd on CPU: the graph inductor would get) give the eager features for
+    two image batches of different sizes; with a failing backend, one message and the eager features."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from capdpo.models.patches import compile_vision_blocks, use_grouped_vision_attention
+
+    use_grouped_vision_attention()
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=128, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]})  # fmt: skip
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                  fullatt_block_indexes=[1], window_size=56)  # fmt: skip
+    grids = (torch.tensor([[1, 8, 8], [1, 8, 12], [1, 8, 8]]), torch.tensor([[1, 8, 12], [1, 16, 8]]))
+    for backend, fails in (("aot_eager", False), ("broken", True)):
+        torch.manual_seed(0)
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision)
+        config.vision_config._attn_implementation = "sdpa"
+        model = Qwen2_5_VLForConditionalGeneration(config).eval()
+        tower = model.model.visual
+        pixels = [torch.randn(int(g.prod(-1).sum()), 3 * 2 * 14 * 14) for g in grids]
+        with torch.no_grad():
+            expected = [tower(p, grid_thw=g).pooler_output for p, g in zip(pixels, grids)]
+
+        def broken(graph, example_inputs):  # noqa: ANN001
+            raise RuntimeError("no compiler here")
+
+        torch._dynamo.reset()
+        assert compile_vision_blocks(model, backend=broken if fails else backend) == 3
+        with torch.no_grad():
+            got = [tower(p, grid_thw=g).pooler_output for p, g in zip(pixels, grids)]
+        for g, e in zip(got, expected):
+            assert g.shape == e.shape and torch.allclose(g, e, atol=1e-5), backend
+        assert capsys.readouterr().out.count("torch.compile failed for the vision blocks") == int(fails)
+
+
 def test_decoder_layers_whose_backward_compiler_fails_train_eagerly(capsys):
     """A backend whose forward compiles and whose backward fails: the failure comes with the forward's compilation
     (not in the middle of the backward pass), and the loss and every gradient are the eager ones."""
