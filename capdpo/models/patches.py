@@ -5,6 +5,8 @@ function faster (measured by bench/breakdown.py; tested equal to the unpatched m
 * `linear_patch_embedding`: the Conv3d patch embedding as one matmul.
 * `pad_vision_mlp`: the vision MLP's width padded with zeros to a multiple of 128 (aligned Hopper kernels).
 * `fuse_vision_elementwise` / `fuse_text_elementwise`: rotary, RMSNorm and SiLU gating as compiled kernels.
+* `compile_decoder_layers` / `compile_vision_blocks`: each layer or block compiled whole, with an eager fallback
+  (the first is training's `compile_layers`; the second is timed by `bench/generate.py --compile`).
 
 `tune_for_cuda_inference` applies them on CUDA; `capdpo.models.loading` calls it for every inference model.
 `tune_for_training` applies the patch embedding and the padding (while the vision tower is frozen), the compiled
