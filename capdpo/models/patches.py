@@ -470,9 +470,10 @@ def compile_decoder_layers(model: Any, backend: str = "inductor") -> int:
 def compile_vision_blocks(model: Any, backend: str = "inductor") -> int:
     """Compile each block of the vision tower with `torch.compile` (dynamic shapes, for inference); returns how many.
 
-    Inside a block the residual adds, norms, rotary embedding and gating fuse with each other and with the bias adds
-    around the matmuls, instead of each making its own passes over [tokens, 1280] tensors. The blocks share one graph;
-    if compiling fails, every block runs eagerly from then on. A ZeRO-3-partitioned tower is left eager."""
+    The residual adds, norms, rotary embedding and gating on either side of the attention can fuse with each other
+    instead of each making its own passes over [tokens, 1280] tensors. The grouped attention reads its window layout
+    from the device (`_window_plan`), so each block compiles as the graphs before and after that read, shared by all
+    blocks. If compiling fails, every block runs eagerly from then on. A ZeRO-3-partitioned tower is left eager."""
     tower = _vision_tower(model)
     blocks = list(getattr(tower, "blocks", None) or []) if tower is not None else []
     if any(zero3_partitioned(p) for b in blocks for p in b.parameters()):
