@@ -161,6 +161,15 @@ def synthetic_batch(batch: int, shapes: Shapes, device: str, seed: int = 0, text
     }
 
 
+def repeat_rows(inputs: dict[str, Any], k: int) -> dict[str, Any]:
+    """`synthetic_batch` inputs with every row (and its image) repeated `k` times in place: rows a, a, b, b, ..."""
+    images = inputs["image_grid_thw"].shape[0]
+    out = {key: v.repeat_interleave(k, 0) for key, v in inputs.items() if key != "pixel_values"}
+    pixels = inputs["pixel_values"]
+    out["pixel_values"] = pixels.view(images, -1, pixels.shape[-1]).repeat_interleave(k, 0).view(-1, pixels.shape[-1])
+    return out
+
+
 def hardware_rates(device: str, quick: bool = False) -> dict[str, float]:
     """Measured bf16 matmul rate (FLOP/s) and device memory copy bandwidth (bytes/s, read + write)."""
     import torch

@@ -30,6 +30,7 @@ from bench.common import (  # noqa: E402
     hardware_rates,
     image_tokens,
     param_counts,
+    repeat_rows,
     sync,
     synthetic_batch,
     table,
@@ -100,6 +101,13 @@ def main() -> None:
         nargs="*",
         default=[],
         help="also time capdpo at its best batch with these --window-step values (0: the whole cache every step)",
+    )
+    parser.add_argument(
+        "--shared-prompts",
+        type=int,
+        default=0,
+        help="also time capdpo at its best batch on prompts each asked this many times (stage 3's k variants), "
+        "with one prefill per prompt and with one per row",
     )
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument(
@@ -256,6 +264,33 @@ def main() -> None:
         rows.append((f"capdpo static, window step {step}", str(b), str(n), f"{seconds:.2f}", f"{n / seconds:.2f}",
                      f"{best['floor_images_per_s']:.1f}", f"{n / seconds / best['floor_images_per_s']:.0%}"))  # fmt: skip
         print(" | ".join(rows[-1]), flush=True)
+    if args.shared_prompts > 1 and best is not None:
+        # stage 3's shape: k requests per prompt (same image and text, own seeds), sampled. The same rows once with
+        # the prompt prefilled once per prompt (`rows`), once with every row prefilled
+        b, k = best["batch"], args.shared_prompts
+        gen = Generation(max_new_tokens=T, temperature=1.0, top_p=0.95)
+        prompts = [synthetic_batch(b // k, shapes, device, seed=3000 + i) for i in range(max(1, args.images // b))]
+        prompt_rows = torch.arange(b // k, device=device).repeat_interleave(k)
+        entry = {"batch": b // k * k, "requests_per_prompt": k, "images": b // k * k * len(prompts) * world}
+        for label, shared in (("shared", True), ("per_row", False)):
+
+            def run(inputs: dict, shared: bool = shared) -> None:
+                data = inputs if shared else repeat_rows(inputs, k)
+                decoder.generate(data, gen, list(range(len(prompt_rows))), eos_ids=[], pad_id=ENDOFTEXT,
+                                 rows=prompt_rows if shared else None)  # fmt: skip
+
+            time_batches(run, prompts[:1], device)
+            barrier()
+            entry[f"{label}_s"] = time_batches(run, prompts, device)
+            barrier()
+            entry[f"{label}_requests_per_s"] = entry["images"] / entry[f"{label}_s"]
+        entry["speedup"] = entry["per_row_s"] / entry["shared_s"]
+        result["capdpo_shared_prompts"] = entry
+        for label in ("shared", "per_row"):
+            rows_label = "one prefill per prompt" if label == "shared" else "one prefill per row"
+            rows.append((f"capdpo, {k} requests per prompt, {rows_label}", str(entry["batch"]), str(entry["images"]),
+                         f"{entry[label + '_s']:.2f}", f"{entry[label + '_requests_per_s']:.2f}", "", ""))  # fmt: skip
+            print(" | ".join(rows[-1]), flush=True)
     if args.sampled and best is not None:
         b = best["batch"]
         gen = Generation(max_new_tokens=T, temperature=0.7, top_p=0.9, repetition_penalty=1.05)

@@ -12,6 +12,7 @@ Two properties matter more than raw speed here:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,17 +34,21 @@ class Engine:
         window_step: int = 0,
         shared_prefix: bool = True,
         images_per_pass: int = 32,
+        share_prompts: bool = True,
     ) -> None:
         """`decoder`: "static" (capdpo's static-cache loop, CUDA graphs on GPU) or "hf" (`model.generate`).
         `prefill_rows`: rows per prefill forward of the static decoder (0: the whole batch at once); `window_step`:
         its decode attention window's growth (0: the whole cache; see `StaticDecoder`).
-        `shared_prefix`: `score` runs each image's common prefix once, for `images_per_pass` images per forward."""
+        `shared_prefix`: `score` runs each image's common prefix once, for `images_per_pass` images per forward.
+        `share_prompts`: requests of one batch with the same image and messages (stage 3's k variants of a sentence,
+        stage 2's samples of an image) share one prefill in the static decoder, then sample apart."""
         self.lm = lm
         self.batcher = Batcher(lm)
         self.eos_ids = lm.end_of_turn_ids()
         self.static = (
             StaticDecoder(lm, prefill_rows=prefill_rows, window_step=window_step) if decoder == "static" else None
         )
+        self.share_prompts = share_prompts and self.static is not None
         self.shared_prefix = shared_prefix
         self.images_per_pass = images_per_pass
         self._scorer: SharedPrefixScorer | None = None
@@ -58,17 +63,33 @@ class Engine:
 
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="capdpo-prepare")
-        self._prepared[tuple(r.key for r in batch)] = self._worker.submit(self.batcher.encode, batch)
+        prompts, _ = self._prompts(batch)
+        self._prepared[tuple(r.key for r in batch)] = self._worker.submit(self.batcher.encode, prompts)
+
+    def _prompts(self, batch: Sequence[Request]) -> tuple[list[Request], list[int] | None]:
+        """The requests whose prompts `batch` needs (each distinct image + messages + continuation once, when prompts
+        are shared), and for each request of `batch` the index of its prompt (None: one prompt per request)."""
+        if not self.share_prompts:
+            return list(batch), None
+        index: dict[str, int] = {}
+        prompts, rows = [], []
+        for request in batch:
+            key = json.dumps([request.image, request.messages, request.continuation], sort_keys=True, default=str)
+            if key not in index:
+                index[key] = len(prompts)
+                prompts.append(request)
+            rows.append(index[key])
+        return (list(batch), None) if len(prompts) == len(batch) else (prompts, rows)
 
     def _inputs(self, batch: Sequence[Request]) -> dict[str, Any]:
-        """The batch's model inputs: prepared ahead if asked for, else now (after any preparation under way, so the
-        processor is never used by two threads at once)."""
+        """The model inputs of the batch's prompts (`_prompts`): prepared ahead if asked for, else now (after any
+        preparation under way, so the processor is never used by two threads at once)."""
         ready = self._prepared.pop(tuple(r.key for r in batch), None)
         if ready is not None:
             return ready.result()
         for pending in list(self._prepared.values()):
             pending.exception()  # waits; a failure is raised where that batch is used
-        return self.batcher.encode(batch)
+        return self.batcher.encode(self._prompts(batch)[0])
 
     def plan(self, requests: Sequence[Request], batch_size: int) -> list[list[Request]]:
         """Batches of requests of similar length, in an order fixed by the requests alone."""
@@ -86,7 +107,9 @@ class Engine:
         prompt_length = inputs["input_ids"].shape[1]
         if self.static is not None:
             pad = self.lm.tokenizer.pad_token_id
-            generated = self.static.generate(inputs, gen, [r.seed for r in batch], self.eos_ids, pad)
+            _, rows = self._prompts(batch)
+            rows_t = torch.tensor(rows, dtype=torch.long) if rows is not None else None
+            generated = self.static.generate(inputs, gen, [r.seed for r in batch], self.eos_ids, pad, rows=rows_t)
             return self._outputs(batch, generated.tolist())
         kwargs: dict[str, Any] = dict(
             max_new_tokens=gen.max_new_tokens,

@@ -49,20 +49,28 @@ class StaticDecoder:
         self.use_cuda_graph = lm.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
 
     def generate(
-        self, inputs: dict[str, Any], gen: Generation, seeds: list[int], eos_ids: list[int], pad_id: int
+        self,
+        inputs: dict[str, Any],
+        gen: Generation,
+        seeds: list[int],
+        eos_ids: list[int],
+        pad_id: int,
+        rows: Any = None,
     ) -> Any:
-        """Token ids [B, n] generated after the prompt (rows padded with `pad_id` after their end of turn)."""
+        """Token ids [B, n] generated after the prompt (rows padded with `pad_id` after their end of turn).
+
+        `rows` (a LongTensor [B] of row indices into `inputs`, or None for `inputs`' own rows): the prompt each
+        generated row continues. Rows that share a prompt share its prefill (vision tower and prompt run once, the
+        cache rows copied), then decode apart with their own seeds."""
         import torch
         from transformers import StaticCache
 
         input_ids = inputs["input_ids"]
         mask = inputs["attention_mask"]
-        batch, prompt_len = input_ids.shape
+        prompt_len = input_ids.shape[1]
         total = prompt_len + gen.max_new_tokens
         device = input_ids.device
         cache = StaticCache(config=self.model.config, max_cache_len=total)
-        full_mask = torch.ones(batch, total, dtype=mask.dtype, device=device)
-        full_mask[:, :prompt_len] = mask  # generated positions are all real; causality hides the future ones
         with torch.inference_mode(), masked_attention(self.decoder.config):
             if self.mrope:
                 self.model.model.rope_deltas = None
@@ -78,8 +86,15 @@ class StaticDecoder:
                     extra["position_ids"], deltas = rope
             logits, model_deltas = self._prefill(inputs, extra, cache, total)
             deltas = model_deltas if deltas is None else deltas
+            deltas = deltas.view(-1) if deltas is not None else torch.zeros(len(mask), dtype=torch.long, device=device)
+            if rows is not None:
+                rows = rows.to(device)
+                input_ids, mask, logits, deltas = input_ids[rows], mask[rows], logits[rows], deltas[rows]
+                _select_cache_rows(cache, rows)
+            batch = input_ids.shape[0]
             real_len = mask.sum(-1)
-            deltas = deltas.view(batch) if deltas is not None else torch.zeros_like(real_len)
+            full_mask = torch.ones(batch, total, dtype=mask.dtype, device=device)
+            full_mask[:, :prompt_len] = mask  # generated positions are all real; causality hides the future ones
             state = {
                 "token": torch.zeros(batch, dtype=torch.long, device=device),
                 "step": torch.zeros((), dtype=torch.long, device=device),
@@ -202,6 +217,18 @@ def masked_attention(config: Any) -> Iterator[None]:
         yield
     finally:
         config._attn_implementation = current
+
+
+def _select_cache_rows(cache: Any, rows: Any) -> None:
+    """Make a filled cache's rows `cache[rows]` (a row repeated where `rows` names it more than once)."""
+    import torch
+
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, rows)
+        layer.values = layer.values.index_select(0, rows)
+        layer.batch_size = len(rows)
+        torch._dynamo.mark_static_address(layer.keys)  # as the cache marks the tensors it allocates
+        torch._dynamo.mark_static_address(layer.values)
 
 
 def _static_layers(cache: Any) -> bool:

@@ -11,7 +11,10 @@ from tests.helpers import ROOT
 
 @pytest.mark.parametrize(
     ("script", "extra"),
-    [("bench/generate.py", ["--compare-windows", "32", "2"]), ("bench/validate.py", ["--also", "4x1"])],
+    [
+        ("bench/generate.py", ["--compare-windows", "32", "2", "--shared-prompts", "2"]),
+        ("bench/validate.py", ["--also", "4x1"]),
+    ],
 )
 def test_benchmark_tiny_mode_runs_and_reports_ratios(tmp_path, script, extra):
     out = tmp_path / "result.json"
@@ -38,6 +41,10 @@ def test_benchmark_tiny_mode_runs_and_reports_ratios(tmp_path, script, extra):
         assert split["prefill_s_per_batch"] + split["decode_s_per_batch"] == pytest.approx(per_batch)
         assert {"prefill_floor_s", "decode_floor_s"} <= split.keys()  # NaN here: the tiny mode measures no rates
         assert "rows, prefill:" in result.stdout and "rows, decode:" in result.stdout
+        # stage 3's shape: the same requests with one prefill per prompt and with one per row
+        shared = data["capdpo_shared_prompts"]
+        assert shared["batch"] == best and shared["requests_per_prompt"] == 2
+        assert shared["speedup"] == pytest.approx(shared["per_row_s"] / shared["shared_s"]) and shared["shared_s"] > 0
     else:  # the other shape is timed on the same groups
         [also] = data["capdpo_shared_prefix_also"]
         assert (also["batch"], also["images_per_pass"]) == (4, 1) and also["candidates_per_s"] > 0

@@ -352,3 +352,40 @@ def test_a_prepared_batch_is_tokenised_while_the_one_before_generates(strong, sa
     got = [engine.generate(batches[0], gen), engine.generate(batches[1], gen), engine.generate(batches[2], gen)]
     assert [[o.token_ids for o in b] for b in got] == [[o.token_ids for o in b] for b in expected]
     assert not engine._prepared
+
+
+@pytest.mark.parametrize("arch", ["strong", "qwen3vl", "llava"])
+def test_requests_sharing_a_prompt_share_one_prefill_and_decode_as_if_alone(tiny_models, sample_images, arch):
+    """Stage 3's k variants of a sentence (and stage 2's samples of an image) are requests with one image and one
+    prompt: the static decoder prefills each distinct prompt once, in chunks too, and every request still gets the
+    tokens it gets without sharing (its own seed; greedy rows agree)."""
+    lm = load_vlm(str(tiny_models[arch]))
+    base = _requests(sample_images, 3)
+    # duplicates of r0 and r2 interleaved with r1 (different lengths, so left padding too), distinct seeds and keys
+    order = [0, 1, 0, 2, 0, 2]
+    batch = [
+        Request(key=f"{base[i].key}:{j}", image=base[i].image, messages=base[i].messages, seed=100 + j)
+        for j, i in enumerate(order)
+    ]
+    prefilled: list[int] = []
+    for prefill_rows in (0, 2):
+        shared = Engine(lm, decoder="static", prefill_rows=prefill_rows)
+        apart = Engine(lm, decoder="static", prefill_rows=prefill_rows, share_prompts=False)
+        prefill = shared.static._prefill
+        shared.static._prefill = lambda inputs, *a, run=prefill: (
+            prefilled.append(len(inputs["input_ids"])) or run(inputs, *a)
+        )
+        for gen in (
+            Generation(max_new_tokens=12),
+            Generation(max_new_tokens=12, temperature=1.0, top_p=0.95, repetition_penalty=1.1),
+        ):
+            ours, theirs = shared.generate(batch, gen), apart.generate(batch, gen)
+            assert [o.key for o in ours] == [r.key for r in batch]
+            assert [o.token_ids for o in ours] == [o.token_ids for o in theirs]
+            assert [o.finish_reason for o in ours] == [o.finish_reason for o in theirs]
+            if gen.temperature == 0:
+                assert ours[0].token_ids == ours[2].token_ids == ours[4].token_ids
+            else:  # one prompt, its own seed: the samples differ
+                assert len({tuple(ours[i].token_ids) for i in (0, 2, 4)}) > 1
+    assert prefilled == [3, 3, 3, 3]  # three distinct prompts per batch, never six
+    assert Engine(lm, decoder="hf").share_prompts is False
