@@ -58,7 +58,8 @@ def describe(lm: Any, items: list[WorldImage], settings: EvalSettings) -> list[s
 
 
 def answer(lm: Any, questions: list[Question], settings: EvalSettings) -> list[dict[str, Any]]:
-    """Each question answered yes when P(yes) > P(no) at the answer's first token (one forward pass)."""
+    """Each question answered yes when P(yes) > P(no) at the answer's first token (one forward pass; the questions
+    of one image share its prefix's pass, as in stage 4)."""
     from capdpo.generation.batching import Request, user_message
     from capdpo.generation.engine import Engine
     from capdpo.validation.methods import answer_token_ids
@@ -70,11 +71,9 @@ def answer(lm: Any, questions: list[Question], settings: EvalSettings) -> list[d
         Request(key=str(i), image=q.image, messages=[user_message(q.question)]) for i, q in enumerate(questions)
     ]
     p_yes: dict[str, float] = {}
-    for batch in engine.plan(requests, settings.batch_size):
-        for request, logprobs in zip(batch, engine.forward_logprobs(batch)):
-            row = logprobs[0].exp()
-            y, n = float(row[yes].sum()), float(row[no].sum())
-            p_yes[request.key] = y / (y + n) if y + n > 0 else 0.5
+    for key, logprobs in engine.score(requests, settings.batch_size, keep=sorted({*yes, *no})).items():
+        y, n = float(logprobs[0][yes].exp().sum()), float(logprobs[0][no].exp().sum())
+        p_yes[key] = y / (y + n) if y + n > 0 else 0.5
     rows = []
     for i, q in enumerate(questions):
         p = p_yes[str(i)]
