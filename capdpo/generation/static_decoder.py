@@ -23,6 +23,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from capdpo.generation.attention import folded_attention
 from capdpo.generation.rope import IMAGE_BATCH_KEYS, mrope_positions
 from capdpo.generation.sampling import Generation, filter_scores, gumbel_noise, repetition_penalty
 
@@ -177,23 +178,25 @@ class StaticDecoder:
         last-position logits [B, V] (float32) and the Qwen-VL rope deltas [B, 1] (None for other models)."""
         import torch
 
-        batch = inputs["input_ids"].shape[0]
-        chunks = _row_chunks(inputs, self.prefill_rows, self.model.config) if 0 < self.prefill_rows < batch else None
-        if chunks is None or not _static_layers(cache):
+        batch, prompt_len = inputs["input_ids"].shape
+        if not _static_layers(cache):
             out = self.model(**inputs, **extra, past_key_values=cache, use_cache=True, logits_to_keep=1)
             return out.logits[:, -1].float(), getattr(self.model.model, "rope_deltas", None)
-        prompt_len = inputs["input_ids"].shape[1]
+        chunks = _row_chunks(inputs, self.prefill_rows, self.model.config) if 0 < self.prefill_rows < batch else None
         logits, deltas = [], []
-        for (start, end), part in chunks:
-            if self.mrope:
-                self.model.model.rope_deltas = None
-            # position ids are [B, L], or [3, B, L] for Qwen-VL's 3-D positions
-            part_extra = {k: v[start:end] if v.dim() == 2 else v[:, start:end] for k, v in extra.items()}
-            view = _cache_rows(cache, start, end, batch, total, self.model.config)
-            out = self.model(**part, **part_extra, past_key_values=view, use_cache=True, logits_to_keep=1)
-            logits.append(out.logits[:, -1].float())
-            part_deltas = getattr(self.model.model, "rope_deltas", None)
-            deltas.append(part_deltas.view(end - start, 1) if part_deltas is not None else None)
+        # the prompt attends to its own keys only (not the cache's empty slots for the answer), and with left padding
+        # (a mask) on the grouped-query SDPA without per-head key/value copies
+        with folded_attention(self.decoder.config):
+            for (start, end), part in chunks or [((0, batch), inputs)]:
+                if self.mrope:
+                    self.model.model.rope_deltas = None
+                # position ids are [B, L], or [3, B, L] for Qwen-VL's 3-D positions
+                part_extra = {k: v[start:end] if v.dim() == 2 else v[:, start:end] for k, v in extra.items()}
+                view = _cache_rows(cache, start, end, batch, total, prompt_len, self.model.config)
+                out = self.model(**part, **part_extra, past_key_values=view, use_cache=True, logits_to_keep=1)
+                logits.append(out.logits[:, -1].float())
+                part_deltas = getattr(self.model.model, "rope_deltas", None)
+                deltas.append(part_deltas.view(end - start, 1) if part_deltas is not None else None)
         for layer in cache.layers:
             layer.cumulative_length.fill_(prompt_len)
         joined = torch.cat(deltas) if all(d is not None for d in deltas) else None
@@ -280,13 +283,14 @@ def _row_chunks(inputs: dict[str, Any], rows: int, config: Any) -> list[tuple[tu
     return chunks
 
 
-def _cache_rows(cache: Any, start: int, end: int, batch: int, total: int, config: Any) -> Any:
-    """A StaticCache for rows [start, end) whose layers are views of `cache`'s layers (which the first chunk
-    allocates for all `batch` rows): a prefill into it writes straight into the big cache."""
+def _cache_rows(cache: Any, start: int, end: int, batch: int, total: int, prompt_len: int, config: Any) -> Any:
+    """A StaticCache for the prefill of rows [start, end) whose layers are views of `cache`'s layers (which the first
+    chunk allocates for all `batch` rows): a prefill into it writes straight into the big cache, and its attention
+    reads the first `prompt_len` slots (the prompt's own keys), not all `total`."""
     from transformers import StaticCache
 
     view = StaticCache(config=config, max_cache_len=total)
-    view.layers = [_row_view_class()(big, start, end, batch) for big in cache.layers]
+    view.layers = [_row_view_class()(big, start, end, batch, prompt_len) for big in cache.layers]
     return view
 
 
@@ -299,11 +303,12 @@ def _row_view_class() -> type:
         return _ROW_VIEW
 
     class RowView(StaticLayer):
-        """Rows [start, end) of a bigger StaticLayer."""
+        """Rows [start, end) of a bigger StaticLayer, for a prefill of `prompt_len` positions: attention reads (and
+        the mask spans) those positions only."""
 
-        def __init__(self, big: Any, start: int, end: int, rows: int) -> None:
+        def __init__(self, big: Any, start: int, end: int, rows: int, prompt_len: int) -> None:
             super().__init__(max_cache_len=big.max_cache_len)
-            self.big, self.start, self.end, self.rows = big, start, end, rows
+            self.big, self.start, self.end, self.rows, self.prompt_len = big, start, end, rows, prompt_len
 
         def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
             big = self.big
@@ -318,6 +323,15 @@ def _row_view_class() -> type:
             self.values = big.values[self.start : self.end]
             self.cumulative_length = torch.zeros((), dtype=torch.long, device=self.device)
             self.is_initialized = True
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            if key_states.shape[-2] != self.prompt_len:
+                raise ValueError(f"a prefill writes {self.prompt_len} positions, got {key_states.shape[-2]}")
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            return keys[:, :, : self.prompt_len], values[:, :, : self.prompt_len]
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.prompt_len, 0
 
     _ROW_VIEW = RowView
     return RowView

@@ -389,3 +389,37 @@ def test_requests_sharing_a_prompt_share_one_prefill_and_decode_as_if_alone(tiny
                 assert len({tuple(ours[i].token_ids) for i in (0, 2, 4)}) > 1
     assert prefilled == [3, 3, 3, 3]  # three distinct prompts per batch, never six
     assert Engine(lm, decoder="hf").share_prompts is False
+
+
+@pytest.mark.parametrize("arch", ["strong", "llava"])
+def test_the_prefill_attends_to_the_prompt_keys_only_on_grouped_query_sdpa(
+    tiny_models, sample_images, arch, monkeypatch
+):
+    """The static cache holds prompt + answer slots; the prefill's attention reads the prompt's slots only, and a
+    left-padded batch (a mask) runs on the folded grouped-query SDPA instead of copying each key/value head per
+    query head. The answers stay those of `generate` (left padding included)."""
+    import capdpo.generation.attention as attention
+
+    seen = []
+    folded = attention.folded_sdpa_attention
+
+    def spy(module, query, key, value, attention_mask, *args, **kwargs):
+        seen.append((query.shape[2], key.shape[2], attention_mask is not None))
+        return folded(module, query, key, value, attention_mask, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "folded_sdpa_attention", spy)
+    lm = load_vlm(str(tiny_models[arch]))
+    text = lm.model.config.get_text_config()
+    assert (text.num_key_value_heads < text.num_attention_heads) == (arch == "strong")  # LLaVA's: no grouped heads
+    gen = Generation(max_new_tokens=8)
+    padded = _requests(sample_images, 3)  # prompts of three lengths
+    fast, plain = Engine(lm, decoder="static"), Engine(lm, decoder="hf")
+    assert [o.token_ids for o in fast.generate(padded, gen)] == [o.token_ids for o in plain.generate(padded, gen)]
+    prompt_len = fast.batcher.encode(padded)["input_ids"].shape[1]
+    layers = text.num_hidden_layers
+    assert seen == [(prompt_len, prompt_len, True)] * layers  # the prefill only: decode steps stay on plain SDPA
+    seen.clear()
+    same = [Request(key=f"s{i}", image=padded[0].image, messages=padded[0].messages, seed=i) for i in range(2)]
+    fast.share_prompts = False  # two rows without padding: the causal path, no mask
+    fast.generate(same, gen)
+    assert [keys == queries and not masked for queries, keys, masked in seen] == [True] * layers
