@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -109,6 +110,13 @@ def main() -> None:
         help="also time capdpo at its best batch on prompts each asked this many times (stage 3's k variants), "
         "with one prefill per prompt and with one per row",
     )
+    parser.add_argument(
+        "--pad-spread",
+        type=int,
+        default=0,
+        help="instructions of 12..12+N tokens across each batch's rows (left padding, as images of several sizes "
+        "give), for the baseline and capdpo alike; the floor counts the mean length",
+    )
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument(
         "--compile",
@@ -151,9 +159,15 @@ def main() -> None:
     T = args.new_tokens
     rows: list[tuple[str, ...]] = [("path", "batch", "images", "seconds", "images/s", "floor img/s", "share of floor")]
     result = {"env": environment(device), "rates": rates, "params": params, "new_tokens": T, "world_size": world}
+    result["pad_spread"] = args.pad_spread
+    # the work of the mean row: the floor counts no padding
+    floor_shapes = replace(shapes, text_after=shapes.text_after + args.pad_spread / 2)
 
     def batches_of(batch: int, n: int, seed: int) -> list[dict]:
-        return [synthetic_batch(batch, shapes, device, seed=seed + i) for i in range(max(1, n // batch))]
+        after = [shapes.text_after + j % (args.pad_spread + 1) for j in range(batch)] if args.pad_spread else None
+        return [
+            synthetic_batch(batch, shapes, device, seed=seed + i, text_after=after) for i in range(max(1, n // batch))
+        ]
 
     def barrier() -> None:
         if world > 1:
@@ -172,7 +186,7 @@ def main() -> None:
         seconds = time_batches(plain, data, device)
         barrier()
         n = b * len(data) * world
-        floor = floor_images_per_s(b, T, shapes, params, rates, kv_bytes) * world
+        floor = floor_images_per_s(b, T, floor_shapes, params, rates, kv_bytes) * world
         entry = {"batch": b, "images": n, "seconds": seconds, "images_per_s": n / seconds}
         result.setdefault("baselines", []).append(entry)
         if i == 0:
@@ -213,7 +227,7 @@ def main() -> None:
             torch.cuda.empty_cache()
             continue
         n = b * len(data) * world
-        floor = floor_images_per_s(b, T, shapes, params, rates, kv_bytes) * world
+        floor = floor_images_per_s(b, T, floor_shapes, params, rates, kv_bytes) * world
         entry = {"batch": b, "images": n, "seconds": seconds, "images_per_s": n / seconds, "floor_images_per_s": floor}
         result.setdefault("capdpo", []).append(entry)
         rows.append(("capdpo static", str(b), str(n), f"{seconds:.2f}", f"{n / seconds:.2f}", f"{floor:.1f}",
@@ -243,7 +257,7 @@ def main() -> None:
         b = best["batch"]
         n, prefill_seconds = time_at(decoder, Generation(max_new_tokens=1), b)
         batches = n / (b * world)
-        floors = floor_seconds(b, T, shapes, params, rates, kv_bytes)
+        floors = floor_seconds(b, T, floor_shapes, params, rates, kv_bytes)
         split = {
             "prefill_s_per_batch": prefill_seconds / batches,
             "decode_s_per_batch": (best["seconds"] - prefill_seconds) / batches,

@@ -41,6 +41,9 @@ def test_benchmark_tiny_mode_runs_and_reports_ratios(tmp_path, script, extra):
         assert split["prefill_s_per_batch"] + split["decode_s_per_batch"] == pytest.approx(per_batch)
         assert {"prefill_floor_s", "decode_floor_s"} <= split.keys()  # NaN here: the tiny mode measures no rates
         assert "rows, prefill:" in result.stdout and "rows, decode:" in result.stdout
+        assert (
+            data["pad_spread"] == 2
+        )  # left-padded batches (instructions of 12..14 tokens), baseline and capdpo alike
         # stage 3's shape: the same requests with one prefill per prompt and with one per row
         shared = data["capdpo_shared_prompts"]
         assert shared["batch"] == best and shared["requests_per_prompt"] == 2
