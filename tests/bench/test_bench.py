@@ -12,7 +12,7 @@ from tests.helpers import ROOT
 @pytest.mark.parametrize(
     ("script", "extra"),
     [
-        ("bench/generate.py", ["--compare-windows", "32", "2", "--shared-prompts", "2"]),
+        ("bench/generate.py", ["--compare-windows", "32", "2", "--shared-prompts", "2", "--pad-spread", "2"]),
         ("bench/validate.py", ["--also", "4x1"]),
     ],
 )
