@@ -15,9 +15,13 @@ $(STAMP):
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt
 	@# DeepSpeed builds from source: without build isolation (isolation would pull a multi-GB torch) and
-	@# without compiling its CUDA ops (they are built at run time on GPU machines).
+	@# without compiling its CUDA ops (they are built at run time on GPU machines). Without a GPU its CPU
+	@# shared-memory op is compiled now: the first ZeRO run on CPU otherwise compiles it (a minute alone,
+	@# two beside the tests).
 	@if [ -f requirements-deepspeed.txt ]; then \
-		DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation -r requirements-deepspeed.txt; fi
+		shm=$$(command -v nvidia-smi >/dev/null 2>&1 && echo 0 || echo 1); \
+		DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=$$shm $(BIN)/python -m pip install -q --no-cache-dir \
+			--no-build-isolation -r requirements-deepspeed.txt; fi
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
