@@ -20,6 +20,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -285,26 +286,29 @@ def main() -> None:
         gen = Generation(max_new_tokens=T, temperature=1.0, top_p=0.95)
         prompts = [synthetic_batch(b // k, shapes, device, seed=3000 + i) for i in range(max(1, args.images // b))]
         prompt_rows = torch.arange(b // k, device=device).repeat_interleave(k)
-        entry = {"batch": b // k * k, "requests_per_prompt": k, "images": b // k * k * len(prompts) * world}
-        for label, shared in (("shared", True), ("per_row", False)):
+        entry = {
+            "batch": len(prompt_rows),
+            "requests_per_prompt": k,
+            "images": len(prompt_rows) * len(prompts) * world,
+        }
+        per_row = [repeat_rows(p, k) for p in prompts]  # the same rows, each with its own copy of its prompt
+        for label, shared, data in (("shared", prompt_rows, prompts), ("per_row", None, per_row)):
 
-            def run(inputs: dict, shared: bool = shared) -> None:
-                data = inputs if shared else repeat_rows(inputs, k)
-                decoder.generate(data, gen, list(range(len(prompt_rows))), eos_ids=[], pad_id=ENDOFTEXT,
-                                 rows=prompt_rows if shared else None)  # fmt: skip
+            def run(inputs: dict, shared: Any = shared) -> None:
+                decoder.generate(inputs, gen, list(range(len(prompt_rows))), eos_ids=[], pad_id=ENDOFTEXT, rows=shared)
 
-            time_batches(run, prompts[:1], device)
+            time_batches(run, data[:1], device)
             barrier()
-            entry[f"{label}_s"] = time_batches(run, prompts, device)
+            seconds = time_batches(run, data, device)
             barrier()
-            entry[f"{label}_requests_per_s"] = entry["images"] / entry[f"{label}_s"]
+            entry[f"{label}_s"], entry[f"{label}_requests_per_s"] = seconds, entry["images"] / seconds
+            how = "one prefill per prompt" if shared is not None else "one prefill per row"
+            rows.append((f"capdpo, {k} requests per prompt, {how}", str(entry["batch"]), str(entry["images"]),
+                         f"{seconds:.2f}", f"{entry['images'] / seconds:.2f}", "", ""))  # fmt: skip
+            print(" | ".join(rows[-1]), flush=True)
         entry["speedup"] = entry["per_row_s"] / entry["shared_s"]
         result["capdpo_shared_prompts"] = entry
-        for label in ("shared", "per_row"):
-            rows_label = "one prefill per prompt" if label == "shared" else "one prefill per row"
-            rows.append((f"capdpo, {k} requests per prompt, {rows_label}", str(entry["batch"]), str(entry["images"]),
-                         f"{entry[label + '_s']:.2f}", f"{entry[label + '_requests_per_s']:.2f}", "", ""))  # fmt: skip
-            print(" | ".join(rows[-1]), flush=True)
+        del per_row
     if args.sampled and best is not None:
         b = best["batch"]
         gen = Generation(max_new_tokens=T, temperature=0.7, top_p=0.9, repetition_penalty=1.05)

@@ -81,7 +81,7 @@ class Engine:
             rows.append(index[key])
         return (list(batch), None) if len(prompts) == len(batch) else (prompts, rows)
 
-    def _inputs(self, batch: Sequence[Request]) -> dict[str, Any]:
+    def _inputs(self, batch: Sequence[Request], prompts: Sequence[Request]) -> dict[str, Any]:
         """The model inputs of the batch's prompts (`_prompts`): prepared ahead if asked for, else now (after any
         preparation under way, so the processor is never used by two threads at once)."""
         ready = self._prepared.pop(tuple(r.key for r in batch), None)
@@ -89,7 +89,7 @@ class Engine:
             return ready.result()
         for pending in list(self._prepared.values()):
             pending.exception()  # waits; a failure is raised where that batch is used
-        return self.batcher.encode(self._prompts(batch)[0])
+        return self.batcher.encode(prompts)
 
     def plan(self, requests: Sequence[Request], batch_size: int) -> list[list[Request]]:
         """Batches of requests of similar length, in an order fixed by the requests alone."""
@@ -103,11 +103,11 @@ class Engine:
         import torch
         from transformers import LogitsProcessorList
 
-        inputs = self._inputs(batch)
+        prompts, rows = self._prompts(batch)
+        inputs = self._inputs(batch, prompts)
         prompt_length = inputs["input_ids"].shape[1]
         if self.static is not None:
             pad = self.lm.tokenizer.pad_token_id
-            _, rows = self._prompts(batch)
             rows_t = torch.tensor(rows, dtype=torch.long) if rows is not None else None
             generated = self.static.generate(inputs, gen, [r.seed for r in batch], self.eos_ids, pad, rows=rows_t)
             return self._outputs(batch, generated.tolist())
