@@ -25,20 +25,27 @@ from typing import Any
 
 from capdpo.generation.attention import folded_attention
 from capdpo.generation.rope import IMAGE_BATCH_KEYS, mrope_positions
-from capdpo.generation.sampling import Generation, filter_scores, gumbel_noise, repetition_penalty
+from capdpo.generation.sampling import Generation, repetition_penalty, sampled_scores
 
 
 class StaticDecoder:
     """Generates for one padded batch with a static cache; see the module docstring."""
 
     def __init__(
-        self, lm: Any, use_cuda_graph: bool | None = None, prefill_rows: int = 0, window_step: int = 0
+        self,
+        lm: Any,
+        use_cuda_graph: bool | None = None,
+        prefill_rows: int = 0,
+        window_step: int = 0,
+        sampler_backend: str | None = "auto",
     ) -> None:
         """`prefill_rows`: rows per prefill forward (0: the whole batch at once). Decoding is memory-bound, so it
         runs best on far more rows than a prefill (vision + prompt) needs to fill the GPU; chunking the prefill
         lets one batch decode e.g. 1024 rows while vision and prompt activations stay those of 256.
         `window_step`: generated positions added to the attention window at a time (0: every step reads the whole
-        cache)."""
+        cache).
+        `sampler_backend`: the torch.compile backend `sampled_scores` runs on (None: eagerly; "auto": "inductor" on
+        CUDA with Triton unless CAPDPO_NO_COMPILE=1, else eagerly)."""
         self.lm = lm
         self.prefill_rows = prefill_rows
         self.window_step = window_step
@@ -48,6 +55,14 @@ class StaticDecoder:
         self.head = self.model.get_output_embeddings()
         self.mrope = hasattr(self.model.model, "rope_deltas")
         self.use_cuda_graph = lm.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
+        if sampler_backend == "auto":
+            import os
+
+            from torch.utils._triton import has_triton
+
+            cuda = lm.device.type == "cuda" and has_triton() and os.environ.get("CAPDPO_NO_COMPILE", "0") != "1"
+            sampler_backend = "inductor" if cuda else None
+        self.sampler_backend = sampler_backend
 
     def generate(
         self,
@@ -113,7 +128,7 @@ class StaticDecoder:
                 if gen.repetition_penalty != 1.0:
                     scores = repetition_penalty(scores, state["seen"], gen.repetition_penalty)
                 if gen.temperature > 0:
-                    scores = filter_scores(scores, gen) + gumbel_noise(seed_t, state["step"], scores.shape[-1])
+                    scores = sampled_scores(scores, seed_t, state["step"], gen, self.sampler_backend)
                 token = scores.argmax(-1)
                 token = torch.where(state["finished"], torch.full_like(token, pad_id), token)
                 state["finished"] |= torch.isin(token, eos_t)

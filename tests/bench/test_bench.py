@@ -66,6 +66,31 @@ def test_levers_tiny_mode_measures_every_part():
     assert result.stdout.count("decode") == 4 and "fused 7 text modules" in result.stdout
 
 
+def test_decode_levers_tiny_mode_times_every_configuration(tmp_path):
+    out = tmp_path / "decode.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench/decode.py"), "--tiny", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert list(data["configs"]) == [
+        "separate projections",
+        "joined projections",
+        "joined projections, window step 32",
+        "sampled, eager sampler",
+        "sampled, compiled sampler",
+    ]
+    assert all(c["generate_s"] > 0 and c["prefill_s"] > 0 for c in data["configs"].values())
+    assert data["joined_projection_groups"] == 4  # 2 layers x (q/k/v, gate/up)
+    assert data["joined_vs_separate_token_agreement"] == 1.0  # float32: the same tokens
+    assert data["compiled_sampler_tokens_equal"] is True and data["compiled_sampler_scores_equal"] is True
+    assert "4 bare decode steps" in result.stdout
+
+
 def test_device_busy_time_counts_overlapping_kernels_once():
     from bench.common import covered
 

@@ -154,6 +154,24 @@ def test_static_decoder_is_token_identical_to_generate(tiny_models, sample_image
         assert chunks == expected * 2
 
 
+def test_the_compiled_sampler_traces_whole_and_samples_as_the_eager_one(strong, sample_images):
+    """`sampled_scores` compiled as one graph (dynamo with the eager backend here; inductor on CUDA) gives the eager
+    values, for an int step and a device step, and the static decoder sampling through it gives generate's tokens."""
+    from capdpo.generation.sampling import sampled_scores
+
+    torch.manual_seed(0)
+    scores, seeds = torch.randn(5, 300) * 3, torch.arange(5) * 7919
+    gen = Generation(temperature=0.7, top_p=0.9, top_k=40)
+    for step in (3, torch.tensor(4)):
+        expected = sampled_scores(scores, seeds, step, gen)
+        assert torch.isinf(expected).any() and torch.equal(sampled_scores(scores, seeds, step, gen, "eager"), expected)
+    fast = Engine(strong, decoder="static")
+    fast.static.sampler_backend = "eager"
+    requests, gen = _requests(sample_images, 3), Generation(max_new_tokens=12, temperature=1.0, top_p=0.9)
+    ours, theirs = fast.generate(requests, gen), Engine(strong, decoder="hf").generate(requests, gen)
+    assert [o.token_ids for o in ours] == [o.token_ids for o in theirs]
+
+
 class _ReplayedGraph:
     """What `_capture` gives on CUDA, run eagerly: the step ran once as the warm-up, each replay runs it again."""
 
@@ -254,6 +272,32 @@ def test_static_decoder_with_fused_text_elementwise_is_token_identical(tiny_mode
     assert home.apply_rotary_pos_emb.capdpo_plain.__module__ == home.__name__  # the rotary embedding is fused too
     fused = Engine(lm, decoder="static", prefill_rows=2).generate(requests, gen)
     assert [o.token_ids for o in fused] == [o.token_ids for o in plain]
+
+
+@pytest.mark.parametrize("arch", ["strong", "qwen3vl", "llava"])
+def test_static_decoder_with_joined_text_projections_is_token_identical(tiny_models, sample_images, arch):
+    """q/k/v and gate/up as one GEMM each: same logits and tokens; the model keeps its parameters (names, shapes,
+    values), and a projection called on another input still computes alone."""
+    from capdpo.models.patches import fuse_text_projections
+
+    lm = load_vlm(str(tiny_models[arch]))
+    requests, gen = _requests(sample_images, 3), Generation(max_new_tokens=12)
+    plain = Engine(lm, decoder="hf").generate(requests, gen)
+    state = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    text = lm.model.config.get_text_config()
+    assert fuse_text_projections(lm.model) == 2 * text.num_hidden_layers
+    assert fuse_text_projections(lm.model) == 0  # applied once
+    after = lm.model.state_dict()
+    assert list(after) == list(state) and all(torch.equal(after[k], v) for k, v in state.items())
+    attention = next(m for m in lm.model.model.language_model.modules() if type(m).__name__.endswith("Attention"))
+    x = torch.randn(2, 5, text.hidden_size)
+    expected = torch.nn.functional.linear(x, attention.v_proj.weight, attention.v_proj.bias)
+    assert torch.equal(attention.v_proj(x), expected)
+    q, k, v = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)  # one GEMM, split
+    assert torch.allclose(v, expected, atol=1e-6) and attention.q_proj.weight.shape[0] == q.shape[-1]
+    assert k.shape[-1] == attention.k_proj.out_features
+    joined = Engine(lm, decoder="static", prefill_rows=2).generate(requests, gen)
+    assert [o.token_ids for o in joined] == [o.token_ids for o in plain]
 
 
 def _flash_like_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -1,0 +1,155 @@
+"""Captioning's decode steps, lever by lever (7B, 448x448 images, one batch of `--batch` rows).
+
+Each configuration generates 1 and `--new-tokens` tokens for the same batch; the difference over the extra tokens is
+its decode step. In order: capdpo's CUDA tunings without the joined projections; with q/k/v and gate/up as one GEMM
+each (`fuse_text_projections`); that with the attention window growing by 32 positions; top-p sampling with the
+sampler eager and compiled (the two must give the same tokens). Then a profile of bare decode steps.
+
+    python bench/decode.py --out bench/results/decode_h100.json     # GPU, ~4 min
+    python bench/decode.py --tiny                                   # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (  # noqa: E402
+    ENDOFTEXT,
+    Shapes,
+    build_model,
+    environment,
+    profiler,
+    sync,
+    synthetic_batch,
+    write_result,
+)
+
+
+def seconds(fn, device: str) -> float:
+    """One call's wall time after a warm-up call (CUDA graph captures and compiles happen in the warm-up)."""
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny model on CPU: a smoke test of this script")
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill-rows", type=int, default=256)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    import torch
+
+    from capdpo.generation.sampling import Generation, sampled_scores
+    from capdpo.generation.static_decoder import StaticDecoder
+    from capdpo.models import patches
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = device == "cuda"
+    if args.tiny:
+        args.batch, args.new_tokens, args.prefill_rows = 4, 6, 2
+    shapes = Shapes(image_side=56) if args.tiny else Shapes()
+    model = build_model("tiny" if args.tiny else "7b", device)
+    inputs = synthetic_batch(args.batch, shapes, device, seed=1)
+    patches.use_grouped_vision_attention()
+    if cuda:  # tune_for_cuda_inference less the joined projections, which are the first lever
+        patches.linear_patch_embedding(model)
+        patches.pad_vision_mlp(model)
+        patches.fuse_vision_elementwise(model)
+        patches.fuse_text_elementwise(model)
+    lm = SimpleNamespace(model=model, device=torch.device(device))
+    result = {"env": environment(device), "batch": args.batch, "new_tokens": args.new_tokens, "configs": {}}
+    steps = args.new_tokens - 1
+    seeds = list(range(args.batch))
+    tokens = {}
+
+    def measure(name: str, gen: Generation, **decoder_args) -> None:
+        decoder = StaticDecoder(lm, prefill_rows=args.prefill_rows, **decoder_args)
+        with torch.inference_mode():
+            one = seconds(lambda: decoder.generate(inputs, Generation(max_new_tokens=1), seeds, [], ENDOFTEXT), device)
+            out = {}
+            full = seconds(lambda: out.setdefault("t", decoder.generate(inputs, gen, seeds, [], ENDOFTEXT)), device)
+        tokens[name] = out["t"]
+        step_ms = (full - one) / steps * 1000
+        result["configs"][name] = {"prefill_s": one, "generate_s": full, "decode_step_ms": step_ms}
+        print(f"{name}: prefill + 1 token {one:.3f} s, {args.new_tokens} tokens {full:.3f} s, "
+              f"decode step {step_ms:.2f} ms", flush=True)  # fmt: skip
+
+    greedy = Generation(max_new_tokens=args.new_tokens)
+    sampled = Generation(max_new_tokens=args.new_tokens, temperature=1.0, top_p=0.95)
+    measure("separate projections", greedy)
+    joined = patches.fuse_text_projections(model)
+    result["joined_projection_groups"] = joined
+    measure("joined projections", greedy)
+    same = (tokens["joined projections"] == tokens["separate projections"]).float().mean().item()
+    result["joined_vs_separate_token_agreement"] = same
+    print(f"joined projections: {joined} groups; greedy tokens equal to the separate ones: {same:.1%}", flush=True)
+    measure("joined projections, window step 32", greedy, window_step=32)
+    measure("sampled, eager sampler", sampled, sampler_backend=None)
+    measure("sampled, compiled sampler", sampled, sampler_backend="inductor" if cuda else "eager")
+    equal = torch.equal(tokens["sampled, eager sampler"], tokens["sampled, compiled sampler"])
+    result["compiled_sampler_tokens_equal"] = equal
+    logits = torch.randn(args.batch, model.config.text_config.vocab_size, device=device) * 4
+    seed_t = torch.tensor(seeds, device=device)
+    step_t = torch.tensor(7, device=device)
+    plain = sampled_scores(logits, seed_t, step_t, sampled)
+    compiled = sampled_scores(logits, seed_t, step_t, sampled, "inductor" if cuda else "eager")
+    result["compiled_sampler_scores_equal"] = torch.equal(plain, compiled)
+    select_ms = {}
+    for label, backend in (("eager", None), ("compiled", "inductor" if cuda else "eager")):
+        select_ms[label] = seconds(lambda b=backend: sampled_scores(logits, seed_t, step_t, sampled, b), device) * 1000
+    result["sampler_ms"] = select_ms
+    print(f"sampled tokens equal with the compiled sampler: {equal}; scores equal: "
+          f"{result['compiled_sampler_scores_equal']}; sampler {select_ms['eager']:.2f} ms eager, "
+          f"{select_ms['compiled']:.2f} ms compiled", flush=True)  # fmt: skip
+    profile_steps(model, inputs, args.new_tokens, device)
+    write_result(args.out, result)
+
+
+def profile_steps(model, inputs: dict, new_tokens: int, device: str) -> None:
+    """Print the costliest operators of 4 bare decode steps (eager) on a cache of the captioning length."""
+    import torch
+    from transformers import StaticCache
+
+    from bench.common import operator_table
+
+    batch, prompt = inputs["input_ids"].shape
+    total = prompt + max(new_tokens, 8)  # the warm-up and the profiled call write 8 positions
+    cache = StaticCache(config=model.config, max_cache_len=total)
+    with torch.inference_mode():
+        model.model.rope_deltas = None
+        model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        mask = torch.ones(batch, total, dtype=inputs["attention_mask"].dtype, device=device)
+        token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        position = torch.full((3, batch, 1), prompt, dtype=torch.long, device=device)
+
+        def run() -> None:
+            for _ in range(4):
+                hidden = model.model.language_model(
+                    inputs_embeds=model.get_input_embeddings()(token), position_ids=position, attention_mask=mask,
+                    past_key_values=cache, use_cache=True,
+                ).last_hidden_state  # fmt: skip
+                model.lm_head(hidden[:, -1]).float().argmax(-1)
+
+        run()
+        sync(device)
+        with profiler(device == "cuda") as prof:
+            run()
+            sync(device)
+    print("--- 4 bare decode steps (eager) ---\n" + operator_table(prof, device == "cuda"), flush=True)
+
+
+if __name__ == "__main__":
+    main()
