@@ -86,18 +86,19 @@ def filter_scores(scores: Any, gen: Generation) -> Any:
 
 def sampled_scores(scores: Any, seeds: Any, step: Any, gen: Generation, backend: str | None = None) -> Any:
     """`filter_scores` plus `gumbel_noise` for step `step` (an int or a 0-d tensor): the argmax of the result is a
-    sample. `backend` (e.g. "inductor", for CUDA): run as one compiled function, so the noise's integer hash and logs
-    are one fused pass over [B, V] instead of ~20 (the same elementwise functions, so the same values)."""
+    sample. `backend` (e.g. "inductor", for CUDA): the noise and its addition run as one compiled elementwise kernel
+    instead of ~20 passes over [B, V] (the same integer hash and float64 logs, so the same values; the top-k/top-p
+    filter stays eager, as a compiled softmax and cumsum would sum in another order)."""
+    scores = filter_scores(scores, gen)
     if backend is None:
-        return _sampled_scores(scores, seeds, step, gen.temperature, gen.top_k, gen.top_p)
+        return _add_noise(scores, seeds, step)
     from capdpo.models.patches import compiled_or_eager
 
-    return compiled_or_eager(_sampled_scores, backend)(scores, seeds, step, gen.temperature, gen.top_k, gen.top_p)
+    return compiled_or_eager(_add_noise, backend)(scores, seeds, step)
 
 
-def _sampled_scores(scores: Any, seeds: Any, step: Any, temperature: float, top_k: int, top_p: float) -> Any:
-    gen = Generation(temperature=temperature, top_k=top_k, top_p=top_p)
-    return filter_scores(scores, gen) + gumbel_noise(seeds, step, scores.shape[-1])
+def _add_noise(scores: Any, seeds: Any, step: Any) -> Any:
+    return scores + gumbel_noise(seeds, step, scores.shape[-1])
 
 
 def repetition_penalty(scores: Any, seen: Any, penalty: float) -> Any:

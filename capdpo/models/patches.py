@@ -436,12 +436,19 @@ def _fused_mlp_forward(backend: str) -> Any:
     return forward
 
 
+# inputs of up to this many rows (tokens) run as one joined GEMM: decode steps. A prefill's GEMMs are large enough
+# apart, and its SiLU gating then reads two contiguous outputs instead of strided halves of one (measured slower:
+# prefill 4.93 -> 5.10 s per 512 images joined, H100, bench/results/decode_h100_2026-12-07_3.json)
+JOINED_GEMM_MAX_ROWS = 4096
+
+
 class _SharedInputGemm:
     """Linear layers that read one input, in a fixed order, as one GEMM over their weights laid end to end.
 
-    The first layer's call runs the whole GEMM and keeps its output; each later layer called with that same tensor
-    returns its columns of it (the last one drops it), and called with any other input computes alone. The layers'
-    own weights become views of the joined ones, so the model keeps its parameters, names and memory."""
+    For an input of at most `JOINED_GEMM_MAX_ROWS` rows, the first layer's call runs the whole GEMM and keeps its
+    output; each later layer called with that same tensor returns its columns of it (the last one drops it), and
+    called with any other input computes alone. Larger inputs run each layer alone. The layers' own weights become
+    views of the joined ones, so the model keeps its parameters, names and memory."""
 
     def __init__(self, layers: list[Any]) -> None:
         import torch
@@ -462,6 +469,8 @@ class _SharedInputGemm:
     def _forward(self, layer: Any, start: int, end: int, index: int, count: int, x: Any) -> Any:
         import torch.nn.functional as F
 
+        if x.numel() > JOINED_GEMM_MAX_ROWS * x.shape[-1]:  # a prefill: each layer on its own rows of the weights
+            return F.linear(x, layer.weight, layer.bias)
         if index == 0:
             out = F.linear(x, self.weight, self.bias)
             self.pending = (x, out)
@@ -479,7 +488,8 @@ def fuse_text_projections(model: Any) -> int:
     another; returns how many groups. For inference only (the joined weights are not trained).
 
     In a decode step of 512 rows the key and value projections (512 outputs each for Qwen2.5-VL-7B's 4 key/value
-    heads) fill a few of the GPU's SMs; joined with the query projection they run in the same waves. Layers that are
+    heads) fill a few of the GPU's SMs; joined with the query projection they run in the same waves (a prefill runs
+    them apart, see `JOINED_GEMM_MAX_ROWS`). Layers that are
     not plain `torch.nn.Linear` of one input width and dtype (LoRA layers, quantized ones) are left alone."""
     import torch
 

@@ -275,10 +275,25 @@ def test_static_decoder_with_fused_text_elementwise_is_token_identical(tiny_mode
 
 
 @pytest.mark.parametrize("arch", ["strong", "qwen3vl", "llava"])
-def test_static_decoder_with_joined_text_projections_is_token_identical(tiny_models, sample_images, arch):
-    """q/k/v and gate/up as one GEMM each: same logits and tokens; the model keeps its parameters (names, shapes,
-    values), and a projection called on another input still computes alone."""
+def test_static_decoder_with_joined_text_projections_is_token_identical(tiny_models, sample_images, arch, monkeypatch):
+    """q/k/v and gate/up as one GEMM each for the decode steps (inputs of at most 8 rows here), apart for the prefill:
+    same logits and tokens; the model keeps its parameters (names, shapes, values), and a projection called on
+    another input still computes alone."""
+    import torch.nn.functional as F
+
+    from capdpo.models import patches
     from capdpo.models.patches import fuse_text_projections
+
+    monkeypatch.setattr(patches, "JOINED_GEMM_MAX_ROWS", 8)
+    joined_rows = []
+    linear = F.linear
+    monkeypatch.setattr(
+        F,
+        "linear",
+        lambda x, w, b=None: (
+            joined_rows.append((x.numel() // x.shape[-1], w.data_ptr(), w.shape[0])) or linear(x, w, b)
+        ),
+    )
 
     lm = load_vlm(str(tiny_models[arch]))
     requests, gen = _requests(sample_images, 3), Generation(max_new_tokens=12)
@@ -296,8 +311,14 @@ def test_static_decoder_with_joined_text_projections_is_token_identical(tiny_mod
     q, k, v = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)  # one GEMM, split
     assert torch.allclose(v, expected, atol=1e-6) and attention.q_proj.weight.shape[0] == q.shape[-1]
     assert k.shape[-1] == attention.k_proj.out_features
+    joined_rows.clear()
     joined = Engine(lm, decoder="static", prefill_rows=2).generate(requests, gen)
     assert [o.token_ids for o in joined] == [o.token_ids for o in plain]
+    q, k, v = (getattr(attention, name) for name in ("q_proj", "k_proj", "v_proj"))
+    joined_weight = (q.weight.data_ptr(), q.out_features + k.out_features + v.out_features)
+    assert (3, *joined_weight) in joined_rows  # a decode step of 3 rows: one GEMM
+    assert any(rows > 8 and (ptr, out) == (k.weight.data_ptr(), k.out_features) for rows, ptr, out in joined_rows)
+    assert not any(rows > 8 and (ptr, out) == joined_weight for rows, ptr, out in joined_rows)  # prefill: apart
 
 
 def _flash_like_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
