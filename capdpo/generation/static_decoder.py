@@ -63,6 +63,7 @@ class StaticDecoder:
             cuda = lm.device.type == "cuda" and has_triton() and os.environ.get("CAPDPO_NO_COMPILE", "0") != "1"
             sampler_backend = "inductor" if cuda else None
         self.sampler_backend = sampler_backend
+        self._session: _DecodeSession | None = None
 
     def generate(
         self,
@@ -77,7 +78,20 @@ class StaticDecoder:
 
         `rows` (a LongTensor [B] of row indices into `inputs`, or None for `inputs`' own rows): the prompt each
         generated row continues. Rows that share a prompt share its prefill (vision tower and prompt run once, the
-        cache rows copied), then decode apart with their own seeds."""
+        cache rows copied), then decode apart with their own seeds.
+
+        The cache and the tensors a decode step reads are kept for the next call of the same shape (rows, prompt
+        length, new tokens), whose steps then replay the CUDA graphs already captured instead of capturing their own
+        (each capture costs eager warm-up steps and a device synchronisation)."""
+        try:
+            return self._generate(inputs, gen, seeds, eos_ids, pad_id, rows)
+        except BaseException:
+            self._session = None  # e.g. out of memory half-way: the next call starts clean
+            raise
+
+    def _generate(
+        self, inputs: dict[str, Any], gen: Generation, seeds: list[int], eos_ids: list[int], pad_id: int, rows: Any
+    ) -> Any:
         import torch
         from transformers import StaticCache
 
@@ -86,8 +100,17 @@ class StaticDecoder:
         prompt_len = input_ids.shape[1]
         total = prompt_len + gen.max_new_tokens
         device = input_ids.device
+        batch = len(rows) if rows is not None else input_ids.shape[0]
+        key = (batch, prompt_len, total, mask.dtype, str(device))
+        session = self._session if self._session is not None and self._session.key == key else None
+        self._session = None  # a session of another shape frees its cache before this call allocates
         cache = StaticCache(config=self.model.config, max_cache_len=total)
         with torch.inference_mode(), masked_attention(self.decoder.config):
+            if session is not None and rows is None:
+                cache = session.cache  # the prefill writes the prompt slots; the answer slots are cleared
+                for layer in cache.layers:
+                    layer.keys[:, :, prompt_len:].zero_()
+                    layer.values[:, :, prompt_len:].zero_()
             if self.mrope:
                 self.model.model.rope_deltas = None
             extra, deltas = {}, None
@@ -106,19 +129,24 @@ class StaticDecoder:
             if rows is not None:
                 rows = rows.to(device)
                 input_ids, mask, logits, deltas = input_ids[rows], mask[rows], logits[rows], deltas[rows]
-                _select_cache_rows(cache, rows)
-            batch = input_ids.shape[0]
-            real_len = mask.sum(-1)
-            full_mask = torch.ones(batch, total, dtype=mask.dtype, device=device)
-            full_mask[:, :prompt_len] = mask  # generated positions are all real; causality hides the future ones
-            state = {
-                "token": torch.zeros(batch, dtype=torch.long, device=device),
-                "step": torch.zeros((), dtype=torch.long, device=device),
-                "finished": torch.zeros(batch, dtype=torch.bool, device=device),
-                "seen": torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=device),
-            }
+                if session is not None:  # the prompts' cache rows copied into the kept cache
+                    for small, kept in zip(cache.layers, session.cache.layers):
+                        torch.index_select(small.keys, 0, rows, out=kept.keys)
+                        torch.index_select(small.values, 0, rows, out=kept.values)
+                        kept.cumulative_length.fill_(prompt_len)
+                    cache = session.cache
+                else:
+                    _select_cache_rows(cache, rows)
+            windowed = _static_layers(cache)
+            if session is None:
+                session = _DecodeSession(key, cache, batch, total, mask.dtype, device)
+            session.full_mask[:, :prompt_len] = mask  # generated positions are all real; causality hides the rest
+            session.real_len.copy_(mask.sum(-1))
+            session.deltas.copy_(deltas)
+            finished = torch.zeros(batch, dtype=torch.bool, device=device)
+            seen = torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=device)
             if gen.repetition_penalty != 1.0:
-                state["seen"].scatter_(1, input_ids, True)  # like transformers: every prompt token counts
+                seen.scatter_(1, input_ids, True)  # like transformers: every prompt token counts
             seed_t = torch.tensor(seeds, dtype=torch.long, device=device)
             eos_t = torch.tensor(eos_ids, dtype=torch.long, device=device)
             tokens = torch.full((batch, gen.max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -126,67 +154,72 @@ class StaticDecoder:
             def select(logits: Any) -> Any:
                 scores = logits
                 if gen.repetition_penalty != 1.0:
-                    scores = repetition_penalty(scores, state["seen"], gen.repetition_penalty)
+                    scores = repetition_penalty(scores, seen, gen.repetition_penalty)
                 if gen.temperature > 0:
-                    scores = sampled_scores(scores, seed_t, state["step"], gen, self.sampler_backend)
+                    scores = sampled_scores(scores, seed_t, session.step, gen, self.sampler_backend)
                 token = scores.argmax(-1)
-                token = torch.where(state["finished"], torch.full_like(token, pad_id), token)
-                state["finished"] |= torch.isin(token, eos_t)
+                token = torch.where(finished, torch.full_like(token, pad_id), token)
+                finished.logical_or_(torch.isin(token, eos_t))
                 if gen.repetition_penalty != 1.0:
-                    state["seen"].scatter_(1, token[:, None], True)
+                    seen.scatter_(1, token[:, None], True)
                 return token
 
-            windowed = _static_layers(cache)
             if windowed:  # the same tensors, written at the slot `position` names and read up to a window
-                position = torch.zeros((), dtype=torch.long, device=device)
                 layers = cache.layers
-                cache.layers = [_decode_layer_class()(layer, position) for layer in layers]
-
-            def decode_step(window: int) -> None:
-                # the token chosen at step t sits at cache position prompt_len + t
-                position_ids = (real_len + state["step"] + deltas).view(1, batch, 1)
-                position_ids = position_ids.expand(3, batch, 1) if self.mrope else position_ids.view(batch, 1)
-                if windowed:
-                    torch.add(state["step"], prompt_len, out=position)
-                    for layer in cache.layers:
-                        layer.window = window
-                hidden = self.decoder(
-                    inputs_embeds=self.embed(state["token"].view(batch, 1)),
-                    position_ids=position_ids,
-                    attention_mask=full_mask[:, :window],
-                    past_key_values=cache,
-                    use_cache=True,
-                ).last_hidden_state
-                state["logits"] = self.head(hidden[:, -1]).float()
-
-            state["token"].copy_(select(logits))  # in place: a captured graph reads this memory
-            tokens[:, 0] = state["token"]
-            # a graph per window; windows only grow, so the graphs can share one memory pool. A cache whose layers
-            # are not plain static ones is read whole and decoded eagerly (its write slot follows its own counter)
-            graphs: dict[int, Any] = {}
+                cache.layers = [_decode_layer_class()(layer, session.position) for layer in layers]
+            session.step.zero_()
+            session.token.copy_(select(logits))  # in place: a captured graph reads this memory
+            tokens[:, 0] = session.token
+            # a graph per window, kept in the session; windows only grow, so the graphs can share one memory pool. A
+            # cache whose layers are not plain static ones is read whole and decoded eagerly (its write slot follows
+            # its own counter) and is not kept
             capture = self.use_cuda_graph and windowed
-            pool = torch.cuda.graph_pool_handle() if capture else None
+            if capture and session.pool is None:
+                session.pool = torch.cuda.graph_pool_handle()
             for t in range(1, gen.max_new_tokens):
                 # write the previous token into the cache at position prompt_len + t - 1, read the next
-                state["step"].fill_(t - 1)
+                session.step.fill_(t - 1)
                 window = total
                 if windowed and self.window_step > 0:
                     window = min(total, prompt_len + -(-t // self.window_step) * self.window_step)
-                if capture and t >= 3 and window not in graphs:
-                    graphs[window] = _capture(lambda w=window: decode_step(w), pool)
-                graph = graphs.get(window)
-                if graph is not None:
-                    graph.replay()
-                else:
-                    decode_step(window)
-                state["step"].fill_(t)
-                state["token"].copy_(select(state["logits"]))
-                tokens[:, t] = state["token"]
-                if t % 16 == 0 and bool(state["finished"].all()):
+                if capture and t >= 3 and window not in session.graphs:
+                    session.graphs[window] = _capture(
+                        lambda w=window: self._decode_step(session, w, windowed), session.pool
+                    )
+                graph = session.graphs.get(window)
+                step_logits = graph.replay() if graph is not None else self._decode_step(session, window, windowed)
+                session.step.fill_(t)
+                session.token.copy_(select(step_logits))
+                tokens[:, t] = session.token
+                if t % 16 == 0 and bool(finished.all()):
                     break
             if windowed:
                 cache.layers = layers
+                self._session = session
         return tokens
+
+    def _decode_step(self, session: _DecodeSession, window: int, windowed: bool) -> Any:
+        """One decode step on `session`'s tensors (all of them read in place, so a captured graph replays it for any
+        batch copied into them): writes the token of `session.step` into the cache, returns the next logits [B, V]
+        (float32)."""
+        import torch
+
+        batch = session.token.shape[0]
+        # the token chosen at step t sits at cache position prompt_len + t
+        position_ids = (session.real_len + session.step + session.deltas).view(1, batch, 1)
+        position_ids = position_ids.expand(3, batch, 1) if self.mrope else position_ids.view(batch, 1)
+        if windowed:
+            torch.add(session.step, session.key[1], out=session.position)
+            for layer in session.cache.layers:
+                layer.window = window
+        hidden = self.decoder(
+            inputs_embeds=self.embed(session.token.view(batch, 1)),
+            position_ids=position_ids,
+            attention_mask=session.full_mask[:, :window],
+            past_key_values=session.cache,
+            use_cache=True,
+        ).last_hidden_state
+        return self.head(hidden[:, -1]).float()
 
     def _prefill(self, inputs: dict[str, Any], extra: dict[str, Any], cache: Any, total: int) -> tuple[Any, Any]:
         """Fill `cache` with the prompts (in chunks of `prefill_rows` rows where possible); returns the
@@ -398,6 +431,35 @@ def _decode_layer_class() -> type:
 _DECODE_LAYER: type | None = None
 
 
+class _DecodeSession:
+    """The cache and every tensor a decode step reads, for one batch shape `key` (rows, prompt length, cache length,
+    mask dtype, device), and the CUDA graphs captured on them (one per attention window, in one memory pool)."""
+
+    def __init__(self, key: tuple[Any, ...], cache: Any, batch: int, total: int, mask_dtype: Any, device: Any) -> None:
+        import torch
+
+        self.key, self.cache = key, cache
+        self.full_mask = torch.ones(batch, total, dtype=mask_dtype, device=device)
+        self.real_len = torch.zeros(batch, dtype=torch.long, device=device)
+        self.deltas = torch.zeros(batch, dtype=torch.long, device=device)
+        self.token = torch.zeros(batch, dtype=torch.long, device=device)
+        self.step = torch.zeros((), dtype=torch.long, device=device)
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+        self.graphs: dict[int, Any] = {}
+        self.pool: Any = None
+
+
+class _Graph:
+    """A captured decode step: `replay()` runs it and returns its output tensor (the same memory every time)."""
+
+    def __init__(self, graph: Any, out: Any) -> None:
+        self.graph, self.out = graph, out
+
+    def replay(self) -> Any:
+        self.graph.replay()
+        return self.out
+
+
 def _capture(step_fn: Any, pool: Any = None) -> Any:
     """Capture one decode step as a CUDA graph (after a warm-up on a side stream) in memory pool `pool`; None
     when capture fails."""
@@ -411,8 +473,8 @@ def _capture(step_fn: Any, pool: Any = None) -> Any:
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph, pool=pool):
-            step_fn()
+            out = step_fn()
     except RuntimeError as err:  # an op that synchronises with the host cannot be captured: stay eager
         print(f"CUDA graph capture failed, decoding eagerly ({str(err).splitlines()[0]})", flush=True)
         return None
-    return graph
+    return _Graph(graph, out)

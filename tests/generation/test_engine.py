@@ -213,15 +213,19 @@ def test_static_decoder_windows_and_graph_replays_match_generate(tiny_models, sa
     whole.static.window_step = 0
     windowed = Engine(lm, decoder="static", prefill_rows=2)
     windowed.static.window_step, windowed.static.use_cuda_graph = 3, True
-    for gen in (Generation(max_new_tokens=new), Generation(max_new_tokens=new, temperature=0.9, top_p=0.9)):
+    # the second call: another batch of the same shape (the rows reversed), sampled; it replays the first call's
+    # graphs on its own prompts
+    sampled = Generation(max_new_tokens=new, temperature=0.9, top_p=0.9)
+    calls = ((Generation(max_new_tokens=new), requests), (sampled, requests[::-1]))
+    for call, (gen, batch) in enumerate(calls):
         captured.clear(), read_lengths.clear(), caches.clear()
-        reference = whole.generate(requests, gen)
+        reference = whole.generate(batch, gen)
         assert captured == [] and caches  # no graphs on the CPU by default
         layers = len(caches[0].layers)
         assert set(read_lengths) == {caches[0].layers[0].max_cache_len}  # window_step 0: the whole cache every step
         read_lengths.clear()
-        ours = windowed.generate(requests, gen)
-        theirs = plain.generate(requests, gen)
+        ours = windowed.generate(batch, gen)
+        theirs = plain.generate(batch, gen)
         assert [o.token_ids for o in ours] == [o.token_ids for o in theirs] == [o.token_ids for o in reference]
         total = caches[1].layers[0].max_cache_len
         prompt = total - new
@@ -232,12 +236,42 @@ def test_static_decoder_windows_and_graph_replays_match_generate(tiny_models, sa
         steps = range(1, last + 1)
         ends = [min(total, prompt + -(-t // 3) * 3) for t in steps]
         firsts = [t for t, e in zip(steps, ends) if t >= 3 and (t == 3 or e != ends[t - 2])]
-        assert captured == ["pool"] * len(firsts) and len(firsts) >= 5
-        runs = [e for t, e in zip(steps, ends) for _ in range(2 if t in firsts else 1)]  # warm-up + replay
+        assert len(firsts) >= 5
+        if call == 0:
+            assert captured == ["pool"] * len(firsts)
+            runs = [e for t, e in zip(steps, ends) for _ in range(2 if t in firsts else 1)]  # warm-up + replay
+        else:  # the kept graphs replay from the first step on; nothing is captured again
+            assert captured == [] and caches[1] is windowed.static._session.cache
+            runs = ends  # each step once
         assert read_lengths == [e for e in runs for _ in range(layers)]
         for a, b in zip(caches[0].layers, caches[1].layers):  # the last slot is never written
             torch.testing.assert_close(a.keys[..., : total - 1, :], b.keys[..., : total - 1, :], rtol=0, atol=1e-5)
             torch.testing.assert_close(a.values[..., : total - 1, :], b.values[..., : total - 1, :], rtol=0, atol=1e-5)
+
+
+def test_the_kept_decode_session_follows_the_batch_shape_and_is_dropped_on_an_error(
+    strong, sample_images, monkeypatch
+):
+    """One session (cache, step tensors, graphs) is kept: a call of the same shape reuses it, another shape replaces
+    it, and a call that fails (e.g. out of memory) leaves none behind."""
+    import capdpo.generation.static_decoder as fastgen
+
+    engine, gen = Engine(strong, decoder="static"), Generation(max_new_tokens=6)
+    engine.generate(_requests(sample_images, 3), gen)
+    first = engine.static._session
+    assert first is not None and first.key[0] == 3
+    engine.generate(_requests(sample_images, 3)[::-1], gen)
+    assert engine.static._session is first
+    engine.generate(_requests(sample_images, 2), gen)
+    assert engine.static._session is not first and engine.static._session.key[0] == 2
+
+    def failing_prefill(self, *args):
+        raise RuntimeError("the prefill failed")
+
+    monkeypatch.setattr(fastgen.StaticDecoder, "_prefill", failing_prefill)
+    with pytest.raises(RuntimeError, match="prefill failed"):
+        engine.generate(_requests(sample_images, 2), gen)
+    assert engine.static._session is None
 
 
 @pytest.mark.parametrize("arch", ["strong", "llava"])
