@@ -48,6 +48,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-rows", type=int, default=256)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--attention-only",
+        action="store_true",
+        help="only the decode-attention kernel against SDPA: one attention call at the step's shape, and decode steps",
+    )
     args = parser.parse_args()
 
     import torch
@@ -89,16 +94,26 @@ def main() -> None:
 
     greedy = Generation(max_new_tokens=args.new_tokens)
     sampled = Generation(max_new_tokens=args.new_tokens, temperature=1.0, top_p=0.95)
-    measure("separate projections", greedy)
+    if args.attention_only:
+        patches.fuse_text_projections(model)
+        attention_call(model, inputs, args.new_tokens, device, result)
+        measure("SDPA attention", greedy, decode_kernel=False)
+        measure("decode kernel", greedy, decode_kernel=True)
+        same = (tokens["SDPA attention"] == tokens["decode kernel"]).float().mean().item()
+        result["kernel_vs_sdpa_token_agreement"] = same
+        print(f"greedy tokens with the kernel equal to SDPA's: {same:.1%}", flush=True)
+        write_result(args.out, result)
+        return
+    measure("separate projections", greedy, decode_kernel=False)
     joined = patches.fuse_text_projections(model)
     result["joined_projection_groups"] = joined
-    measure("joined projections", greedy)
+    measure("joined projections", greedy, decode_kernel=False)
     same = (tokens["joined projections"] == tokens["separate projections"]).float().mean().item()
     result["joined_vs_separate_token_agreement"] = same
     print(f"joined projections: {joined} groups; greedy tokens equal to the separate ones: {same:.1%}", flush=True)
-    measure("joined projections, window step 32", greedy, window_step=32)
-    measure("sampled, eager sampler", sampled, sampler_backend=None)
-    measure("sampled, compiled sampler", sampled, sampler_backend="inductor" if cuda else "eager")
+    measure("joined projections, window step 32", greedy, window_step=32, decode_kernel=False)
+    measure("sampled, eager sampler", sampled, sampler_backend=None, decode_kernel=False)
+    measure("sampled, compiled sampler", sampled, sampler_backend="inductor" if cuda else "eager", decode_kernel=False)
     equal = torch.equal(tokens["sampled, eager sampler"], tokens["sampled, compiled sampler"])
     result["compiled_sampler_tokens_equal"] = equal
     logits = torch.randn(args.batch, model.config.text_config.vocab_size, device=device) * 4
@@ -116,6 +131,59 @@ def main() -> None:
           f"{select_ms['compiled']:.2f} ms compiled", flush=True)  # fmt: skip
     profile_steps(model, inputs, args.new_tokens, device)
     write_result(args.out, result)
+
+
+def attention_call(model, inputs: dict, new_tokens: int, device: str, result: dict) -> None:
+    """One layer's decode attention at the step's shape (the cache written up to the middle of the answer): the
+    kernel against the library's SDPA under the same boolean mask."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from capdpo.generation import decode_attention
+
+    cfg = model.config.text_config
+    batch, prompt = inputs["input_ids"].shape
+    slots, end = prompt + new_tokens, prompt + new_tokens // 2
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    dim = cfg.hidden_size // heads
+    dtype = next(model.parameters()).dtype
+    q = torch.randn(batch, heads, 1, dim, device=device, dtype=dtype)
+    k, v = (torch.randn(batch, kv_heads, slots, dim, device=device, dtype=dtype) for _ in range(2))
+    mask = torch.zeros(batch, 1, 1, slots, dtype=torch.bool, device=device)
+    mask[..., : end + 1] = True
+    layer = model.model.language_model.layers[0].self_attn
+    position = torch.tensor(end, device=device)
+    decode_attention.register()
+
+    def ours():
+        with decode_attention.decode_attention_end(position):
+            return decode_attention.decode_sdpa_attention(layer, q, k, v, mask, scaling=dim**-0.5)[0]
+
+    def theirs():
+        return sdpa_attention_forward(layer, q, k, v, mask, scaling=dim**-0.5)[0]
+
+    with torch.inference_mode():
+        diff = (ours().float() - theirs().float()).abs().max().item()
+        ms = {name: seconds(fn, device) * 1000 for name, fn in (("sdpa", theirs), ("kernel", ours))}
+        many = 20
+        for name, fn in (("sdpa", theirs), ("kernel", ours)):
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(many):
+                fn()
+            sync(device)
+            ms[name] = (time.perf_counter() - start) / many * 1000
+    read = 2 * batch * kv_heads * (end + 1) * dim * q.element_size()
+    result["attention_call"] = {
+        "ms": ms,
+        "max_abs_diff": diff,
+        "slots": slots,
+        "written": end + 1,
+        "kv_bytes_read": read,
+    }
+    print(f"one layer's decode attention at {batch} rows ({end + 1} of {slots} slots written): SDPA {ms['sdpa']:.3f} ms,"
+          f" kernel {ms['kernel']:.3f} ms ({read / ms['kernel'] / 1e9:.0f} GB/s over the written slots); max |diff| "
+          f"{diff:.2e}", flush=True)  # fmt: skip
 
 
 def profile_steps(model, inputs: dict, new_tokens: int, device: str) -> None:

@@ -23,6 +23,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from capdpo.generation import decode_attention
 from capdpo.generation.attention import folded_attention
 from capdpo.generation.rope import IMAGE_BATCH_KEYS, mrope_positions
 from capdpo.generation.sampling import Generation, repetition_penalty, sampled_scores
@@ -38,6 +39,7 @@ class StaticDecoder:
         prefill_rows: int = 0,
         window_step: int = 0,
         sampler_backend: str | None = "auto",
+        decode_kernel: bool | None = None,
     ) -> None:
         """`prefill_rows`: rows per prefill forward (0: the whole batch at once). Decoding is memory-bound, so it
         runs best on far more rows than a prefill (vision + prompt) needs to fill the GPU; chunking the prefill
@@ -45,7 +47,9 @@ class StaticDecoder:
         `window_step`: generated positions added to the attention window at a time (0: every step reads the whole
         cache).
         `sampler_backend`: the torch.compile backend `sampled_scores` runs on (None: eagerly; "auto": "inductor" on
-        CUDA with Triton unless CAPDPO_NO_COMPILE=1, else eagerly)."""
+        CUDA with Triton unless CAPDPO_NO_COMPILE=1, else eagerly).
+        `decode_kernel`: decode steps attend through `capdpo.generation.decode_attention` (the written cache slots
+        only) instead of SDPA over the whole window (None: where it can run, i.e. CUDA with Triton)."""
         self.lm = lm
         self.prefill_rows = prefill_rows
         self.window_step = window_step
@@ -64,6 +68,7 @@ class StaticDecoder:
             sampler_backend = "inductor" if cuda else None
         self.sampler_backend = sampler_backend
         self._session: _DecodeSession | None = None
+        self.decode_kernel = decode_attention.available(lm.device) if decode_kernel is None else decode_kernel
 
     def generate(
         self,
@@ -176,23 +181,24 @@ class StaticDecoder:
             capture = self.use_cuda_graph and windowed
             if capture and session.pool is None:
                 session.pool = torch.cuda.graph_pool_handle()
-            for t in range(1, gen.max_new_tokens):
-                # write the previous token into the cache at position prompt_len + t - 1, read the next
-                session.step.fill_(t - 1)
-                window = total
-                if windowed and self.window_step > 0:
-                    window = min(total, prompt_len + -(-t // self.window_step) * self.window_step)
-                if capture and t >= 3 and window not in session.graphs:
-                    session.graphs[window] = _capture(
-                        lambda w=window: self._decode_step(session, w, windowed), session.pool
-                    )
-                graph = session.graphs.get(window)
-                step_logits = graph.replay() if graph is not None else self._decode_step(session, window, windowed)
-                session.step.fill_(t)
-                session.token.copy_(select(step_logits))
-                tokens[:, t] = session.token
-                if t % 16 == 0 and bool(finished.all()):
-                    break
+            with decode_steps_attention(self.decoder.config, self.decode_kernel and windowed):
+                for t in range(1, gen.max_new_tokens):
+                    # write the previous token into the cache at position prompt_len + t - 1, read the next
+                    session.step.fill_(t - 1)
+                    window = total
+                    if windowed and self.window_step > 0:
+                        window = min(total, prompt_len + -(-t // self.window_step) * self.window_step)
+                    if capture and t >= 3 and window not in session.graphs:
+                        session.graphs[window] = _capture(
+                            lambda w=window: self._decode_step(session, w, windowed), session.pool
+                        )
+                    graph = session.graphs.get(window)
+                    step_logits = graph.replay() if graph is not None else self._decode_step(session, window, windowed)
+                    session.step.fill_(t)
+                    session.token.copy_(select(step_logits))
+                    tokens[:, t] = session.token
+                    if t % 16 == 0 and bool(finished.all()):
+                        break
             if windowed:
                 cache.layers = layers
                 self._session = session
@@ -212,13 +218,14 @@ class StaticDecoder:
             torch.add(session.step, session.key[1], out=session.position)
             for layer in session.cache.layers:
                 layer.window = window
-        hidden = self.decoder(
-            inputs_embeds=self.embed(session.token.view(batch, 1)),
-            position_ids=position_ids,
-            attention_mask=session.full_mask[:, :window],
-            past_key_values=session.cache,
-            use_cache=True,
-        ).last_hidden_state
+        with decode_attention.decode_attention_end(session.position) if windowed else contextlib.nullcontext():
+            hidden = self.decoder(
+                inputs_embeds=self.embed(session.token.view(batch, 1)),
+                position_ids=position_ids,
+                attention_mask=session.full_mask[:, :window],
+                past_key_values=session.cache,
+                use_cache=True,
+            ).last_hidden_state
         return self.head(hidden[:, -1]).float()
 
     def _prefill(self, inputs: dict[str, Any], extra: dict[str, Any], cache: Any, total: int) -> tuple[Any, Any]:
@@ -268,6 +275,21 @@ def masked_attention(config: Any) -> Iterator[None]:
         yield
     finally:
         config._attn_implementation = current
+
+
+@contextlib.contextmanager
+def decode_steps_attention(config: Any, kernel: bool) -> Iterator[None]:
+    """Inside the block (the decode loop), a model on SDPA attends through `decode_attention.DECODE_SDPA` when
+    `kernel`: its one-query steps inside `decode_attention_end` run the kernel, anything else runs SDPA."""
+    if not kernel or config._attn_implementation != "sdpa":
+        yield
+        return
+    decode_attention.register()
+    config._attn_implementation = decode_attention.DECODE_SDPA
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
 
 
 def _select_cache_rows(cache: Any, rows: Any) -> None:

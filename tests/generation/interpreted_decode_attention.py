@@ -1,0 +1,105 @@
+"""Checks of the decode-attention kernel under Triton's interpreter (TRITON_INTERPRET=1 must be set before Triton is
+imported, so `test_decode_attention.py` runs this file in its own process):
+
+    TRITON_INTERPRET=1 python -m tests.generation.interpreted_decode_attention MODEL_DIR... -- IMAGE...
+
+Each check prints "ok <name>"; a failed check raises."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from capdpo.generation import decode_attention
+from capdpo.generation.batching import Request, user_message
+from capdpo.generation.engine import Engine
+from capdpo.generation.sampling import Generation
+from capdpo.models.loading import load_vlm
+
+
+def kernel_equals_sdpa_over_the_written_slots(heads: int, kv_heads: int, dim: int) -> None:
+    torch.manual_seed(0)
+    batch, slots, end = 3, 150, 97
+    q = torch.randn(batch, heads, 1, dim)
+    k, v = torch.randn(batch, kv_heads, slots, dim), torch.randn(batch, kv_heads, slots, dim)
+    k[:, :, end + 1 :], v[:, :, end + 1 :] = float("nan"), float("nan")  # past the end: never read
+    mask = torch.zeros(batch, slots, dtype=torch.bool)
+    mask[:, : end + 1] = True
+    mask[0, :5], mask[2, :70] = False, False  # left padding of two sizes
+    out = decode_attention.decode_attention(q, k, v, mask, torch.tensor(end), dim**-0.5)
+    groups = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q,
+        k[:, :, : end + 1].repeat_interleave(groups, 1),
+        v[:, :, : end + 1].repeat_interleave(groups, 1),
+        attn_mask=mask[:, None, None, : end + 1],
+    ).transpose(1, 2)
+    assert out.shape == (batch, 1, heads, dim) and not out.isnan().any()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def outside_a_decode_step_the_library_sdpa_runs() -> None:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 10, 16), torch.randn(2, 2, 10, 16)
+    mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    expected = sdpa_attention_forward(module, q, k, v, mask)[0]
+    assert torch.equal(decode_attention.decode_sdpa_attention(module, q, k, v, mask)[0], expected)
+    calls = []
+    kernel = decode_attention.decode_attention
+    decode_attention.decode_attention = lambda *a: calls.append(1) or kernel(*a)
+    try:
+        with decode_attention.decode_attention_end(torch.tensor(9)):
+            float_mask = torch.zeros(2, 1, 1, 10)
+            got = decode_attention.decode_sdpa_attention(module, q, k, v, float_mask)[0]
+            assert torch.equal(got, sdpa_attention_forward(module, q, k, v, float_mask)[0]) and not calls
+            got = decode_attention.decode_sdpa_attention(module, q, k, v, mask)[0]
+            assert calls == [1]  # a boolean mask inside a step: the kernel
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    finally:
+        decode_attention.decode_attention = kernel
+
+
+def static_decoder_with_the_kernel_gives_generates_tokens(model_dir: str, images: list[str]) -> None:
+    calls = []
+    kernel = decode_attention.decode_attention
+    decode_attention.decode_attention = lambda *a: calls.append(a[0].shape) or kernel(*a)
+    try:
+        lm = load_vlm(model_dir)
+        requests = [
+            Request(
+                key=f"r{i}", image=images[i % len(images)], messages=[user_message("Describe." + " Now." * i)], seed=i
+            )
+            for i in range(3)
+        ]
+        fast = Engine(lm, decoder="static", prefill_rows=2)
+        assert fast.static.decode_kernel  # available under the interpreter
+        layers = lm.model.config.get_text_config().num_hidden_layers
+        for gen in (Generation(max_new_tokens=10), Generation(max_new_tokens=10, temperature=1.0, top_p=0.9)):
+            calls.clear()
+            ours, theirs = fast.generate(requests, gen), Engine(lm, decoder="hf").generate(requests, gen)
+            assert [o.token_ids for o in ours] == [o.token_ids for o in theirs]
+            assert len(calls) == layers * 9 and all(shape[2] == 1 for shape in calls)  # every step and layer
+        assert lm.model.config.get_text_config()._attn_implementation == "sdpa"  # put back after the loop
+    finally:
+        decode_attention.decode_attention = kernel
+
+
+def main(argv: list[str]) -> None:
+    split = argv.index("--")
+    models, images = argv[:split], argv[split + 1 :]
+    for shape in ((8, 2, 64), (28, 4, 128), (4, 4, 16)):
+        kernel_equals_sdpa_over_the_written_slots(*shape)
+        print(f"ok kernel {shape}", flush=True)
+    outside_a_decode_step_the_library_sdpa_runs()
+    print("ok fallback", flush=True)
+    for model in models:
+        static_decoder_with_the_kernel_gives_generates_tokens(model, images)
+        print(f"ok decoder {model}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
