@@ -39,7 +39,7 @@ class StaticDecoder:
         prefill_rows: int = 0,
         window_step: int = 0,
         sampler_backend: str | None = "auto",
-        decode_kernel: bool | None = None,
+        decode_kernel: bool = False,
     ) -> None:
         """`prefill_rows`: rows per prefill forward (0: the whole batch at once). Decoding is memory-bound, so it
         runs best on far more rows than a prefill (vision + prompt) needs to fill the GPU; chunking the prefill
@@ -49,7 +49,8 @@ class StaticDecoder:
         `sampler_backend`: the torch.compile backend `sampled_scores` runs on (None: eagerly; "auto": "inductor" on
         CUDA with Triton unless CAPDPO_NO_COMPILE=1, else eagerly).
         `decode_kernel`: decode steps attend through `capdpo.generation.decode_attention` (the written cache slots
-        only) instead of SDPA over the whole window (None: where it can run, i.e. CUDA with Triton)."""
+        only, where it can run: CUDA with Triton) instead of SDPA over the whole window. Off by default until
+        `bench/decode.py --attention-only` has timed it on a GPU; tested equal to SDPA under Triton's interpreter."""
         self.lm = lm
         self.prefill_rows = prefill_rows
         self.window_step = window_step
@@ -68,7 +69,7 @@ class StaticDecoder:
             sampler_backend = "inductor" if cuda else None
         self.sampler_backend = sampler_backend
         self._session: _DecodeSession | None = None
-        self.decode_kernel = decode_attention.available(lm.device) if decode_kernel is None else decode_kernel
+        self.decode_kernel = decode_kernel
 
     def generate(
         self,
