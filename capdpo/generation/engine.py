@@ -157,6 +157,8 @@ class Engine:
         """{request key: log-probs [len(continuation) + 1, vocab]} for every request; with `shared_prefix` the
         requests of one image share their common prefix's forward pass (the same numbers, much faster; default:
         the engine's `shared_prefix`); with `keep`, only the log-probs at those vocabulary ids leave the GPU."""
+        if self.static is not None:
+            self.static.release()  # the decoder's kept cache is not needed while scoring
         if self.shared_prefix if shared_prefix is None else shared_prefix:
             if self._scorer is None:
                 self._scorer = SharedPrefixScorer(self.lm, self.batcher, self.images_per_pass)

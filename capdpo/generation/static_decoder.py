@@ -95,6 +95,10 @@ class StaticDecoder:
             self._session = None  # e.g. out of memory half-way: the next call starts clean
             raise
 
+    def release(self) -> None:
+        """Drop the kept cache, step tensors and graphs (the next call builds them again)."""
+        self._session = None
+
     def _generate(
         self, inputs: dict[str, Any], gen: Generation, seeds: list[int], eos_ids: list[int], pad_id: int, rows: Any
     ) -> Any:

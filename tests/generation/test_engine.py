@@ -253,7 +253,7 @@ def test_the_kept_decode_session_follows_the_batch_shape_and_is_dropped_on_an_er
     strong, sample_images, monkeypatch
 ):
     """One session (cache, step tensors, graphs) is kept: a call of the same shape reuses it, another shape replaces
-    it, and a call that fails (e.g. out of memory) leaves none behind."""
+    it, scoring drops it, and a call that fails (e.g. out of memory) leaves none behind."""
     import capdpo.generation.static_decoder as fastgen
 
     engine, gen = Engine(strong, decoder="static"), Generation(max_new_tokens=6)
@@ -264,6 +264,11 @@ def test_the_kept_decode_session_follows_the_batch_shape_and_is_dropped_on_an_er
     assert engine.static._session is first
     engine.generate(_requests(sample_images, 2), gen)
     assert engine.static._session is not first and engine.static._session.key[0] == 2
+
+    engine.score(_requests(sample_images, 2), batch_size=2)
+    assert engine.static._session is None  # scoring does not hold the decoder's cache
+    engine.generate(_requests(sample_images, 2), gen)
+    assert engine.static._session is not None
 
     def failing_prefill(self, *args):
         raise RuntimeError("the prefill failed")
