@@ -9,15 +9,8 @@ import pytest
 from tests.helpers import ROOT
 
 
-@pytest.mark.parametrize(
-    ("script", "extra"),
-    [
-        ("bench/generate.py", ["--compare-windows", "32", "2", "--shared-prompts", "2", "--pad-spread", "2"]),
-        ("bench/validate.py", ["--also", "4x1"]),
-    ],
-)
-def test_benchmark_tiny_mode_runs_and_reports_ratios(tmp_path, script, extra):
-    out = tmp_path / "result.json"
+def run_tiny(script: str, out, *extra: str):
+    """Run a benchmark's --tiny mode; its completed process and the JSON it wrote."""
     result = subprocess.run(
         [sys.executable, str(ROOT / script), "--tiny", "--out", str(out), *extra],
         cwd=ROOT,
@@ -26,7 +19,18 @@ def test_benchmark_tiny_mode_runs_and_reports_ratios(tmp_path, script, extra):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    data = json.loads(out.read_text())
+    return result, json.loads(out.read_text())
+
+
+@pytest.mark.parametrize(
+    ("script", "extra"),
+    [
+        ("bench/generate.py", ["--compare-windows", "32", "2", "--shared-prompts", "2", "--pad-spread", "2"]),
+        ("bench/validate.py", ["--also", "4x1"]),
+    ],
+)
+def test_benchmark_tiny_mode_runs_and_reports_ratios(tmp_path, script, extra):
+    result, data = run_tiny(script, tmp_path / "result.json", *extra)
     assert data["speedup"] > 0 and data["env"]["torch"]
     assert "vs baseline" in result.stdout or "capdpo / baseline" in result.stdout
     if script == "bench/generate.py":  # the other window steps are timed at the best batch
@@ -67,16 +71,7 @@ def test_levers_tiny_mode_measures_every_part():
 
 
 def test_decode_levers_tiny_mode_times_every_configuration(tmp_path):
-    out = tmp_path / "decode.json"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench/decode.py"), "--tiny", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    data = json.loads(out.read_text())
+    result, data = run_tiny("bench/decode.py", tmp_path / "decode.json")
     assert list(data["configs"]) == [
         "separate projections",
         "joined projections",
@@ -89,6 +84,9 @@ def test_decode_levers_tiny_mode_times_every_configuration(tmp_path):
     assert data["joined_vs_separate_token_agreement"] == 1.0  # float32: the same tokens
     assert data["compiled_sampler_tokens_equal"] is True and data["compiled_sampler_scores_equal"] is True
     assert "4 bare decode steps" in result.stdout
+    _, kernel = run_tiny("bench/decode.py", tmp_path / "kernel.json", "--attention-only")
+    assert list(kernel["configs"]) == ["SDPA attention", "decode kernel"]  # the CPU has no kernel: SDPA both times
+    assert kernel["attention_call"]["max_abs_diff"] == 0.0 and kernel["kernel_vs_sdpa_token_agreement"] == 1.0
 
 
 def test_device_busy_time_counts_overlapping_kernels_once():
