@@ -10,9 +10,10 @@ model's per-row loop.
 
 With `window_step` > 0 a decode step's attention reads the keys and values of a window of the cache, not all of
 it: the prompt and the next `window_step` generated positions, widened by `window_step` when the tokens reach its
-end (one CUDA graph per window). Each window costs an eager warm-up step and a capture, and with 128 new tokens on a
-~280-token prompt the whole cache is only ~20% longer than the average position a step needs, so the default reads
-the whole cache with one graph; windows are for long answers. Each step writes its token's keys and values at the
+end (one CUDA graph per window). Each window costs an eager warm-up step and a capture for the first batch of a shape
+(later batches of that shape replay the kept graphs), and with 128 new tokens on a ~280-token prompt the whole cache
+is only ~20% longer than the average position a step needs, so the default reads the whole cache with one graph;
+windows are for long answers. Each step writes its token's keys and values at the
 slot its position names (`_DecodeLayer`), so running a step twice (a graph's warm-up, then its replay) writes the
 same slot twice instead of shifting the rest.
 """
@@ -111,7 +112,12 @@ class StaticDecoder:
         total = prompt_len + gen.max_new_tokens
         device = input_ids.device
         batch = len(rows) if rows is not None else input_ids.shape[0]
-        key = (batch, prompt_len, total, mask.dtype, str(device))
+        # what the kept graphs were captured for; the weights are read where they were at capture, so a caller
+        # that replaces the model's tensors (not their values in place) calls release() first
+        key = (
+            batch, prompt_len, total, mask.dtype, str(device), self.decode_kernel,
+            self.decoder.config._attn_implementation,
+        )  # fmt: skip
         session = self._session if self._session is not None and self._session.key == key else None
         self._session = None  # a session of another shape frees its cache before this call allocates
         cache = StaticCache(config=self.model.config, max_cache_len=total)
@@ -149,7 +155,7 @@ class StaticDecoder:
                     _select_cache_rows(cache, rows)
             windowed = _static_layers(cache)
             if session is None:
-                session = _DecodeSession(key, cache, batch, total, mask.dtype, device)
+                session = _DecodeSession(key, cache, batch, total, mask.dtype, device, logits.shape[-1])
             session.full_mask[:, :prompt_len] = mask  # generated positions are all real; causality hides the rest
             session.real_len.copy_(mask.sum(-1))
             session.deltas.copy_(deltas)
@@ -180,7 +186,8 @@ class StaticDecoder:
             session.step.zero_()
             session.token.copy_(select(logits))  # in place: a captured graph reads this memory
             tokens[:, 0] = session.token
-            # a graph per window, kept in the session; windows only grow, so the graphs can share one memory pool. A
+            # a graph per window, kept in the session (a capture that failed is not retried for this shape). The graphs
+            # share one memory pool: they run one at a time and each writes its logits into the session's buffer. A
             # cache whose layers are not plain static ones is read whole and decoded eagerly (its write slot follows
             # its own counter) and is not kept
             capture = self.use_cuda_graph and windowed
@@ -231,7 +238,8 @@ class StaticDecoder:
                 past_key_values=session.cache,
                 use_cache=True,
             ).last_hidden_state
-        return self.head(hidden[:, -1]).float()
+        session.logits.copy_(self.head(hidden[:, -1]))  # float32, in one buffer every window's graph shares
+        return session.logits
 
     def _prefill(self, inputs: dict[str, Any], extra: dict[str, Any], cache: Any, total: int) -> tuple[Any, Any]:
         """Fill `cache` with the prompts (in chunks of `prefill_rows` rows where possible); returns the
@@ -462,7 +470,9 @@ class _DecodeSession:
     """The cache and every tensor a decode step reads, for one batch shape `key` (rows, prompt length, cache length,
     mask dtype, device), and the CUDA graphs captured on them (one per attention window, in one memory pool)."""
 
-    def __init__(self, key: tuple[Any, ...], cache: Any, batch: int, total: int, mask_dtype: Any, device: Any) -> None:
+    def __init__(
+        self, key: tuple[Any, ...], cache: Any, batch: int, total: int, mask_dtype: Any, device: Any, vocab: int
+    ) -> None:
         import torch
 
         self.key, self.cache = key, cache
@@ -472,6 +482,7 @@ class _DecodeSession:
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
         self.step = torch.zeros((), dtype=torch.long, device=device)
         self.position = torch.zeros((), dtype=torch.long, device=device)
+        self.logits = torch.zeros(batch, vocab, dtype=torch.float32, device=device)
         self.graphs: dict[int, Any] = {}
         self.pool: Any = None
 

@@ -436,9 +436,9 @@ def _fused_mlp_forward(backend: str) -> Any:
     return forward
 
 
-# inputs of up to this many rows (tokens) run as one joined GEMM: decode steps. A prefill's GEMMs are large enough
-# apart, and its SiLU gating then reads two contiguous outputs instead of strided halves of one (measured slower:
-# prefill 4.93 -> 5.10 s per 512 images joined, H100, bench/results/decode_h100_2026-12-07_3.json)
+# inputs of up to this many rows (tokens) run as one joined GEMM: decode steps, and other small inputs. A prefill's
+# GEMMs are large enough apart, and its SiLU gating then reads two contiguous outputs instead of strided halves of
+# one (joined, the prefill was slower: 4.93 -> 5.10 s per 512 images, H100, bench/results/decode_h100_2026-12-07_3.json)
 JOINED_GEMM_MAX_ROWS = 4096
 
 
@@ -490,7 +490,8 @@ def fuse_text_projections(model: Any) -> int:
     In a decode step of 512 rows the key and value projections (512 outputs each for Qwen2.5-VL-7B's 4 key/value
     heads) fill a few of the GPU's SMs; joined with the query projection they run in the same waves (a prefill runs
     them apart, see `JOINED_GEMM_MAX_ROWS`). Layers that are
-    not plain `torch.nn.Linear` of one input width and dtype (LoRA layers, quantized ones) are left alone."""
+    not plain `torch.nn.Linear` of one input width and dtype (LoRA layers, quantized ones) are left alone. Apply it
+    once the model is on its device and dtype: the joined weights are not parameters, so a later `.to()` leaves them."""
     import torch
 
     if getattr(model, "hf_quantizer", None) is not None:
