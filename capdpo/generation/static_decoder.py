@@ -62,12 +62,9 @@ class StaticDecoder:
         self.mrope = hasattr(self.model.model, "rope_deltas")
         self.use_cuda_graph = lm.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
         if sampler_backend == "auto":
-            import os
+            from capdpo.models.patches import compiling_on_cuda
 
-            from torch.utils._triton import has_triton
-
-            cuda = lm.device.type == "cuda" and has_triton() and os.environ.get("CAPDPO_NO_COMPILE", "0") != "1"
-            sampler_backend = "inductor" if cuda else None
+            sampler_backend = "inductor" if lm.device.type == "cuda" and compiling_on_cuda() else None
         self.sampler_backend = sampler_backend
         self._session: _DecodeSession | None = None
         self.decode_kernel = decode_kernel
@@ -120,10 +117,12 @@ class StaticDecoder:
         )  # fmt: skip
         session = self._session if self._session is not None and self._session.key == key else None
         self._session = None  # a session of another shape frees its cache before this call allocates
-        cache = StaticCache(config=self.model.config, max_cache_len=total)
+        # the prefill writes the kept cache's prompt slots (its answer slots are cleared below), or a new cache; with
+        # `rows`, a new cache for the distinct prompts, whose rows are then copied into the kept one
+        prefill_into_kept = session is not None and rows is None
+        cache = session.cache if prefill_into_kept else StaticCache(config=self.model.config, max_cache_len=total)
         with torch.inference_mode(), masked_attention(self.decoder.config):
-            if session is not None and rows is None:
-                cache = session.cache  # the prefill writes the prompt slots; the answer slots are cleared
+            if prefill_into_kept:
                 for layer in cache.layers:
                     layer.keys[:, :, prompt_len:].zero_()
                     layer.values[:, :, prompt_len:].zero_()

@@ -518,17 +518,22 @@ def _language_model(model: Any) -> Any:
     return _submodule(model, ("model.language_model", "language_model"))
 
 
-def tune_for_cuda_inference(model: Any) -> None:
-    """capdpo's inference-only speed-ups on CUDA, each computing the same function as the module it replaces
-    (measured by bench/breakdown.py). CAPDPO_NO_COMPILE=1 leaves out the compiled parts."""
+def compiling_on_cuda() -> bool:
+    """Whether capdpo's compiled (inductor) kernels run on CUDA: Triton is there and CAPDPO_NO_COMPILE=1 is not set."""
     import os
 
     from torch.utils._triton import has_triton
 
+    return os.environ.get("CAPDPO_NO_COMPILE", "0") != "1" and has_triton()
+
+
+def tune_for_cuda_inference(model: Any) -> None:
+    """capdpo's inference-only speed-ups on CUDA, each computing the same function as the module it replaces
+    (measured by bench/breakdown.py). CAPDPO_NO_COMPILE=1 leaves out the compiled parts."""
     linear_patch_embedding(model)
     pad_vision_mlp(model)
     fuse_text_projections(model)
-    if has_triton() and os.environ.get("CAPDPO_NO_COMPILE", "0") != "1":
+    if compiling_on_cuda():
         fuse_vision_elementwise(model)
         fuse_text_elementwise(model)
 
@@ -610,8 +615,6 @@ def tune_for_training(
     changed."""
     import os
 
-    from torch.utils._triton import has_triton
-
     from capdpo.models.lora import fuse_lora_updates
 
     model = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside a PeftModel
@@ -620,7 +623,9 @@ def tune_for_training(
         # the frozen vision tower's exact inference tunings (the padded width never reaches a saved file)
         changed["patch_embedding"] = linear_patch_embedding(model)
         changed["vision_mlp"] = pad_vision_mlp(model)
-    if os.environ.get("CAPDPO_NO_COMPILE", "0") == "1" or (backend == "inductor" and not (cuda and has_triton())):
+    if os.environ.get("CAPDPO_NO_COMPILE", "0") == "1" or (
+        backend == "inductor" and not (cuda and compiling_on_cuda())
+    ):
         return changed  # inductor's kernels only on CUDA (other backends: tests on CPU)
     changed["text"] = fuse_text_elementwise(model, backend)
     changed["vision"] = fuse_vision_elementwise(model, backend)
