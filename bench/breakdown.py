@@ -27,7 +27,7 @@ def timed(fn, device: str, repeat: int = 2) -> float:
     return (time.perf_counter() - start) / repeat
 
 
-def top_ops(fn, device: str, n: int = 12) -> list[str]:
+def top_ops(fn, device: str, n: int = 25) -> list[str]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 

@@ -118,6 +118,12 @@ def main() -> None:
         help="instructions of 12..12+N tokens across each batch's rows (left padding, as images of several sizes "
         "give), for the baseline and capdpo alike; the floor counts the mean length",
     )
+    parser.add_argument(
+        "--compare-kernel",
+        action="store_true",
+        help="also time capdpo at its best batch with decode steps attending through the Triton decode kernel "
+        "(StaticDecoder(decode_kernel=...) the other way round)",
+    )
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument(
         "--compile",
@@ -207,6 +213,7 @@ def main() -> None:
     if device.startswith("cuda"):
         tune_for_cuda_inference(model)
     result["prefill_rows"], result["window_step"] = args.prefill_rows, args.window_step
+    result["decode_kernel"] = decoder.decode_kernel
     best = None
     for b in args.batches:
         gen = Generation(max_new_tokens=T)
@@ -279,6 +286,18 @@ def main() -> None:
         rows.append((f"capdpo static, window step {step}", str(b), str(n), f"{seconds:.2f}", f"{n / seconds:.2f}",
                      f"{best['floor_images_per_s']:.1f}", f"{n / seconds / best['floor_images_per_s']:.0%}"))  # fmt: skip
         print(" | ".join(rows[-1]), flush=True)
+    if args.compare_kernel and best is not None:
+        b = best["batch"]
+        flipped = not decoder.decode_kernel
+        other = StaticDecoder(lm, prefill_rows=args.prefill_rows, window_step=args.window_step, decode_kernel=flipped)
+        n, seconds = time_at(other, Generation(max_new_tokens=T), b)
+        entry = {"decode_kernel": flipped, "batch": b, "images": n, "seconds": seconds, "images_per_s": n / seconds}
+        result["capdpo_decode_kernel_flipped"] = entry
+        rows.append((f"capdpo static, decode kernel {'on' if flipped else 'off'}", str(b), str(n), f"{seconds:.2f}",
+                     f"{n / seconds:.2f}", f"{best['floor_images_per_s']:.1f}",
+                     f"{n / seconds / best['floor_images_per_s']:.0%}"))  # fmt: skip
+        print(" | ".join(rows[-1]), flush=True)
+        del other
     if args.shared_prompts > 1 and best is not None:
         # stage 3's shape: k requests per prompt (same image and text, own seeds), sampled. The same rows once with
         # the prompt prefilled once per prompt (`rows`), once with every row prefilled

@@ -145,7 +145,12 @@ class Engine:
         """Log-probabilities [len(continuation) + 1, vocab] per request: at the prompt's end and after each
         continuation token (one forward pass, teacher forcing); with `keep`, at those vocabulary ids only
         (`capdpo.generation.prefix.PickedLogprobs`). Halves on OOM."""
+        self._release_decoder()
         return run_halving(batch, lambda b: forward_logprobs(self.lm, self.batcher, b, keep))
+
+    def _release_decoder(self) -> None:
+        if self.static is not None:
+            self.static.release()  # the decoder's kept cache and graphs are not needed while scoring
 
     def score(
         self,
@@ -157,8 +162,7 @@ class Engine:
         """{request key: log-probs [len(continuation) + 1, vocab]} for every request; with `shared_prefix` the
         requests of one image share their common prefix's forward pass (the same numbers, much faster; default:
         the engine's `shared_prefix`); with `keep`, only the log-probs at those vocabulary ids leave the GPU."""
-        if self.static is not None:
-            self.static.release()  # the decoder's kept cache is not needed while scoring
+        self._release_decoder()
         if self.shared_prefix if shared_prefix is None else shared_prefix:
             if self._scorer is None:
                 self._scorer = SharedPrefixScorer(self.lm, self.batcher, self.images_per_pass)

@@ -25,7 +25,10 @@ def run_tiny(script: str, out, *extra: str):
 @pytest.mark.parametrize(
     ("script", "extra"),
     [
-        ("bench/generate.py", ["--compare-windows", "32", "2", "--shared-prompts", "2", "--pad-spread", "2"]),
+        (
+            "bench/generate.py",
+            ["--compare-windows", "32", "2", "--shared-prompts", "2", "--pad-spread", "2", "--compare-kernel"],
+        ),
         ("bench/validate.py", ["--also", "4x1"]),
     ],
 )
@@ -52,6 +55,10 @@ def test_benchmark_tiny_mode_runs_and_reports_ratios(tmp_path, script, extra):
         shared = data["capdpo_shared_prompts"]
         assert shared["batch"] == best and shared["requests_per_prompt"] == 2
         assert shared["speedup"] == pytest.approx(shared["per_row_s"] / shared["shared_s"]) and shared["shared_s"] > 0
+        # the decode kernel the other way round from the run's decoder, at the best batch
+        assert data["decode_kernel"] is False
+        flipped = data["capdpo_decode_kernel_flipped"]
+        assert flipped["decode_kernel"] is True and flipped["batch"] == best and flipped["images_per_s"] > 0
     else:  # the other shape is timed on the same groups
         [also] = data["capdpo_shared_prefix_also"]
         assert (also["batch"], also["images_per_pass"]) == (4, 1) and also["candidates_per_s"] > 0
@@ -87,6 +94,21 @@ def test_decode_levers_tiny_mode_times_every_configuration(tmp_path):
     _, kernel = run_tiny("bench/decode.py", tmp_path / "kernel.json", "--attention-only")
     assert list(kernel["configs"]) == ["SDPA attention", "decode kernel"]  # the CPU has no kernel: SDPA both times
     assert kernel["attention_call"]["max_abs_diff"] == 0.0 and kernel["kernel_vs_sdpa_token_agreement"] == 1.0
+
+
+def test_operator_bench_times_every_form_against_eager(tmp_path):
+    result, data = run_tiny("bench/ops.py", tmp_path / "ops.json")
+    assert list(data["ops"]) == [
+        "vision rotary", "vision RMSNorm", "vision SiLU gating", "text RMSNorm", "text SiLU gating", "text rotary"
+    ]  # fmt: skip
+    for label, entry in data["ops"].items():
+        forms = entry["forms"]
+        assert {"eager", "compiled, all sizes symbolic (capdpo)", "compiled, static sizes"} <= forms.keys()
+        assert forms["eager"]["equal_to_eager"] is True and all(f["ms"] > 0 for f in forms.values())
+        assert entry["bytes_read_and_written"] > 0
+    # the library's own function computes what capdpo's eager form computes, bit for bit
+    assert data["ops"]["vision rotary"]["forms"]["library (eager)"]["equal_to_eager"] is True
+    assert "vision rotary, compiled, halves" in result.stdout
 
 
 def test_device_busy_time_counts_overlapping_kernels_once():

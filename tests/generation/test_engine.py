@@ -269,6 +269,10 @@ def test_the_kept_decode_session_follows_the_batch_shape_and_is_dropped_on_an_er
     assert engine.static._session is None  # scoring does not hold the decoder's cache
     engine.generate(_requests(sample_images, 2), gen)
     assert engine.static._session is not None
+    assert len(engine.forward_logprobs(_requests(sample_images, 2))) == 2
+    assert engine.static._session is None  # nor does a teacher-forced forward
+    engine.generate(_requests(sample_images, 2), gen)
+    assert engine.static._session is not None
 
     def failing_prefill(self, *args):
         raise RuntimeError("the prefill failed")
