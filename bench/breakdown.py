@@ -137,6 +137,9 @@ def captioning(result: dict, size7: str, shapes: Shapes, batch: int, device: str
         sections = {
             "vision": lambda: model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]),
             "prefill": lambda: model(**inputs, use_cache=False, logits_to_keep=1),
+            "static decoder, prefill + 1 token": lambda: decoder.generate(
+                inputs, Generation(max_new_tokens=1), list(range(batch)), [], ENDOFTEXT
+            ),
             "decode (eager, 9 tokens)": lambda: decoder.generate(
                 inputs, Generation(max_new_tokens=9), list(range(batch)), [], ENDOFTEXT
             ),

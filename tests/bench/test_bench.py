@@ -98,10 +98,8 @@ def test_decode_levers_tiny_mode_times_every_configuration(tmp_path):
 
 def test_operator_bench_times_every_form_against_eager(tmp_path):
     result, data = run_tiny("bench/ops.py", tmp_path / "ops.json")
-    assert list(data["ops"]) == [
-        "vision rotary", "vision RMSNorm", "vision SiLU gating", "text RMSNorm", "text SiLU gating", "text rotary"
-    ]  # fmt: skip
-    for label, entry in data["ops"].items():
+    assert list(data["ops"]) == ["vision rotary", "text RMSNorm"]  # the tiny mode's two (a GPU run times six)
+    for entry in data["ops"].values():
         forms = entry["forms"]
         assert {"eager", "compiled, all sizes symbolic (capdpo)", "compiled, static sizes"} <= forms.keys()
         assert forms["eager"]["equal_to_eager"] is True and all(f["ms"] > 0 for f in forms.values())
