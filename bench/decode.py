@@ -164,6 +164,12 @@ def attention_call(model, inputs: dict, new_tokens: int, device: str, result: di
 
     with torch.inference_mode():
         diff = (ours().float() - theirs().float()).abs().max().item()
+        # both against the same attention in float32: bf16 rounding, or an error of one of them
+        exact = sdpa_attention_forward(layer, q.float(), k.float(), v.float(), mask, scaling=dim**-0.5)[0]
+        error = {}
+        for name, fn in (("sdpa", theirs), ("kernel", ours)):
+            gap = (fn().float() - exact).abs()
+            error[name] = {"max_abs": gap.max().item(), "mean_abs": gap.mean().item()}
         ms = {name: seconds(fn, device) * 1000 for name, fn in (("sdpa", theirs), ("kernel", ours))}
         many = 20
         for name, fn in (("sdpa", theirs), ("kernel", ours)):
@@ -177,13 +183,15 @@ def attention_call(model, inputs: dict, new_tokens: int, device: str, result: di
     result["attention_call"] = {
         "ms": ms,
         "max_abs_diff": diff,
+        "vs_float32": error,
         "slots": slots,
         "written": end + 1,
         "kv_bytes_read": read,
     }
     print(f"one layer's decode attention at {batch} rows ({end + 1} of {slots} slots written): SDPA {ms['sdpa']:.3f} ms,"
-          f" kernel {ms['kernel']:.3f} ms ({read / ms['kernel'] / 1e9:.0f} GB/s over the written slots); max |diff| "
-          f"{diff:.2e}", flush=True)  # fmt: skip
+          f" kernel {ms['kernel']:.3f} ms ({read / ms['kernel'] / 1e9:.2f} TB/s over the written slots); max |diff| "
+          f"{diff:.2e}; against float32: SDPA max {error['sdpa']['max_abs']:.2e} mean {error['sdpa']['mean_abs']:.2e},"
+          f" kernel max {error['kernel']['max_abs']:.2e} mean {error['kernel']['mean_abs']:.2e}", flush=True)  # fmt: skip
 
 
 def profile_steps(model, inputs: dict, new_tokens: int, device: str) -> None:

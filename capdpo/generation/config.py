@@ -73,6 +73,11 @@ class SamplingConfig(BackendConfig):
         "capture, so windows pay for long answers (max_new_tokens of several hundred: try 64-128), not for 128 tokens.",
         0,
     )
+    decode_kernel: bool = option(
+        "Static decoder on CUDA with Triton: decode steps attend through capdpo's kernel, which reads only the cache "
+        "slots written so far (false: SDPA over the whole cache, e.g. to rule the kernel out).",
+        True,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

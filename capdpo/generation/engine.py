@@ -32,13 +32,15 @@ class Engine:
         decoder: str = "static",
         prefill_rows: int = 0,
         window_step: int = 0,
+        decode_kernel: bool = True,
         shared_prefix: bool = True,
         images_per_pass: int = 32,
         share_prompts: bool = True,
     ) -> None:
         """`decoder`: "static" (capdpo's static-cache loop, CUDA graphs on GPU) or "hf" (`model.generate`).
         `prefill_rows`: rows per prefill forward of the static decoder (0: the whole batch at once); `window_step`:
-        its decode attention window's growth (0: the whole cache; see `StaticDecoder`).
+        its decode attention window's growth (0: the whole cache; see `StaticDecoder`); `decode_kernel`: its decode
+        steps may attend through capdpo's kernel over the written cache slots (where it runs: CUDA with Triton).
         `shared_prefix`: `score` runs each image's common prefix once, for `images_per_pass` images per forward.
         `share_prompts`: requests of one batch with the same image and messages (stage 3's k variants of a sentence,
         stage 2's samples of an image) share one prefill in the static decoder, then sample apart."""
@@ -46,7 +48,11 @@ class Engine:
         self.batcher = Batcher(lm)
         self.eos_ids = lm.end_of_turn_ids()
         self.static = (
-            StaticDecoder(lm, prefill_rows=prefill_rows, window_step=window_step) if decoder == "static" else None
+            StaticDecoder(
+                lm, prefill_rows=prefill_rows, window_step=window_step, decode_kernel=None if decode_kernel else False
+            )
+            if decoder == "static"
+            else None
         )
         self.share_prompts = share_prompts and self.static is not None
         self.shared_prefix = shared_prefix

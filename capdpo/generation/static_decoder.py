@@ -40,7 +40,7 @@ class StaticDecoder:
         prefill_rows: int = 0,
         window_step: int = 0,
         sampler_backend: str | None = "auto",
-        decode_kernel: bool = False,
+        decode_kernel: bool | None = None,
     ) -> None:
         """`prefill_rows`: rows per prefill forward (0: the whole batch at once). Decoding is memory-bound, so it
         runs best on far more rows than a prefill (vision + prompt) needs to fill the GPU; chunking the prefill
@@ -50,8 +50,8 @@ class StaticDecoder:
         `sampler_backend`: the torch.compile backend `sampled_scores` runs on (None: eagerly; "auto": "inductor" on
         CUDA with Triton unless CAPDPO_NO_COMPILE=1, else eagerly).
         `decode_kernel`: decode steps attend through `capdpo.generation.decode_attention` (the written cache slots
-        only, where it can run: CUDA with Triton) instead of SDPA over the whole window. Off by default until
-        `bench/decode.py --attention-only` has timed it on a GPU; tested equal to SDPA under Triton's interpreter."""
+        only) instead of SDPA over the whole window (None: on CUDA with Triton unless CAPDPO_NO_COMPILE=1; a step
+        of 512 rows at 128 new tokens 19.98 -> 17.57 ms, H100). Tested equal to SDPA under Triton's interpreter."""
         self.lm = lm
         self.prefill_rows = prefill_rows
         self.window_step = window_step
@@ -61,13 +61,14 @@ class StaticDecoder:
         self.head = self.model.get_output_embeddings()
         self.mrope = hasattr(self.model.model, "rope_deltas")
         self.use_cuda_graph = lm.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
-        if sampler_backend == "auto":
-            from capdpo.models.patches import compiling_on_cuda
+        from capdpo.models.patches import compiling_on_cuda
 
-            sampler_backend = "inductor" if lm.device.type == "cuda" and compiling_on_cuda() else None
+        compiling = lm.device.type == "cuda" and compiling_on_cuda()
+        if sampler_backend == "auto":
+            sampler_backend = "inductor" if compiling else None
         self.sampler_backend = sampler_backend
         self._session: _DecodeSession | None = None
-        self.decode_kernel = decode_kernel
+        self.decode_kernel = compiling if decode_kernel is None else decode_kernel
 
     def generate(
         self,

@@ -271,17 +271,23 @@ def _silu_mul(gate: Any, up: Any) -> Any:
 
 
 class _CompiledOrEager:
-    """`fn` compiled with dynamic shapes; if the compiler fails (e.g. no working Triton), `fn` itself from then on.
+    """`fn` compiled; if the compiler fails (e.g. no working Triton), `fn` itself from then on.
+
+    The first call compiles for its sizes; a size that then changes becomes symbolic in one recompile (torch's
+    automatic dynamic shapes), so the sizes that never change (hidden width, heads, head dim) stay constants the
+    kernels are specialised on: at the prefill's shapes that runs these kernels 1.2-3.9x faster than with every size
+    symbolic (H100, `bench/results/ops_h100_2026-12-07_5.json`). Each call site (`site`) compiles its own copy of
+    `fn`, so that one site's inputs (the vision tower's rank-2 tensors) do not make another's sizes symbolic.
 
     Inputs of a new kind (rank, dtype, device, grad mode) compile a new variant; past torch's recompile limit for
-    `fn` (8 variants: a process that describes, scores and trains with two models can meet more) inputs of that
+    the site (8 variants: a process that describes, scores and trains with two models can meet more) inputs of that
     kind run eagerly, and the variants already compiled keep running compiled."""
 
-    def __init__(self, fn: Any, backend: str) -> None:
+    def __init__(self, fn: Any, backend: str, site: str = "") -> None:
         import torch
 
         self.fn = fn
-        self.compiled = torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
+        self.compiled = torch.compile(_site_copy(fn, site), fullgraph=True, backend=backend)
         self.eager_kinds: set[tuple[Any, ...]] = set()
 
     def __call__(self, *args: Any) -> Any:
@@ -305,8 +311,19 @@ class _CompiledOrEager:
             return self.fn(*args)
 
 
+def _site_copy(fn: Any, site: str) -> Any:
+    """`fn` itself, or for a `site` a copy with code of its own (torch keeps what it learns about the sizes per code
+    object)."""
+    import types
+
+    if not site:
+        return fn
+    code = fn.__code__.replace(co_name=f"{fn.__name__}__{site}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
 def _input_kind(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """What a compiled variant is specialised on (sizes are dynamic, so they are left out)."""
+    """What a compiled variant is specialised on, less the sizes (a changing size becomes symbolic)."""
     import torch
 
     return (
@@ -315,18 +332,19 @@ def _input_kind(args: tuple[Any, ...]) -> tuple[Any, ...]:
     )
 
 
-_COMPILED: dict[tuple[str, str, str], _CompiledOrEager] = {}
+_COMPILED: dict[tuple[str, str, str, str], _CompiledOrEager] = {}
 
 
-def compiled_or_eager(fn: Any, backend: str = "inductor") -> _CompiledOrEager:
-    """`fn` compiled once per process (dynamic shapes, one graph), falling back to `fn` where compiling fails."""
-    return _compiled(fn, backend)
+def compiled_or_eager(fn: Any, backend: str = "inductor", site: str = "") -> _CompiledOrEager:
+    """`fn` compiled once per process and call site (sizes that change symbolic, one graph each), falling back to
+    `fn` where compiling fails."""
+    return _compiled(fn, backend, site)
 
 
-def _compiled(fn: Any, backend: str) -> _CompiledOrEager:
-    key = (fn.__module__, fn.__name__, backend)
+def _compiled(fn: Any, backend: str, site: str = "") -> _CompiledOrEager:
+    key = (fn.__module__, fn.__name__, backend, site)
     if key not in _COMPILED:
-        _COMPILED[key] = _CompiledOrEager(fn, backend)
+        _COMPILED[key] = _CompiledOrEager(fn, backend, site)
     return _COMPILED[key]
 
 
@@ -334,23 +352,23 @@ def fuse_vision_elementwise(model: Any, backend: str = "inductor") -> int:
     """Run the vision tower's rotary embedding, RMSNorms and SiLU gating as compiled elementwise kernels.
 
     At batch 256 the tower spends about half its time in elementwise passes over [262k tokens, 1280] tensors
-    (the rotary embedding alone is ~14 passes in float32 per layer). Each function is compiled once with dynamic
-    shapes (the matmuls and attention stay eager), so any batch or image size reuses it. Returns how many modules
-    were changed.
+    (the rotary embedding alone is ~14 passes in float32 per layer). Each function is compiled for the tower
+    (`_CompiledOrEager`: the token count becomes symbolic once it changes, widths stay constants; the matmuls and
+    attention stay eager), so any batch or image size reuses it. Returns how many modules were changed.
     """
     import types
 
-    rotary = _compiled(_rotary_vision, backend)
+    rotary = _compiled(_rotary_vision, backend, "vision")
     count = 0
     for module in _vision_tower(model).modules():
         name = type(module).__name__
         if name.endswith("VisionAttention"):
             module.capdpo_rotary = rotary
         elif name.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
-            module.forward = types.MethodType(_fused_norm_forward(backend), module)
+            module.forward = types.MethodType(_fused_norm_forward(backend, "vision"), module)
         elif hasattr(module, "gate_proj") and getattr(getattr(module, "config", None), "hidden_act", "silu") == "silu":
             if type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"):
-                module.forward = types.MethodType(_fused_mlp_forward(backend), module)
+                module.forward = types.MethodType(_fused_mlp_forward(backend, "vision"), module)
             else:
                 continue
         else:
@@ -371,8 +389,10 @@ def fuse_text_elementwise(model: Any, backend: str = "inductor") -> int:
 
     A prefill of 256 captions is ~74k tokens: each RMSNorm makes ~8 float32 passes over [74k, 3584] and each MLP
     3 passes over [74k, 18944] for its gating, where one fused kernel reads and writes each tensor once. In decode
-    steps the same kernels replace ~500 small launches per step. Shapes are dynamic; a new shape (e.g. the first
-    one-token decode step) compiles on its first, eager call, so a CUDA graph capture never compiles.
+    steps the same kernels replace ~500 small launches per step. Sizes that change become symbolic (rows, tokens;
+    one recompile each, and one for the one-token decode step, which torch specialises), widths stay constants; a
+    new shape compiles on its first, eager call (the prefill, the first decode step), so a CUDA graph capture never
+    compiles.
     """
     import types
 
@@ -382,9 +402,9 @@ def fuse_text_elementwise(model: Any, backend: str = "inductor") -> int:
     for module in language_model.modules():
         name = type(module).__name__
         if name in _TEXT_NORMS and hasattr(module, "variance_epsilon"):
-            module.forward = types.MethodType(_fused_norm_forward(backend), module)
+            module.forward = types.MethodType(_fused_norm_forward(backend, "text"), module)
         elif name in _TEXT_MLPS and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"):
-            module.forward = types.MethodType(_fused_mlp_forward(backend), module)
+            module.forward = types.MethodType(_fused_mlp_forward(backend, "text"), module)
         else:
             continue
         count += 1
@@ -398,7 +418,7 @@ def _fuse_text_rotary(language_model: Any, backend: str) -> list[str]:
     import inspect
     import sys
 
-    fused = _compiled(_rotary_text, backend)
+    fused = _compiled(_rotary_text, backend, "text")
     changed: list[str] = []
     for module in language_model.modules():
         home = sys.modules.get(type(module).__module__)
@@ -418,8 +438,8 @@ def _fuse_text_rotary(language_model: Any, backend: str) -> list[str]:
     return changed
 
 
-def _fused_norm_forward(backend: str) -> Any:
-    norm = _compiled(_rms_norm, backend)
+def _fused_norm_forward(backend: str, site: str) -> Any:
+    norm = _compiled(_rms_norm, backend, site)
 
     def forward(self: Any, x: Any) -> Any:
         return norm(x, self.weight, self.variance_epsilon)
@@ -427,8 +447,8 @@ def _fused_norm_forward(backend: str) -> Any:
     return forward
 
 
-def _fused_mlp_forward(backend: str) -> Any:
-    gating = _compiled(_silu_mul, backend)
+def _fused_mlp_forward(backend: str, site: str) -> Any:
+    gating = _compiled(_silu_mul, backend, site)
 
     def forward(self: Any, x: Any) -> Any:
         return self.down_proj(gating(self.gate_proj(x), self.up_proj(x)))

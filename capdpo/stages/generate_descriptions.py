@@ -74,7 +74,12 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
 
     if len(out.ids) < len(planned):  # load the model only when there is work left
         engine = open_backend(
-            sec, cfg.common, "strong", prefill_rows=sec.prefill_batch_size, window_step=sec.decode_window
+            sec,
+            cfg.common,
+            "strong",
+            prefill_rows=sec.prefill_batch_size,
+            window_step=sec.decode_window,
+            decode_kernel=sec.decode_kernel,
         )
         units = engine.plan([p[0] for p in planned.values()], sec.batch_size)
         # the next batch's images are loaded and tokenised while the model describes this one

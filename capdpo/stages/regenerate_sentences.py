@@ -132,7 +132,12 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
 
     if len(out.ids) < len(sentences):
         engine = open_backend(
-            sec, cfg.common, "strong", prefill_rows=sec.prefill_batch_size, window_step=sec.decode_window
+            sec,
+            cfg.common,
+            "strong",
+            prefill_rows=sec.prefill_batch_size,
+            window_step=sec.decode_window,
+            decode_kernel=sec.decode_kernel,
         )
         per_unit = max(1, sec.batch_size // sec.k)
         order = sorted(

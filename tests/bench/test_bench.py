@@ -94,6 +94,8 @@ def test_decode_levers_tiny_mode_times_every_configuration(tmp_path):
     _, kernel = run_tiny("bench/decode.py", tmp_path / "kernel.json", "--attention-only")
     assert list(kernel["configs"]) == ["SDPA attention", "decode kernel"]  # the CPU has no kernel: SDPA both times
     assert kernel["attention_call"]["max_abs_diff"] == 0.0 and kernel["kernel_vs_sdpa_token_agreement"] == 1.0
+    errors = kernel["attention_call"]["vs_float32"]  # each against the same attention in float32
+    assert errors["sdpa"] == errors["kernel"] and errors["sdpa"]["max_abs"] >= errors["sdpa"]["mean_abs"] >= 0
 
 
 def test_operator_bench_times_every_form_against_eager(tmp_path):

@@ -23,3 +23,35 @@ def test_the_decode_attention_kernel_under_the_interpreter(tiny_models, sample_i
     assert result.returncode == 0, result.stderr[-3000:]
     passed = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
     assert len(passed) == 3 + 1 + 3, result.stdout
+
+
+def test_the_kernel_is_on_by_default_only_where_compiled_kernels_run(tiny_models, monkeypatch):
+    """`StaticDecoder(decode_kernel=None)`: on for a CUDA model when compiled kernels run there (Triton, and not
+    CAPDPO_NO_COMPILE=1), off on the CPU; an explicit choice stands; the engine passes `decode_kernel=False` on."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from capdpo.generation.static_decoder import StaticDecoder
+    from capdpo.models import patches
+    from capdpo.models.loading import load_vlm
+
+    lm = load_vlm(str(tiny_models["strong"]))
+    assert StaticDecoder(lm).decode_kernel is False  # the CPU
+    on_cuda = SimpleNamespace(model=lm.model, device=torch.device("cuda"))
+    monkeypatch.setattr(patches, "compiling_on_cuda", lambda: True)
+    assert StaticDecoder(on_cuda).decode_kernel is True
+    assert StaticDecoder(on_cuda, decode_kernel=False).decode_kernel is False
+    monkeypatch.setattr(patches, "compiling_on_cuda", lambda: False)  # no Triton, or CAPDPO_NO_COMPILE=1
+    assert StaticDecoder(on_cuda).decode_kernel is False
+    assert StaticDecoder(lm, decode_kernel=True).decode_kernel is True  # asked for: where it can run it does
+
+    from capdpo.generation.engine import Engine
+
+    monkeypatch.setattr(patches, "compiling_on_cuda", lambda: True)
+    captured = []
+    init = StaticDecoder.__init__
+    monkeypatch.setattr(StaticDecoder, "__init__", lambda self, *a, **k: captured.append(k) or init(self, *a, **k))
+    Engine(lm, decode_kernel=False)
+    Engine(lm)
+    assert [k["decode_kernel"] for k in captured] == [False, None]

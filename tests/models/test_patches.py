@@ -338,19 +338,57 @@ def test_inputs_past_the_recompile_limit_run_eagerly_and_compiled_variants_stay_
         compiles.append(len(example_inputs))
         return graph.forward
 
-    fused = _CompiledOrEager(_rms_norm, counting)
+    fused = _CompiledOrEager(_rms_norm, counting, site="limit")
     weight = torch.randn(8)
-    two, three = torch.randn(5, 8), torch.randn(2, 5, 8)
-    with torch._dynamo.config.patch(recompile_limit=1):
+    two, seven, three = torch.randn(5, 8), torch.randn(7, 8), torch.randn(2, 5, 8)
+    with torch._dynamo.config.patch(recompile_limit=2):
         torch._dynamo.reset()
         assert torch.allclose(fused(two, weight, 1e-6), _rms_norm(two, weight, 1e-6))
-        # a rank-3 input needs a second variant: over the limit of one, so it runs eagerly instead of failing
+        assert torch.allclose(fused(seven, weight, 1e-6), _rms_norm(seven, weight, 1e-6))  # the row count symbolic
+        assert len(compiles) == 2
+        # a rank-3 input needs a third variant: over the limit of two, so it runs eagerly instead of failing
         assert torch.allclose(fused(three, weight, 1e-6), _rms_norm(three, weight, 1e-6))
         assert fused.compiled is not None and len(fused.eager_kinds) == 1
-        assert len(compiles) == 1
-        seven = torch.randn(7, 8)
-        assert torch.allclose(fused(seven, weight, 1e-6), _rms_norm(seven, weight, 1e-6))
-        assert len(compiles) == 1  # rank 2 again (another size): the compiled variant, not a new one
+        assert len(compiles) == 2
+        nine = torch.randn(9, 8)
+        assert torch.allclose(fused(nine, weight, 1e-6), _rms_norm(nine, weight, 1e-6))
+        assert len(compiles) == 2  # rank 2 again (another size): the compiled variant, not a new one
+    torch._dynamo.reset()
+
+
+def test_each_call_site_keeps_its_constant_widths_and_makes_only_changing_sizes_symbolic():
+    """Compiled per call site with torch's automatic dynamic shapes: a site's first call compiles for its sizes, a
+    size that changes becomes symbolic, a width that never changes stays a constant, and one site's inputs (rank 2)
+    do not turn another's (rank 3) sizes symbolic."""
+    from capdpo.models.patches import _CompiledOrEager, _rms_norm
+
+    graphs = []
+
+    def recording(site):
+        def backend(graph, example_inputs):
+            shapes = [n.meta["example_value"] for n in graph.graph.nodes if n.op == "placeholder"]
+            graphs.append((site, [tuple(str(d) for d in v.shape) for v in shapes if isinstance(v, torch.Tensor)]))
+            return graph.forward
+
+        return backend
+
+    torch._dynamo.reset()
+    vision = _CompiledOrEager(_rms_norm, recording("vision"), site="vision_test")
+    text = _CompiledOrEager(_rms_norm, recording("text"), site="text_test")
+    weight = torch.randn(8)
+    for rows in (5, 7, 9):
+        x = torch.randn(rows, 8)
+        assert torch.equal(vision(x, weight, 1e-6), _rms_norm(x, weight, 1e-6))
+    for shape in ((2, 5, 8), (3, 6, 8), (4, 7, 8)):
+        x = torch.randn(shape)
+        assert torch.equal(text(x, weight, 1e-6), _rms_norm(x, weight, 1e-6))
+    vision_graphs = [shapes for site, shapes in graphs if site == "vision"]
+    text_graphs = [shapes for site, shapes in graphs if site == "text"]
+    assert vision_graphs[0] == [("5", "8"), ("8",)]  # the first call: its sizes as constants
+    assert len(vision_graphs) == 2 and vision_graphs[1][0][1] == "8" and not vision_graphs[1][0][0].isdigit()
+    assert text_graphs[0] == [("2", "5", "8"), ("8",)]  # not made symbolic by the other site's calls
+    assert len(text_graphs) == 2 and text_graphs[1][0][2] == "8"
+    assert not any(d.isdigit() for d in text_graphs[1][0][:2])  # rows and tokens symbolic
     torch._dynamo.reset()
 
 

@@ -65,7 +65,8 @@ def test_rerun_skips_finished_work_and_a_changed_config_never_mixes(run_setup):
 def test_decode_window_reaches_the_decoder_and_leaves_the_records_unchanged(
     run_setup, tmp_path, sample_images, monkeypatch
 ):
-    """`describe.decode_window` only changes how many cache positions a decode step reads: the same records."""
+    """`describe.decode_window` only changes how many cache positions a decode step reads, `describe.decode_kernel`
+    how a step attends: the same records."""
     import capdpo.generation.static_decoder as static
 
     run_dir, config, _ = run_setup
@@ -73,13 +74,15 @@ def test_decode_window_reaches_the_decoder_and_leaves_the_records_unchanged(
     windows = []
     init = static.StaticDecoder.__init__
     monkeypatch.setattr(
-        static.StaticDecoder, "__init__", lambda self, *a, **k: windows.append(k["window_step"]) or init(self, *a, **k)
+        static.StaticDecoder,
+        "__init__",
+        lambda self, *a, **k: windows.append((k["window_step"], k["decode_kernel"])) or init(self, *a, **k),
     )
     other = tmp_path / "windowed"
     write_images_stage(other, sample_images[:3])
-    flags = ["--config", str(config), "--run_dir", str(other), "--decode_window", "3"]
+    flags = ["--config", str(config), "--run_dir", str(other), "--decode_window", "3", "--decode_kernel", "false"]
     describe.run(load_config("describe", flags))
-    assert windows == [3]
+    assert windows == [(3, False)]  # the kernel ruled out (by default None: on where it runs, CUDA with Triton)
 
     def texts(folder):
         return sorted((r["id"], r["text"]) for r in read_jsonl(folder / "02_descriptions.jsonl"))
