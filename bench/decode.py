@@ -53,6 +53,9 @@ def main() -> None:
         action="store_true",
         help="only the decode-attention kernel against SDPA: one attention call at the step's shape, and decode steps",
     )
+    parser.add_argument(
+        "--call-only", action="store_true", help="with --attention-only: the single attention call, no decode steps"
+    )
     args = parser.parse_args()
 
     import torch
@@ -97,6 +100,9 @@ def main() -> None:
     if args.attention_only:
         patches.fuse_text_projections(model)
         attention_call(model, inputs, args.new_tokens, device, result)
+        if args.call_only:
+            write_result(args.out, result)
+            return
         measure("SDPA attention", greedy, decode_kernel=False)
         measure("decode kernel", greedy, decode_kernel=True)
         same = (tokens["SDPA attention"] == tokens["decode kernel"]).float().mean().item()

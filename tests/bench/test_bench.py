@@ -96,6 +96,8 @@ def test_decode_levers_tiny_mode_times_every_configuration(tmp_path):
     assert kernel["attention_call"]["max_abs_diff"] == 0.0 and kernel["kernel_vs_sdpa_token_agreement"] == 1.0
     errors = kernel["attention_call"]["vs_float32"]  # each against the same attention in float32
     assert errors["sdpa"] == errors["kernel"] and errors["sdpa"]["max_abs"] >= errors["sdpa"]["mean_abs"] >= 0
+    _, call = run_tiny("bench/decode.py", tmp_path / "call.json", "--attention-only", "--call-only")
+    assert call["configs"] == {} and call["attention_call"]["written"] < call["attention_call"]["slots"]
 
 
 def test_operator_bench_times_every_form_against_eager(tmp_path):

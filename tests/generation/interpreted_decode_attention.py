@@ -76,7 +76,7 @@ def static_decoder_with_the_kernel_gives_generates_tokens(model_dir: str, images
             for i in range(3)
         ]
         fast = Engine(lm, decoder="static", prefill_rows=2)
-        assert not fast.static.decode_kernel and decode_attention.available(lm.device)  # opt-in; runs interpreted
+        assert not fast.static.decode_kernel and decode_attention.available(lm.device)  # off on the CPU; runs here
         fast.static.decode_kernel = True
         layers = lm.model.config.get_text_config().num_hidden_layers
         for gen in (Generation(max_new_tokens=10), Generation(max_new_tokens=10, temperature=1.0, top_p=0.9)):
