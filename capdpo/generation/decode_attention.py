@@ -10,8 +10,9 @@ mask comes from the model as SDPA's boolean one, so it means what it means there
 
 `decode_attention_end(position)` tells the attention function where the written slots end; outside it (and for
 inputs it does not cover: more than one query, a float mask, an unusual layout) the library's SDPA runs. The static
-decoder uses it when asked (`StaticDecoder(decode_kernel=True)`); `bench/decode.py --attention-only` times it
-against SDPA on a GPU, and the tests run it under Triton's interpreter on the CPU.
+decoder uses it on CUDA with Triton unless told not to (`StaticDecoder(decode_kernel=False)`, a stage's
+`decode_kernel: false`); `bench/decode.py --attention-only` times it against SDPA on a GPU, and the tests run it
+under Triton's interpreter on the CPU.
 """
 
 from __future__ import annotations
