@@ -39,6 +39,29 @@ def kernel_equals_sdpa_over_the_written_slots(heads: int, kv_heads: int, dim: in
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
 
+def kernel_in_half_precision_is_as_close_to_float32_as_sdpa() -> None:
+    """16-bit inputs (float16: the interpreter computes bfloat16 wrongly, it has no such type; a GPU run measures
+    bfloat16): the kernel's error against the float32 attention is SDPA's own, not more."""
+    torch.manual_seed(1)
+    batch, slots, end, heads, kv_heads, dim = 4, 300, 250, 28, 4, 128
+    q = torch.randn(batch, heads, 1, dim).half()
+    k, v = torch.randn(batch, kv_heads, slots, dim).half(), torch.randn(batch, kv_heads, slots, dim).half()
+    mask = torch.zeros(batch, slots, dtype=torch.bool)
+    mask[:, : end + 1] = True
+    mask[1, :40] = False
+    groups = heads // kv_heads
+
+    def sdpa(q, k, v):  # noqa: ANN001, ANN202
+        k, v = (t[:, :, : end + 1].repeat_interleave(groups, 1) for t in (k, v))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, : end + 1])
+
+    exact = sdpa(q.float(), k.float(), v.float()).transpose(1, 2)
+    ours = decode_attention.decode_attention(q, k, v, mask, torch.tensor(end), dim**-0.5).float() - exact
+    theirs = sdpa(q, k, v).transpose(1, 2).float() - exact
+    assert ours.abs().max() <= 2 * theirs.abs().max() and ours.abs().mean() <= 1.5 * theirs.abs().mean()
+    assert theirs.abs().max() > 0  # the comparison is between two rounded results
+
+
 def outside_a_decode_step_the_library_sdpa_runs() -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -95,6 +118,8 @@ def main(argv: list[str]) -> None:
     for shape in ((8, 2, 64), (28, 4, 128), (4, 4, 16)):
         kernel_equals_sdpa_over_the_written_slots(*shape)
         print(f"ok kernel {shape}", flush=True)
+    kernel_in_half_precision_is_as_close_to_float32_as_sdpa()
+    print("ok half precision", flush=True)
     outside_a_decode_step_the_library_sdpa_runs()
     print("ok fallback", flush=True)
     for model in models:
