@@ -8,23 +8,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ENDOFTEXT, Shapes, build_model, environment, sync, synthetic_batch, write_result  # noqa: E402
-
-
-def timed(fn, device: str, repeat: int = 2) -> float:
-    fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeat
+from bench.common import (  # noqa: E402
+    ENDOFTEXT,
+    Shapes,
+    build_model,
+    environment,
+    mean_seconds,
+    sync,
+    synthetic_batch,
+    write_result,
+)
 
 
 def top_ops(fn, device: str, n: int = 25) -> list[str]:
@@ -96,8 +94,8 @@ def captioning(result: dict, size7: str, shapes: Shapes, batch: int, device: str
         for name, tune in steps:
             if tune is not None and device == "cuda":
                 tune(model)
-            seconds = timed(run_vision, device)
-            full = timed(lambda: model(**inputs, use_cache=False, logits_to_keep=1), device)
+            seconds = mean_seconds(run_vision, device)
+            full = mean_seconds(lambda: model(**inputs, use_cache=False, logits_to_keep=1), device)
             result.setdefault("vision_tunings_s", {})[name] = seconds
             result.setdefault("prefill_tunings_s", {})[name] = full
             out = getattr(run_vision(), "pooler_output", None)
@@ -105,9 +103,9 @@ def captioning(result: dict, size7: str, shapes: Shapes, batch: int, device: str
             diff = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
             print(f"after {name}: vision {seconds:.3f} s, full prefill {full:.3f} s "
                   f"(relative difference of the vision features vs untuned: {diff:.1e})", flush=True)  # fmt: skip
-        vision = timed(run_vision, device)
-        prefill = timed(lambda: model(**inputs, use_cache=False, logits_to_keep=1), device)
-        rope = timed(
+        vision = mean_seconds(run_vision, device)
+        prefill = mean_seconds(lambda: model(**inputs, use_cache=False, logits_to_keep=1), device)
+        rope = mean_seconds(
             lambda: model.model.get_rope_index(
                 inputs["input_ids"],
                 image_grid_thw=inputs["image_grid_thw"],
@@ -123,7 +121,7 @@ def captioning(result: dict, size7: str, shapes: Shapes, batch: int, device: str
         run = {}
         for tokens in (1, 33):
             gen = Generation(max_new_tokens=tokens)
-            run[tokens] = timed(
+            run[tokens] = mean_seconds(
                 lambda g=gen, d=decoder: d.generate(inputs, g, list(range(batch)), [], ENDOFTEXT), device, 1
             )
         steps[graph] = (run[33] - run[1]) / 32 * 1000
@@ -193,8 +191,8 @@ def validation(result: dict, size3: str, shapes: Shapes, device: str) -> None:
         ids = [prefix + torch.randint(1000, 150000, (40,), generator=g).tolist() for _ in range(40)]
         groups.append(PrefixGroup(first, ids, [0] * 40, len(prefix), list(range(40))))
     with torch.inference_mode():
-        t_prefill = timed(lambda: scorer._prefill(groups), device)
-        t_all = timed(lambda: scorer.score_groups(groups, 256), device)
+        t_prefill = mean_seconds(lambda: scorer._prefill(groups), device)
+        t_all = mean_seconds(lambda: scorer.score_groups(groups, 256), device)
     result["validation"] = {"prefill_16_images_s": t_prefill, "16_images_640_candidates_s": t_all}
     print(f"validation 3B, 16 images x 40 candidates: prefixes {t_prefill * 1000:.1f} ms, all {t_all * 1000:.1f} ms")
     with torch.inference_mode():

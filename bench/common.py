@@ -217,6 +217,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def mean_seconds(fn: Any, device: str, repeat: int = 2, warmup: int = 1) -> float:
+    """Seconds per call of `fn` over `repeat` calls, after `warmup` calls (the device synchronised around)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeat
+
+
 def profiler(cuda: bool, python: bool = False) -> Any:
     """A torch.profiler recording CPU and, on a GPU, CUDA activity (enter it as a context manager); `python` also
     records every Python call (slower, for `python_idle_table`)."""

@@ -16,17 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Shapes, build_model, sync, synthetic_batch  # noqa: E402
-
-
-def timed(fn, device: str, n: int = 2) -> float:
-    fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / n
+from bench.common import Shapes, build_model, mean_seconds, sync, synthetic_batch  # noqa: E402
 
 
 def section(fn) -> None:
@@ -50,7 +40,7 @@ def rope_ms(model, inputs: dict, device: str) -> None:
 
     ref, ours = theirs(), mrope_positions(model, inputs)
     print("rope equal:", torch.equal(ref[0], ours[0]), torch.equal(ref[1], ours[1]))
-    t_ref, t_ours = timed(theirs, device), timed(lambda: mrope_positions(model, inputs), device)
+    t_ref, t_ours = mean_seconds(theirs, device), mean_seconds(lambda: mrope_positions(model, inputs), device)
     batch = inputs["input_ids"].shape[0]
     print(f"get_rope_index {t_ref * 1000:.1f} ms, mrope_positions {t_ours * 1000:.2f} ms (batch {batch})")
 
@@ -59,8 +49,8 @@ def prefill_s(model, inputs: dict, device: str, tag: str) -> None:
     from capdpo.generation.rope import mrope_positions
 
     pos = mrope_positions(model, inputs)[0]
-    t0 = timed(lambda: model(**inputs, use_cache=False, logits_to_keep=1), device)
-    t1 = timed(lambda: model(**inputs, position_ids=pos, use_cache=False, logits_to_keep=1), device)
+    t0 = mean_seconds(lambda: model(**inputs, use_cache=False, logits_to_keep=1), device)
+    t1 = mean_seconds(lambda: model(**inputs, position_ids=pos, use_cache=False, logits_to_keep=1), device)
     batch = inputs["input_ids"].shape[0]
     print(f"[{tag}] prefill {batch} rows: model's positions {t0:.3f} s, batched positions {t1:.3f} s")
 
@@ -88,10 +78,10 @@ def decode_step_ms(model, rows: int, prompt: int, device: str, tag: str, profile
         state["logits"] = model.lm_head(hidden[:, -1]).float()
 
     step()
-    t_eager = timed(step, device, 3)
+    t_eager = mean_seconds(step, device, 3)
     graph = _capture(step) if device == "cuda" else None
-    t_graph = timed(graph.replay, device, 10) if graph else float("nan")
-    t_select = timed(lambda: state["logits"].argmax(-1), device, 10)
+    t_graph = mean_seconds(graph.replay, device, 10) if graph else float("nan")
+    t_select = mean_seconds(lambda: state["logits"].argmax(-1), device, 10)
     mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0
     print(f"[{tag}] decode {rows} rows: eager {t_eager * 1000:.1f} ms, graph {t_graph * 1000:.1f} ms, "
           f"argmax {t_select * 1000:.2f} ms; peak {mem:.1f} GiB")  # fmt: skip

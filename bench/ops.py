@@ -9,23 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import environment, sync, write_result  # noqa: E402
-
-
-def seconds(fn, device: str, repeat: int = 10) -> float:
-    for _ in range(2):
-        fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeat
+from bench.common import environment, mean_seconds, write_result  # noqa: E402
 
 
 def _rotary_halves(q, k, cos, sin):  # noqa: ANN001, ANN202
@@ -71,7 +59,7 @@ def compare(result: dict, label: str, fn, args: tuple, extra: dict, device: str)
             out = form(*args)
             out = out if isinstance(out, tuple) else (out,)
             equal = all(torch.equal(a, b) for a, b in zip(out, reference))
-            ms = seconds(lambda form=form: form(*args), device) * 1000
+            ms = mean_seconds(lambda form=form: form(*args), device, repeat=10, warmup=2) * 1000
         rate = moved / (ms / 1000) / 1e12
         entry["forms"][name] = {"ms": ms, "TB_per_s": rate, "equal_to_eager": equal}
         print(f"{label}, {name}: {ms:.3f} ms ({rate:.2f} TB/s), equal to eager: {equal}", flush=True)

@@ -83,6 +83,14 @@ class SamplingConfig(BackendConfig):
         super().__post_init__()
         check_sampling(self.section, self)
 
+    def decoder_options(self) -> dict[str, Any]:
+        """The local engine's static-decoder settings this section names (`Engine`'s keyword arguments)."""
+        return {
+            "prefill_rows": self.prefill_batch_size,
+            "window_step": self.decode_window,
+            "decode_kernel": self.decode_kernel,
+        }
+
 
 @dataclass
 class DescribeConfig(SamplingConfig):

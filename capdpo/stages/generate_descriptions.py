@@ -73,14 +73,7 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
         return records
 
     if len(out.ids) < len(planned):  # load the model only when there is work left
-        engine = open_backend(
-            sec,
-            cfg.common,
-            "strong",
-            prefill_rows=sec.prefill_batch_size,
-            window_step=sec.decode_window,
-            decode_kernel=sec.decode_kernel,
-        )
+        engine = open_backend(sec, cfg.common, "strong", **sec.decoder_options())
         units = engine.plan([p[0] for p in planned.values()], sec.batch_size)
         # the next batch's images are loaded and tokenised while the model describes this one
         prepare = getattr(engine, "prepare", None)

@@ -131,14 +131,7 @@ def run(cfg: LoadedConfig) -> dict[str, Any]:
         return records
 
     if len(out.ids) < len(sentences):
-        engine = open_backend(
-            sec,
-            cfg.common,
-            "strong",
-            prefill_rows=sec.prefill_batch_size,
-            window_step=sec.decode_window,
-            decode_kernel=sec.decode_kernel,
-        )
+        engine = open_backend(sec, cfg.common, "strong", **sec.decoder_options())
         per_unit = max(1, sec.batch_size // sec.k)
         order = sorted(
             sentences,
