@@ -319,7 +319,9 @@ def _site_copy(fn: Any, site: str) -> Any:
     if not site:
         return fn
     code = fn.__code__.replace(co_name=f"{fn.__name__}__{site}")
-    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
 
 
 def _input_kind(args: tuple[Any, ...]) -> tuple[Any, ...]:
