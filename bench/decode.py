@@ -159,7 +159,6 @@ def attention_call(model, inputs: dict, new_tokens: int, device: str, result: di
     mask[..., : end + 1] = True
     layer = model.model.language_model.layers[0].self_attn
     position = torch.tensor(end, device=device)
-    decode_attention.register()
 
     def ours():
         with decode_attention.decode_attention_end(position):

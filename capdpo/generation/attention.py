@@ -62,27 +62,33 @@ def folded_sdpa_attention(
     return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
 
 
-def register() -> None:
-    """Make `FOLDED_SDPA` a name the models accept (idempotent). A 4-D mask passes the library's mask builders
-    untouched, so the name only needs SDPA's mask builder for the 2-D masks of other callers."""
+def register(name: str, function: Any) -> None:
+    """Make `name` an attention implementation the models accept, attending through `function` (idempotent), with
+    SDPA's mask builder: a 2-D mask becomes SDPA's boolean one, a 4-D mask passes untouched."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    AttentionInterface.register(FOLDED_SDPA, folded_sdpa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(FOLDED_SDPA, sdpa_mask)
+    AttentionInterface.register(name, function)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
 
 
 @contextmanager
-def folded_attention(config: Any) -> Iterator[bool]:
-    """Run a model whose attention is SDPA on `folded_sdpa_attention` inside the block; yields whether it does (the
-    caller then passes 4-D masks). Other implementations (FlashAttention reads grouped heads natively; eager) stay."""
+def sdpa_through(config: Any, name: str, function: Any) -> Iterator[bool]:
+    """Inside the block a model whose attention is SDPA attends through `function` (registered as `name`); yields
+    whether it does. Other implementations (FlashAttention, eager) stay; the implementation is put back after."""
     current = config._attn_implementation
     if current != "sdpa":
         yield False
         return
-    register()
-    config._attn_implementation = FOLDED_SDPA
+    register(name, function)
+    config._attn_implementation = name
     try:
         yield True
     finally:
         config._attn_implementation = current
+
+
+def folded_attention(config: Any) -> Any:
+    """Run a model whose attention is SDPA on `folded_sdpa_attention` inside the block; yields whether it does (the
+    caller then passes 4-D masks). Other implementations (FlashAttention reads grouped heads natively; eager) stay."""
+    return sdpa_through(config, FOLDED_SDPA, folded_sdpa_attention)

@@ -172,12 +172,3 @@ def _kernel() -> Any:
 
     _KERNEL = kernel
     return kernel
-
-
-def register() -> None:
-    """Make `DECODE_SDPA` a name the models accept (idempotent), with SDPA's mask builder (boolean masks)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(DECODE_SDPA, decode_sdpa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_SDPA, sdpa_mask)

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from capdpo.generation import decode_attention
-from capdpo.generation.attention import folded_attention
+from capdpo.generation.attention import folded_attention, sdpa_through
 from capdpo.generation.rope import IMAGE_BATCH_KEYS, mrope_positions
 from capdpo.generation.sampling import Generation, repetition_penalty, sampled_scores
 
@@ -290,19 +290,12 @@ def masked_attention(config: Any) -> Iterator[None]:
         config._attn_implementation = current
 
 
-@contextlib.contextmanager
-def decode_steps_attention(config: Any, kernel: bool) -> Iterator[None]:
+def decode_steps_attention(config: Any, kernel: bool) -> Any:
     """Inside the block (the decode loop), a model on SDPA attends through `decode_attention.DECODE_SDPA` when
     `kernel`: its one-query steps inside `decode_attention_end` run the kernel, anything else runs SDPA."""
-    if not kernel or config._attn_implementation != "sdpa":
-        yield
-        return
-    decode_attention.register()
-    config._attn_implementation = decode_attention.DECODE_SDPA
-    try:
-        yield
-    finally:
-        config._attn_implementation = "sdpa"
+    if not kernel:
+        return contextlib.nullcontext(False)
+    return sdpa_through(config, decode_attention.DECODE_SDPA, decode_attention.decode_sdpa_attention)
 
 
 def _select_cache_rows(cache: Any, rows: Any) -> None:
