@@ -205,9 +205,12 @@ class StaticDecoder:
                             lambda w=window: self._decode_step(session, w, windowed), session.pool
                         )
                     graph = session.graphs.get(window)
-                    step_logits = graph.replay() if graph is not None else self._decode_step(session, window, windowed)
+                    if graph is not None:
+                        graph.replay()
+                    else:
+                        self._decode_step(session, window, windowed)
                     session.step.fill_(t)
-                    session.token.copy_(select(step_logits))
+                    session.token.copy_(select(session.logits))
                     tokens[:, t] = session.token
                     if t % 16 == 0 and bool(finished.all()):
                         break
@@ -216,10 +219,10 @@ class StaticDecoder:
                 self._session = session
         return tokens
 
-    def _decode_step(self, session: _DecodeSession, window: int, windowed: bool) -> Any:
-        """One decode step on `session`'s tensors (all of them read in place, so a captured graph replays it for any
-        batch copied into them): writes the token of `session.step` into the cache, returns the next logits [B, V]
-        (float32)."""
+    def _decode_step(self, session: _DecodeSession, window: int, windowed: bool) -> None:
+        """One decode step on `session`'s tensors (all of them read and written in place, so a captured graph replays
+        it for any batch copied into them): writes the token of `session.step` into the cache and the next logits
+        [B, V] (float32) into `session.logits`."""
         import torch
 
         batch = session.token.shape[0]
@@ -239,7 +242,6 @@ class StaticDecoder:
                 use_cache=True,
             ).last_hidden_state
         session.logits.copy_(self.head(hidden[:, -1]))  # float32, in one buffer every window's graph shares
-        return session.logits
 
     def _prefill(self, inputs: dict[str, Any], extra: dict[str, Any], cache: Any, total: int) -> tuple[Any, Any]:
         """Fill `cache` with the prompts (in chunks of `prefill_rows` rows where possible); returns the
@@ -480,17 +482,6 @@ class _DecodeSession:
         self.pool: Any = None
 
 
-class _Graph:
-    """A captured decode step: `replay()` runs it and returns its output tensor (the same memory every time)."""
-
-    def __init__(self, graph: Any, out: Any) -> None:
-        self.graph, self.out = graph, out
-
-    def replay(self) -> Any:
-        self.graph.replay()
-        return self.out
-
-
 def _capture(step_fn: Any, pool: Any = None) -> Any:
     """Capture one decode step as a CUDA graph (after a warm-up on a side stream) in memory pool `pool`; None
     when capture fails."""
@@ -504,8 +495,8 @@ def _capture(step_fn: Any, pool: Any = None) -> Any:
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph, pool=pool):
-            out = step_fn()
+            step_fn()
     except RuntimeError as err:  # an op that synchronises with the host cannot be captured: stay eager
         print(f"CUDA graph capture failed, decoding eagerly ({str(err).splitlines()[0]})", flush=True)
         return None
-    return _Graph(graph, out)
+    return graph
