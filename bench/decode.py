@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,21 +23,12 @@ from bench.common import (  # noqa: E402
     Shapes,
     build_model,
     environment,
+    mean_seconds,
     profiler,
     sync,
     synthetic_batch,
     write_result,
 )
-
-
-def seconds(fn, device: str) -> float:
-    """One call's wall time after a warm-up call (CUDA graph captures and compiles happen in the warm-up)."""
-    fn()
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -86,9 +76,13 @@ def main() -> None:
     def measure(name: str, gen: Generation, **decoder_args) -> None:
         decoder = StaticDecoder(lm, prefill_rows=args.prefill_rows, **decoder_args)
         with torch.inference_mode():
-            one = seconds(lambda: decoder.generate(inputs, Generation(max_new_tokens=1), seeds, [], ENDOFTEXT), device)
+            one = mean_seconds(
+                lambda: decoder.generate(inputs, Generation(max_new_tokens=1), seeds, [], ENDOFTEXT), device, 1
+            )
             out = {}
-            full = seconds(lambda: out.setdefault("t", decoder.generate(inputs, gen, seeds, [], ENDOFTEXT)), device)
+            full = mean_seconds(
+                lambda: out.setdefault("t", decoder.generate(inputs, gen, seeds, [], ENDOFTEXT)), device, 1
+            )
         tokens[name] = out["t"]
         step_ms = (full - one) / steps * 1000
         result["configs"][name] = {"prefill_s": one, "generate_s": full, "decode_step_ms": step_ms}
@@ -130,7 +124,9 @@ def main() -> None:
     result["compiled_sampler_scores_equal"] = torch.equal(plain, compiled)
     select_ms = {}
     for label, backend in (("eager", None), ("compiled", "inductor" if cuda else "eager")):
-        select_ms[label] = seconds(lambda b=backend: sampled_scores(logits, seed_t, step_t, sampled, b), device) * 1000
+        select_ms[label] = (
+            mean_seconds(lambda b=backend: sampled_scores(logits, seed_t, step_t, sampled, b), device, 1) * 1000
+        )
     result["sampler_ms"] = select_ms
     print(f"sampled tokens equal with the compiled sampler: {equal}; scores equal: "
           f"{result['compiled_sampler_scores_equal']}; sampler {select_ms['eager']:.2f} ms eager, "
@@ -175,15 +171,7 @@ def attention_call(model, inputs: dict, new_tokens: int, device: str, result: di
         for name, fn in (("sdpa", theirs), ("kernel", ours)):
             gap = (fn().float() - exact).abs()
             error[name] = {"max_abs": gap.max().item(), "mean_abs": gap.mean().item()}
-        ms = {name: seconds(fn, device) * 1000 for name, fn in (("sdpa", theirs), ("kernel", ours))}
-        many = 20
-        for name, fn in (("sdpa", theirs), ("kernel", ours)):
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(many):
-                fn()
-            sync(device)
-            ms[name] = (time.perf_counter() - start) / many * 1000
+        ms = {name: mean_seconds(fn, device, repeat=20) * 1000 for name, fn in (("sdpa", theirs), ("kernel", ours))}
     read = 2 * batch * kv_heads * (end + 1) * dim * q.element_size()
     result["attention_call"] = {
         "ms": ms,

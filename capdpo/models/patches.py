@@ -340,10 +340,6 @@ _COMPILED: dict[tuple[str, str, str, str], _CompiledOrEager] = {}
 def compiled_or_eager(fn: Any, backend: str = "inductor", site: str = "") -> _CompiledOrEager:
     """`fn` compiled once per process and call site (sizes that change symbolic, one graph each), falling back to
     `fn` where compiling fails."""
-    return _compiled(fn, backend, site)
-
-
-def _compiled(fn: Any, backend: str, site: str = "") -> _CompiledOrEager:
     key = (fn.__module__, fn.__name__, backend, site)
     if key not in _COMPILED:
         _COMPILED[key] = _CompiledOrEager(fn, backend, site)
@@ -360,7 +356,7 @@ def fuse_vision_elementwise(model: Any, backend: str = "inductor") -> int:
     """
     import types
 
-    rotary = _compiled(_rotary_vision, backend, "vision")
+    rotary = compiled_or_eager(_rotary_vision, backend, "vision")
     count = 0
     for module in _vision_tower(model).modules():
         name = type(module).__name__
@@ -420,7 +416,7 @@ def _fuse_text_rotary(language_model: Any, backend: str) -> list[str]:
     import inspect
     import sys
 
-    fused = _compiled(_rotary_text, backend, "text")
+    fused = compiled_or_eager(_rotary_text, backend, "text")
     changed: list[str] = []
     for module in language_model.modules():
         home = sys.modules.get(type(module).__module__)
@@ -441,7 +437,7 @@ def _fuse_text_rotary(language_model: Any, backend: str) -> list[str]:
 
 
 def _fused_norm_forward(backend: str, site: str) -> Any:
-    norm = _compiled(_rms_norm, backend, site)
+    norm = compiled_or_eager(_rms_norm, backend, site)
 
     def forward(self: Any, x: Any) -> Any:
         return norm(x, self.weight, self.variance_epsilon)
@@ -450,7 +446,7 @@ def _fused_norm_forward(backend: str, site: str) -> Any:
 
 
 def _fused_mlp_forward(backend: str, site: str) -> Any:
-    gating = _compiled(_silu_mul, backend, site)
+    gating = compiled_or_eager(_silu_mul, backend, site)
 
     def forward(self: Any, x: Any) -> Any:
         return self.down_proj(gating(self.gate_proj(x), self.up_proj(x)))
