@@ -203,11 +203,64 @@ def hardware_rates(device: str, quick: bool = False) -> dict[str, float]:
 
 
 def param_counts(model: Any) -> dict[str, int]:
-    visual = sum(p.numel() for n, p in model.named_parameters() if ".visual." in f".{n}")
-    head = model.get_output_embeddings().weight.numel()
-    embed = model.get_input_embeddings().weight.numel()
+    """Matmul parameters by where they run: `vision` (patch embedding and blocks, on every patch),
+    `vision_merger` (on every merged image token), `text_layers` (the decoder layers, on every token), `lm_head`
+    (on the positions whose logits are needed); the embedding tables are lookups. `total` counts every parameter
+    once (a tied head is the embedding)."""
+    named = dict(model.named_parameters())
+    visual = sum(p.numel() for n, p in named.items() if ".visual." in f".{n}")
+    merger = sum(p.numel() for n, p in named.items() if ".visual.merger." in f".{n}")
+    head_weight = model.get_output_embeddings().weight
+    embed_weight = model.get_input_embeddings().weight
     total = sum(p.numel() for p in model.parameters())
-    return {"total": total, "vision": visual, "text_matmul": total - visual - embed, "lm_head": head}
+    tied = head_weight is embed_weight
+    text_layers = total - visual - embed_weight.numel() - (0 if tied else head_weight.numel())
+    return {
+        "total": total, "vision": visual - merger, "vision_merger": merger, "text_layers": text_layers,
+        "lm_head": head_weight.numel(),
+    }  # fmt: skip
+
+
+def attention_shapes(config: Any, shapes: Shapes) -> dict[str, float]:
+    """What attention costs beyond the matmul parameters, for `config` (a Qwen-VL config) and one image of
+    `shapes`: `text_width` (query heads x head size x layers: a query attending to one key costs 4 x this FLOPs,
+    QK^T and PV) and `vision_flops` (every vision block's attention on one image: windowed blocks attend within
+    their windows, the others over the whole image)."""
+    text = getattr(config, "text_config", config)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    vision = config.vision_config
+    patch, merge = vision.patch_size, vision.spatial_merge_size
+    side = shapes.image_side // patch  # patches per side
+    patches = side * side
+    window = getattr(vision, "window_size", 0) // merge // patch  # merged tokens per window side (0: none)
+    full_blocks = set(getattr(vision, "fullatt_block_indexes", range(vision.depth))) if window else set()
+    if window:
+        merged = side // merge
+        spans = [window] * (merged // window) + ([merged % window] if merged % window else [])
+        windowed_pairs = sum((a * b * merge * merge) ** 2 for a in spans for b in spans)
+    else:
+        full_blocks, windowed_pairs = set(range(vision.depth)), 0
+    pairs = len(full_blocks) * patches**2 + (vision.depth - len(full_blocks)) * windowed_pairs
+    return {
+        "text_width": text.num_hidden_layers * text.num_attention_heads * head_dim,
+        "vision_flops": 4 * pairs * vision.hidden_size,
+    }
+
+
+def prefill_flops(prompt: float, shapes: Shapes, params: dict, attention: dict) -> float:
+    """FLOPs to read one image and its prompt of `prompt` tokens (image tokens included) into a cache and get the
+    last position's logits: the vision tower (blocks on every patch, merger on every image token, attention), the
+    decoder layers on every prompt token with causal attention, and the head on the last token."""
+    patches = image_tokens(shapes) * 4
+    vision = 2 * params["vision"] * patches + 2 * params["vision_merger"] * image_tokens(shapes)
+    causal_pairs = prompt * (prompt + 1) / 2
+    text = 2 * params["text_layers"] * prompt + 4 * causal_pairs * attention["text_width"] + 2 * params["lm_head"]
+    return vision + attention["vision_flops"] + text
+
+
+def decode_flops(context: float, params: dict, attention: dict) -> float:
+    """FLOPs of one decode step of one row whose new token attends to `context` keys (itself included)."""
+    return 2 * (params["text_layers"] + params["lm_head"]) + 4 * context * attention["text_width"]
 
 
 def sync(device: str) -> None:

@@ -27,11 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
     ENDOFTEXT,
     Shapes,
+    attention_shapes,
     build_model,
+    decode_flops,
     environment,
     hardware_rates,
     image_tokens,
     param_counts,
+    prefill_flops,
     repeat_rows,
     sync,
     synthetic_batch,
@@ -50,30 +53,29 @@ def time_batches(run, batches: list[dict], device: str) -> float:
 
 
 def floor_seconds(
-    batch: int, new_tokens: int, shapes: Shapes, params: dict, rates: dict, kv_bytes: float
+    batch: int, new_tokens: int, shapes: Shapes, params: dict, rates: dict, kv_bytes: float, attention: dict
 ) -> tuple[float, float]:
-    """Seconds per batch of the prefill (vision + prompt at the matmul rate) and of the decode steps (each reading the
-    weights and KV cache once at the memory's bandwidth or doing its matmuls at the matmul rate, whichever is
-    slower). The bandwidth is that of a device-to-device copy, which `hardware_rates` counts as bytes read plus
-    bytes written."""
+    """Seconds per batch of the prefill (its FLOPs, `bench.common.prefill_flops`, at the matmul rate; it gives the
+    first token) and of the `new_tokens` - 1 decode steps (each reading the weights and the KV cache written so far
+    at the memory's bandwidth or doing its FLOPs at the matmul rate, whichever is slower). The bandwidth is that of
+    a device-to-device copy, which `hardware_rates` counts as bytes read plus bytes written."""
     prompt = shapes.text_before + shapes.text_after + image_tokens(shapes) + 2
-    patches = (shapes.image_side // 14) ** 2
-    prefill_flops = batch * (2 * params["text_matmul"] * prompt + 2 * params["vision"] * patches)
-    weight_bytes = 2 * (params["text_matmul"])  # bf16; the embedding lookup reads only B rows
+    prefill = batch * prefill_flops(prompt, shapes, params, attention)
+    weight_bytes = 2 * (params["text_layers"] + params["lm_head"])  # bf16; the embedding lookup reads only B rows
     t_decode = 0.0
-    for step in range(new_tokens):
-        kv = kv_bytes * batch * (prompt + step)
+    for step in range(1, new_tokens):  # step s writes the token at position prompt + s - 1 and reads the cache
+        kv = kv_bytes * batch * (prompt + step - 1)
         read = (weight_bytes + kv) / rates["copy_bytes_per_s"]
-        compute = 2 * params["text_matmul"] * batch / rates["matmul_flops"]
+        compute = batch * decode_flops(prompt + step, params, attention) / rates["matmul_flops"]
         t_decode += max(read, compute)
-    return prefill_flops / rates["matmul_flops"], t_decode
+    return prefill / rates["matmul_flops"], t_decode
 
 
 def floor_images_per_s(
-    batch: int, new_tokens: int, shapes: Shapes, params: dict, rates: dict, kv_bytes: float
+    batch: int, new_tokens: int, shapes: Shapes, params: dict, rates: dict, kv_bytes: float, attention: dict
 ) -> float:
     """Images/s at the floor of `floor_seconds`."""
-    return batch / sum(floor_seconds(batch, new_tokens, shapes, params, rates, kv_bytes))
+    return batch / sum(floor_seconds(batch, new_tokens, shapes, params, rates, kv_bytes, attention))
 
 
 def main() -> None:
@@ -161,11 +163,19 @@ def main() -> None:
     rates = hardware_rates(device, quick=args.tiny)
     model = build_model(args.size, device)
     params = param_counts(model)
+    attention = attention_shapes(model.config, shapes)
     cfg = model.config.text_config
     kv_bytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
     T = args.new_tokens
     rows: list[tuple[str, ...]] = [("path", "batch", "images", "seconds", "images/s", "floor img/s", "share of floor")]
-    result = {"env": environment(device), "rates": rates, "params": params, "new_tokens": T, "world_size": world}
+    result = {
+        "env": environment(device),
+        "rates": rates,
+        "params": params,
+        "attention": attention,
+        "new_tokens": T,
+        "world_size": world,
+    }
     result["pad_spread"] = args.pad_spread
     # the work of the mean row: the floor counts no padding
     floor_shapes = replace(shapes, text_after=shapes.text_after + args.pad_spread / 2)
@@ -193,7 +203,7 @@ def main() -> None:
         seconds = time_batches(plain, data, device)
         barrier()
         n = b * len(data) * world
-        floor = floor_images_per_s(b, T, floor_shapes, params, rates, kv_bytes) * world
+        floor = floor_images_per_s(b, T, floor_shapes, params, rates, kv_bytes, attention) * world
         entry = {"batch": b, "images": n, "seconds": seconds, "images_per_s": n / seconds}
         result.setdefault("baselines", []).append(entry)
         if i == 0:
@@ -235,7 +245,7 @@ def main() -> None:
             torch.cuda.empty_cache()
             continue
         n = b * len(data) * world
-        floor = floor_images_per_s(b, T, floor_shapes, params, rates, kv_bytes) * world
+        floor = floor_images_per_s(b, T, floor_shapes, params, rates, kv_bytes, attention) * world
         entry = {"batch": b, "images": n, "seconds": seconds, "images_per_s": n / seconds, "floor_images_per_s": floor}
         result.setdefault("capdpo", []).append(entry)
         rows.append(("capdpo static", str(b), str(n), f"{seconds:.2f}", f"{n / seconds:.2f}", f"{floor:.1f}",
@@ -265,7 +275,7 @@ def main() -> None:
         b = best["batch"]
         n, prefill_seconds = time_at(decoder, Generation(max_new_tokens=1), b)
         batches = n / (b * world)
-        floors = floor_seconds(b, T, floor_shapes, params, rates, kv_bytes)
+        floors = floor_seconds(b, T, floor_shapes, params, rates, kv_bytes, attention)
         split = {
             "prefill_s_per_batch": prefill_seconds / batches,
             "decode_s_per_batch": (best["seconds"] - prefill_seconds) / batches,

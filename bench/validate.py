@@ -27,13 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
     ENDOFTEXT,
     Shapes,
+    attention_shapes,
     build_model,
     build_processor,
     environment,
     hardware_rates,
-    image_tokens,
     operator_table,
     param_counts,
+    prefill_flops,
     profiler,
     sync,
     synthetic_batch,
@@ -46,18 +47,25 @@ ANSWER_IDS = [9454, 9693, 14004, 2753, 2152, 5664]
 
 
 def floor_candidates_per_s(
-    candidates: int, prompt_tokens: int, suffix_tokens: int, shapes: Shapes, params: dict, rates: dict
+    candidates: int,
+    prompt_tokens: int,
+    suffix_tokens: int,
+    shapes: Shapes,
+    params: dict,
+    rates: dict,
+    attention: dict,
 ) -> float:
-    """Candidates/s if the shared-prefix path's matmuls ran at the measured matmul rate: per image, the vision
-    tower on its patches and the text model on the prefix once, then on each candidate's suffix, and the LM head on
-    each candidate's last token (attention and the cache reads left out, so this is a bound)."""
+    """Candidates/s if the shared-prefix path's FLOPs ran at the measured matmul rate: per image, the vision tower
+    and the text model on the prefix once (`bench.common.prefill_flops`), then the decoder layers on each
+    candidate's suffix (attending to the prefix and causally to itself) and the LM head on each candidate's last
+    token (the cache reads left out, so this is a bound)."""
     prefix = prompt_tokens - suffix_tokens
-    patches = image_tokens(shapes) * 4
-    flops = (
-        2 * params["vision"] * patches
-        + 2 * params["text_matmul"] * (prefix + candidates * suffix_tokens)
-        + 2 * params["lm_head"] * candidates
+    suffix_pairs = suffix_tokens * prefix + suffix_tokens * (suffix_tokens + 1) / 2
+    per_candidate = (
+        2 * params["text_layers"] * suffix_tokens + 4 * suffix_pairs * attention["text_width"] + 2 * params["lm_head"]
     )
+    # prefill_flops counts the head on the prefix's last token, which this path never needs
+    flops = prefill_flops(prefix, shapes, params, attention) - 2 * params["lm_head"] + candidates * per_candidate
     return candidates / (flops / rates["matmul_flops"])
 
 
@@ -101,6 +109,7 @@ def main() -> None:
     model = build_model(args.size, device)
     rates = hardware_rates(device, quick=args.tiny)
     params = param_counts(model)
+    attention = attention_shapes(model.config, shapes)
     rows: list[tuple[str, ...]] = [("path", "candidates", "seconds", "candidates/s", "vs baseline")]
     result = {"env": environment(device), "size": args.size}
 
@@ -196,7 +205,7 @@ def main() -> None:
     result["capdpo_shared_prefix"] = {"candidates": n, "seconds": seconds, "candidates_per_s": rate,
                                       "candidates_per_image": args.candidates}  # fmt: skip
     result["speedup"] = rate / base_rate
-    floor = floor_candidates_per_s(args.candidates, len(groups[0].ids[0]), suffix, shapes, params, rates)
+    floor = floor_candidates_per_s(args.candidates, len(groups[0].ids[0]), suffix, shapes, params, rates, attention)
     result["capdpo_shared_prefix"]["floor_candidates_per_s"] = floor
     result["share_of_floor"] = rate / floor
     result["rates"] = rates

@@ -213,19 +213,53 @@ def test_captioning_floor_splits_into_prefill_and_decode_in_both_regimes():
     from bench.generate import floor_images_per_s, floor_seconds
 
     shapes = Shapes()  # 448 px: 1024 patches, 256 image tokens; prompt 20 + 256 + 12 + 2 = 290 tokens
-    params = {"text_matmul": 1e9, "vision": 1e8}
+    params = {"text_layers": 1e9, "lm_head": 1e8, "vision": 1e8, "vision_merger": 1e7}
+    attention = {"text_width": 1000, "vision_flops": 5e9}
     batch, steps = 4, 8
-    prefill = batch * (2e9 * 290 + 2e8 * 1024) / 1e12
-    # compute-bound steps: no KV cache and fast memory, every step does its matmuls at 1 TFLOP/s
-    compute = {"matmul_flops": 1e12, "copy_bytes_per_s": 1e15}
-    assert floor_seconds(batch, steps, shapes, params, compute, 0.0) == pytest.approx(
-        (prefill, steps * 2e9 * 4 / 1e12)
-    )
-    # memory-bound steps: the weights (bf16) and the cache up to each step's position read at 1 GB/s
+    # vision blocks on 1024 patches, merger on 256 tokens, vision attention; layers on 290 tokens with causal
+    # attention; the head on the last token only
+    image = 2e8 * 1024 + 2e7 * 256 + 5e9 + 2e9 * 290 + 4 * (290 * 291 / 2) * 1000 + 2e8
+    prefill = batch * image / 1e12
+    # the prefill gives the first token: 7 decode steps, step s feeding position 290 + s - 1 (attending 290 + s keys)
+    compute = {"matmul_flops": 1e12, "copy_bytes_per_s": 1e15}  # compute-bound steps
+    decode = sum(batch * (2 * 1.1e9 + 4 * (290 + s) * 1000) for s in range(1, steps)) / 1e12
+    assert floor_seconds(batch, steps, shapes, params, compute, 0.0, attention) == pytest.approx((prefill, decode))
+    # memory-bound steps: the weights (bf16, head included) and the cache written so far read at 1 GB/s
     memory = {"matmul_flops": 1e12, "copy_bytes_per_s": 1e9}
     kv = 1000.0
-    reads = steps * 2e9 + kv * batch * (steps * 290 + steps * (steps - 1) / 2)
-    assert floor_seconds(batch, steps, shapes, params, memory, kv) == pytest.approx((prefill, reads / 1e9))
-    assert floor_images_per_s(batch, steps, shapes, params, memory, kv) == pytest.approx(
+    reads = sum(2 * 1.1e9 + kv * batch * (290 + s - 1) for s in range(1, steps))
+    assert floor_seconds(batch, steps, shapes, params, memory, kv, attention) == pytest.approx((prefill, reads / 1e9))
+    assert floor_images_per_s(batch, steps, shapes, params, memory, kv, attention) == pytest.approx(
         batch / (prefill + reads / 1e9)
     )
+
+
+def test_work_counts_split_the_parameters_by_where_they_run():
+    import torch
+
+    from bench.common import Shapes, attention_shapes, build_model, param_counts, qwen25vl_config
+
+    model = build_model("tiny", "cpu")
+    counts = param_counts(model)
+    visual = sum(p.numel() for p in model.model.visual.parameters())
+    merger = sum(p.numel() for p in model.model.visual.merger.parameters())
+    layers = sum(p.numel() for p in model.model.language_model.layers.parameters())
+    norm = model.model.language_model.norm.weight.numel()
+    assert (counts["vision"], counts["vision_merger"]) == (visual - merger, merger)
+    assert counts["text_layers"] == layers + norm  # the embedding and the (untied) head are not layers
+    assert counts["lm_head"] == model.lm_head.weight.numel()
+    # a tied head is the embedding: counted once in the total, never as a layer
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    tied = param_counts(model)
+    assert tied["text_layers"] == counts["text_layers"] and tied["total"] == counts["total"] - counts["lm_head"]
+    del torch
+
+    # 7B's vision tower at 448 px: 32x32 patches in 16 windows of 8x8 patches; blocks 7, 15, 23, 31 see all 1024
+    cfg = qwen25vl_config("7b")
+    work = attention_shapes(cfg, Shapes())
+    assert work["text_width"] == 28 * 28 * 128
+    assert work["vision_flops"] == 4 * 1280 * (4 * 1024**2 + 28 * 16 * 64**2)
+    # 504 px: 18x18 merged tokens, windows of 4 -> spans 4, 4, 4, 4, 2 each way (edge windows are smaller)
+    spans = [4, 4, 4, 4, 2]
+    windowed = sum((4 * a * b) ** 2 for a in spans for b in spans)
+    assert attention_shapes(cfg, Shapes(image_side=504))["vision_flops"] == 4 * 1280 * (4 * 1296**2 + 28 * windowed)
