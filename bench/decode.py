@@ -46,6 +46,11 @@ def main() -> None:
     parser.add_argument(
         "--call-only", action="store_true", help="with --attention-only: the single attention call, no decode steps"
     )
+    parser.add_argument(
+        "--overlap",
+        action="store_true",
+        help="only the overlap probe: one batch's decode steps and another batch's prefill, apart and at once",
+    )
     args = parser.parse_args()
 
     import torch
@@ -91,6 +96,11 @@ def main() -> None:
 
     greedy = Generation(max_new_tokens=args.new_tokens)
     sampled = Generation(max_new_tokens=args.new_tokens, temperature=1.0, top_p=0.95)
+    if args.overlap:
+        patches.fuse_text_projections(model)
+        overlap(lm, inputs, synthetic_batch(args.batch, shapes, device, seed=2), args, result)
+        write_result(args.out, result)
+        return
     if args.attention_only:
         patches.fuse_text_projections(model)
         attention_call(model, inputs, args.new_tokens, device, result)
@@ -133,6 +143,73 @@ def main() -> None:
           f"{select_ms['compiled']:.2f} ms compiled", flush=True)  # fmt: skip
     profile_steps(model, inputs, args.new_tokens, device)
     write_result(args.out, result)
+
+
+def overlap(lm, inputs: dict, other: dict, args, result: dict) -> None:
+    """Whether a prefill fills what decode steps leave of the device: batch A decodes (`--new-tokens`) while batch B
+    is prefilled (one token), each on its own stream and host thread, against the two one after the other. B starts
+    once A's prefill is done (the time A takes for one token), so it meets A's decode steps."""
+    import contextlib
+    import threading
+    import time
+
+    import torch
+
+    from capdpo.generation.sampling import Generation
+    from capdpo.generation.static_decoder import StaticDecoder
+
+    device = str(lm.device)
+    cuda = device.startswith("cuda")
+    seeds = list(range(args.batch))
+    a, b = (StaticDecoder(lm, prefill_rows=args.prefill_rows) for _ in range(2))
+    gen, one = Generation(max_new_tokens=args.new_tokens), Generation(max_new_tokens=1)
+
+    def decode_a() -> None:
+        a.generate(inputs, gen, seeds, [], ENDOFTEXT)
+
+    def prefill_b() -> None:
+        b.generate(other, one, seeds, [], ENDOFTEXT)
+
+    t_decode = mean_seconds(decode_a, device, 1)  # A's graphs captured in the warm-up, replayed after
+    t_prefill = mean_seconds(prefill_b, device, 1)
+    t_a_prefill = mean_seconds(lambda: a.generate(inputs, one, seeds, [], ENDOFTEXT), device, 1)
+    decode_a()  # A's kept session back at its decoding shape
+    sync(device)
+
+    def on_stream(fn, delay: float, errors: list) -> None:
+        try:
+            time.sleep(delay)
+            stream = torch.cuda.Stream() if cuda else None
+            with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                fn()
+            if cuda:
+                stream.synchronize()
+        except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(error)
+
+    times = []
+    for _ in range(2):
+        errors: list = []
+        threads = [threading.Thread(target=on_stream, args=(decode_a, 0.0, errors)),
+                   threading.Thread(target=on_stream, args=(prefill_b, t_a_prefill, errors))]  # fmt: skip
+        sync(device)
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        sync(device)
+        times.append(time.perf_counter() - start)
+        if errors:
+            raise errors[0]
+    both = min(times)
+    apart = t_decode + t_prefill
+    result["overlap"] = {
+        "decode_batch_s": t_decode, "prefill_batch_s": t_prefill, "prefill_of_decoded_batch_s": t_a_prefill,
+        "apart_s": apart, "together_s": both, "saved_share": 1 - both / apart,
+    }  # fmt: skip
+    print(f"overlap: A decoding {t_decode:.3f} s (its prefill {t_a_prefill:.3f} s), B prefill {t_prefill:.3f} s; "
+          f"one after the other {apart:.3f} s, at once {both:.3f} s ({1 - both / apart:.1%} saved)", flush=True)  # fmt: skip
 
 
 def attention_call(model, inputs: dict, new_tokens: int, device: str, result: dict) -> None:

@@ -98,6 +98,10 @@ def test_decode_levers_tiny_mode_times_every_configuration(tmp_path):
     assert errors["sdpa"] == errors["kernel"] and errors["sdpa"]["max_abs"] >= errors["sdpa"]["mean_abs"] >= 0
     _, call = run_tiny("bench/decode.py", tmp_path / "call.json", "--attention-only", "--call-only")
     assert call["configs"] == {} and call["attention_call"]["written"] < call["attention_call"]["slots"]
+    _, both = run_tiny("bench/decode.py", tmp_path / "overlap.json", "--overlap")
+    o = both["overlap"]
+    assert o["apart_s"] == pytest.approx(o["decode_batch_s"] + o["prefill_batch_s"]) and o["together_s"] > 0
+    assert 0 < o["prefill_of_decoded_batch_s"] < o["decode_batch_s"]
 
 
 def test_operator_bench_times_every_form_against_eager(tmp_path):
