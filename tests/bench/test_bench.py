@@ -267,3 +267,21 @@ def test_work_counts_split_the_parameters_by_where_they_run():
     spans = [4, 4, 4, 4, 2]
     windowed = sum((4 * a * b) ** 2 for a in spans for b in spans)
     assert attention_shapes(cfg, Shapes(image_side=504))["vision_flops"] == 4 * 1280 * (4 * 1296**2 + 28 * windowed)
+
+
+def test_validation_floor_counts_the_prefix_once_and_each_suffix_on_it():
+    from bench.common import Shapes
+    from bench.validate import floor_candidates_per_s
+
+    shapes = Shapes()  # 1024 patches, 256 image tokens
+    params = {"text_layers": 1e9, "lm_head": 1e8, "vision": 1e8, "vision_merger": 1e7}
+    attention = {"text_width": 1000, "vision_flops": 5e9}
+    prompt, suffix, candidates = 300, 20, 40
+    prefix = 280
+    image = 2e8 * 1024 + 2e7 * 256 + 5e9 + 2e9 * prefix + 4 * (prefix * (prefix + 1) / 2) * 1000  # no head
+    # each suffix token attends to the whole prefix and causally to its own suffix; the head on the last token
+    each = 2e9 * suffix + 4 * (suffix * prefix + suffix * (suffix + 1) / 2) * 1000 + 2e8
+    rates = {"matmul_flops": 1e12}
+    expected = candidates / ((image + candidates * each) / 1e12)
+    got = floor_candidates_per_s(candidates, prompt, suffix, shapes, params, rates, attention)
+    assert got == pytest.approx(expected)
