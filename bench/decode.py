@@ -4,6 +4,8 @@ Each configuration generates 1 and `--new-tokens` tokens for the same batch; the
 its decode step. In order: capdpo's CUDA tunings without the joined projections; with q/k/v and gate/up as one GEMM
 each (`fuse_text_projections`); that with the attention window growing by 32 positions; top-p sampling with the
 sampler eager and compiled (the two must give the same tokens). Then a profile of bare decode steps.
+`--attention-only` times the decode-attention kernel against SDPA; `--overlap` times one batch's decode steps with
+another batch's prefill on a second stream against the two one after the other.
 
     python bench/decode.py --out bench/results/decode_h100.json     # GPU, ~4 min
     python bench/decode.py --tiny                                   # CPU smoke test
