@@ -233,14 +233,13 @@ def attention_shapes(config: Any, shapes: Shapes) -> dict[str, float]:
     side = shapes.image_side // patch  # patches per side
     patches = side * side
     window = getattr(vision, "window_size", 0) // merge // patch  # merged tokens per window side (0: none)
-    full_blocks = set(getattr(vision, "fullatt_block_indexes", range(vision.depth))) if window else set()
+    full_blocks, windowed_pairs = vision.depth, 0  # towers without windows attend over the whole image
     if window:
+        full_blocks = len(set(vision.fullatt_block_indexes))
         merged = side // merge
-        spans = [window] * (merged // window) + ([merged % window] if merged % window else [])
+        spans = [window] * (merged // window) + ([merged % window] if merged % window else [])  # edge windows smaller
         windowed_pairs = sum((a * b * merge * merge) ** 2 for a in spans for b in spans)
-    else:
-        full_blocks, windowed_pairs = set(range(vision.depth)), 0
-    pairs = len(full_blocks) * patches**2 + (vision.depth - len(full_blocks)) * windowed_pairs
+    pairs = full_blocks * patches**2 + (vision.depth - full_blocks) * windowed_pairs
     return {
         "text_width": text.num_hidden_layers * text.num_attention_heads * head_dim,
         "vision_flops": 4 * pairs * vision.hidden_size,

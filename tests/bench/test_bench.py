@@ -267,6 +267,8 @@ def test_work_counts_split_the_parameters_by_where_they_run():
     spans = [4, 4, 4, 4, 2]
     windowed = sum((4 * a * b) ** 2 for a in spans for b in spans)
     assert attention_shapes(cfg, Shapes(image_side=504))["vision_flops"] == 4 * 1280 * (4 * 1296**2 + 28 * windowed)
+    cfg.vision_config.window_size = 0  # a tower without windows (Qwen2-VL's, Qwen3-VL's): every block sees all
+    assert attention_shapes(cfg, Shapes())["vision_flops"] == 4 * 1280 * 32 * 1024**2
 
 
 def test_validation_floor_counts_the_prefix_once_and_each_suffix_on_it():
