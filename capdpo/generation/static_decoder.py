@@ -110,6 +110,9 @@ class StaticDecoder:
         total = prompt_len + gen.max_new_tokens
         device = input_ids.device
         batch = len(rows) if rows is not None else input_ids.shape[0]
+        # the row whose prompt slots each row's decode attention reads: the first row of its prompt (every row holds a
+        # copy; the rows of one prompt reading one of them read it once from memory). Read before the prefill is queued
+        source = _first_rows(rows.tolist() if rows is not None else range(batch))
         # what the kept graphs were captured for; the weights are read where they were at capture, so a caller
         # that replaces the model's tensors (not their values in place) calls release() first
         key = (
@@ -157,6 +160,7 @@ class StaticDecoder:
             if session is None:
                 session = _DecodeSession(key, cache, batch, total, mask.dtype, device, logits.shape[-1])
             session.full_mask[:, :prompt_len] = mask  # generated positions are all real; causality hides the rest
+            session.source.copy_(source)
             session.real_len.copy_(mask.sum(-1))
             session.deltas.copy_(deltas)
             finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -233,7 +237,8 @@ class StaticDecoder:
             torch.add(session.step, session.key[1], out=session.position)
             for layer in session.cache.layers:
                 layer.window = window
-        with decode_attention.decode_attention_end(session.position) if windowed else contextlib.nullcontext():
+        step = decode_attention.decode_attention_end(session.position, session.source, session.key[1])
+        with step if windowed else contextlib.nullcontext():
             hidden = self.decoder(
                 inputs_embeds=self.embed(session.token.view(batch, 1)),
                 position_ids=position_ids,
@@ -298,6 +303,15 @@ def decode_steps_attention(config: Any, kernel: bool) -> Any:
     if not kernel:
         return contextlib.nullcontext(False)
     return sdpa_through(config, decode_attention.DECODE_SDPA, decode_attention.decode_sdpa_attention)
+
+
+def _first_rows(prompts: Any) -> Any:
+    """For each row (`prompts`: the index of its prompt), the index of the first row with the same prompt, as a
+    LongTensor on the host."""
+    import torch
+
+    first: dict[int, int] = {}
+    return torch.tensor([first.setdefault(int(p), i) for i, p in enumerate(prompts)], dtype=torch.long)
 
 
 def _select_cache_rows(cache: Any, rows: Any) -> None:
@@ -477,6 +491,7 @@ class _DecodeSession:
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
         self.step = torch.zeros((), dtype=torch.long, device=device)
         self.position = torch.zeros((), dtype=torch.long, device=device)
+        self.source = torch.arange(batch, dtype=torch.long, device=device)
         self.logits = torch.zeros(batch, vocab, dtype=torch.float32, device=device)
         self.graphs: dict[int, Any] = {}
         self.pool: Any = None

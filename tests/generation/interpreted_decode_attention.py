@@ -39,6 +39,36 @@ def kernel_equals_sdpa_over_the_written_slots(heads: int, kv_heads: int, dim: in
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
 
+def kernel_reads_prompt_slots_from_the_source_row() -> None:
+    """Rows 1 and 3 continue the prompts of rows 0 and 2: their own prompt slots are never read (NaN there), the
+    source rows' are, and their generated slots are their own."""
+    torch.manual_seed(2)
+    batch, heads, kv_heads, dim, slots, prompt, end = 4, 8, 2, 64, 150, 70, 120
+    q = torch.randn(batch, heads, 1, dim)
+    k, v = torch.randn(batch, kv_heads, slots, dim), torch.randn(batch, kv_heads, slots, dim)
+    source = torch.tensor([0, 0, 2, 2])
+    expected_k, expected_v = k.clone(), v.clone()
+    for row in (1, 3):
+        expected_k[row, :, :prompt], expected_v[row, :, :prompt] = k[row - 1, :, :prompt], v[row - 1, :, :prompt]
+        k[row, :, :prompt], v[row, :, :prompt] = float("nan"), float("nan")
+    mask = torch.zeros(batch, slots, dtype=torch.bool)
+    mask[:, : end + 1] = True
+    mask[0:2, :9] = False  # rows 0 and 1 share a left-padded prompt
+    out = decode_attention.decode_attention(q, k, v, mask, torch.tensor(end), dim**-0.5, source, prompt)
+    groups = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q,
+        expected_k[:, :, : end + 1].repeat_interleave(groups, 1),
+        expected_v[:, :, : end + 1].repeat_interleave(groups, 1),
+        attn_mask=mask[:, None, None, : end + 1],
+    ).transpose(1, 2)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    # without a source each row reads its own slots: the NaN prompt slots reach rows 1 and 3
+    own = decode_attention.decode_attention(q, k, v, mask, torch.tensor(end), dim**-0.5)
+    assert own[[1, 3]].isnan().all() and not own[[0, 2]].isnan().any()
+
+
 def kernel_in_half_precision_is_as_close_to_float32_as_sdpa() -> None:
     """16-bit inputs (float16: the interpreter computes bfloat16 wrongly, it has no such type; a GPU run measures
     bfloat16): the kernel's error against the float32 attention is SDPA's own, not more."""
@@ -87,9 +117,9 @@ def outside_a_decode_step_the_library_sdpa_runs() -> None:
 
 
 def static_decoder_with_the_kernel_gives_generates_tokens(model_dir: str, images: list[str]) -> None:
-    calls = []
+    calls, sources = [], []
     kernel = decode_attention.decode_attention
-    decode_attention.decode_attention = lambda *a: calls.append(a[0].shape) or kernel(*a)
+    decode_attention.decode_attention = lambda *a: calls.append(a[0].shape) or sources.append(a[6:]) or kernel(*a)
     try:
         lm = load_vlm(model_dir)
         requests = [
@@ -98,15 +128,22 @@ def static_decoder_with_the_kernel_gives_generates_tokens(model_dir: str, images
             )
             for i in range(3)
         ]
+        # two more samples of the first prompt (own seeds): they share its prefill and read its prompt slots from
+        # its cache row
+        requests += [Request(key=f"s{i}", image=images[0], messages=[user_message("Describe.")], seed=9 + i)
+                     for i in range(2)]  # fmt: skip
         fast = Engine(lm, decoder="static", prefill_rows=2)
         assert not fast.static.decode_kernel and decode_attention.available(lm.device)  # off on the CPU; runs here
         fast.static.decode_kernel = True
         layers = lm.model.config.get_text_config().num_hidden_layers
         for gen in (Generation(max_new_tokens=10), Generation(max_new_tokens=10, temperature=1.0, top_p=0.9)):
             calls.clear()
+            sources.clear()
             ours, theirs = fast.generate(requests, gen), Engine(lm, decoder="hf").generate(requests, gen)
             assert [o.token_ids for o in ours] == [o.token_ids for o in theirs]
             assert len(calls) == layers * 9 and all(shape[2] == 1 for shape in calls)  # every step and layer
+            first = [0, 1, 2, 0, 0]  # the engine keeps the batch's order: s0 and s1 continue r0's prompt
+            assert all(src.tolist() == first and prompt > 0 for src, prompt in sources)
         assert lm.model.config.get_text_config()._attn_implementation == "sdpa"  # put back after the loop
     finally:
         decode_attention.decode_attention = kernel
@@ -118,6 +155,8 @@ def main(argv: list[str]) -> None:
     for shape in ((8, 2, 64), (28, 4, 128), (4, 4, 16)):
         kernel_equals_sdpa_over_the_written_slots(*shape)
         print(f"ok kernel {shape}", flush=True)
+    kernel_reads_prompt_slots_from_the_source_row()
+    print("ok source rows", flush=True)
     kernel_in_half_precision_is_as_close_to_float32_as_sdpa()
     print("ok half precision", flush=True)
     outside_a_decode_step_the_library_sdpa_runs()

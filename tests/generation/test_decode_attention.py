@@ -1,6 +1,6 @@
 """The decode-attention kernel under Triton's interpreter on the CPU, in its own process (the interpreter must be
 chosen before Triton is imported): equal to SDPA over the written slots and reading none past them, as close to
-float32 as SDPA in half precision, SDPA itself
+float32 as SDPA in half precision, reading a shared prompt from its source row, SDPA itself
 outside a decode step, and the static decoder's tokens (greedy and sampled, three architectures) those of
 `generate` with every decode step's attention through the kernel."""
 
@@ -23,7 +23,7 @@ def test_the_decode_attention_kernel_under_the_interpreter(tiny_models, sample_i
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     passed = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
-    assert len(passed) == 3 + 1 + 1 + 3, result.stdout
+    assert len(passed) == 3 + 1 + 1 + 1 + 3, result.stdout
 
 
 def test_the_kernel_is_on_by_default_only_where_compiled_kernels_run(tiny_models, monkeypatch):
