@@ -10,8 +10,8 @@ mask comes from the model as SDPA's boolean one, so it means what it means there
 
 Rows that continue one prompt (a stage's k samples of one image and instruction) hold equal copies of its keys and
 values in their prompt slots; given `source` (for each row, the first row with its prompt) the kernel reads those
-slots from the source row, so the rows of a group read one copy, from L2 while their programs run side by side,
-instead of one copy each from memory. The values are the same, so the result is too.
+slots from the source row, so the rows of a group, whose programs run side by side, can find them in L2 instead of
+each reading its own copy from memory. The values are the same, so the result is too.
 
 `decode_attention_end(position)` tells the attention function where the written slots end; outside it (and for
 inputs it does not cover: more than one query, a float mask, an unusual layout) the library's SDPA runs. The static
