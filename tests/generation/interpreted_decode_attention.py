@@ -18,6 +18,15 @@ from capdpo.generation.sampling import Generation
 from capdpo.models.loading import load_vlm
 
 
+def sdpa_over_the_written_slots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, end: int):
+    """The library's SDPA over cache slots [0, end] with every query head's key/value head repeated: [B, 1, H, D]."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = (t[:, :, : end + 1].repeat_interleave(groups, 1) for t in (k, v))
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask[:, None, None, : end + 1]
+    ).transpose(1, 2)
+
+
 def kernel_equals_sdpa_over_the_written_slots(heads: int, kv_heads: int, dim: int) -> None:
     torch.manual_seed(0)
     batch, slots, end = 3, 150, 97
@@ -28,13 +37,7 @@ def kernel_equals_sdpa_over_the_written_slots(heads: int, kv_heads: int, dim: in
     mask[:, : end + 1] = True
     mask[0, :5], mask[2, :70] = False, False  # left padding of two sizes
     out = decode_attention.decode_attention(q, k, v, mask, torch.tensor(end), dim**-0.5)
-    groups = heads // kv_heads
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        q,
-        k[:, :, : end + 1].repeat_interleave(groups, 1),
-        v[:, :, : end + 1].repeat_interleave(groups, 1),
-        attn_mask=mask[:, None, None, : end + 1],
-    ).transpose(1, 2)
+    expected = sdpa_over_the_written_slots(q, k, v, mask, end)
     assert out.shape == (batch, 1, heads, dim) and not out.isnan().any()
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
@@ -55,13 +58,7 @@ def kernel_reads_prompt_slots_from_the_source_row() -> None:
     mask[:, : end + 1] = True
     mask[0:2, :9] = False  # rows 0 and 1 share a left-padded prompt
     out = decode_attention.decode_attention(q, k, v, mask, torch.tensor(end), dim**-0.5, source, prompt)
-    groups = heads // kv_heads
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        q,
-        expected_k[:, :, : end + 1].repeat_interleave(groups, 1),
-        expected_v[:, :, : end + 1].repeat_interleave(groups, 1),
-        attn_mask=mask[:, None, None, : end + 1],
-    ).transpose(1, 2)
+    expected = sdpa_over_the_written_slots(q, expected_k, expected_v, mask, end)
     assert not out.isnan().any()
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
     # without a source each row reads its own slots: the NaN prompt slots reach rows 1 and 3
