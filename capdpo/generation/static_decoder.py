@@ -111,8 +111,9 @@ class StaticDecoder:
         device = input_ids.device
         batch = len(rows) if rows is not None else input_ids.shape[0]
         # the row whose prompt slots each row's decode attention reads: the first row of its prompt (every row holds a
-        # copy; the rows of one prompt reading one of them read it once from memory). Read before the prefill is queued
-        source = _first_rows(rows.tolist() if rows is not None else range(batch))
+        # copy; the rows of one prompt reading one of them can find it in L2). On the device before the prefill is
+        # queued, so that neither reading `rows` nor the copy waits for it
+        source = _first_rows(rows.tolist() if rows is not None else range(batch)).to(device)
         # what the kept graphs were captured for; the weights are read where they were at capture, so a caller
         # that replaces the model's tensors (not their values in place) calls release() first
         key = (
