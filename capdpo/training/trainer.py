@@ -474,7 +474,7 @@ class CapdpoDPOTrainer(DPOTrainer):
         self._prepare_cache(cache)
         cache.reload()
         examples = {ex["id"]: ex for ds in datasets for ex in ds}
-        missing = cache.missing(sorted(examples))
+        missing = self._agreed_missing(cache, sorted(examples))
         start = time.time()
         if missing:
             # Every process runs the same number of forwards (ZeRO-3 gathers weights collectively); a process
@@ -508,7 +508,7 @@ class CapdpoDPOTrainer(DPOTrainer):
         for dataset in datasets:
             for example in dataset:
                 first.setdefault(image_key(example["image_id"], example["image"]), example)
-        missing = cache.missing(sorted(first))
+        missing = self._agreed_missing(cache, sorted(first))
         start = time.time()
         if missing:
             with self._pass_model() as model, torch.no_grad(), self.accelerator.autocast():
@@ -535,6 +535,14 @@ class CapdpoDPOTrainer(DPOTrainer):
         if self.accelerator.is_main_process:
             cache.prepare()
         self.accelerator.wait_for_everyone()
+
+    def _agreed_missing(self, cache: ReferenceCache | FeatureCache, keys: list[str]) -> list[str]:
+        """`cache.missing(keys)` as every process reads it before any of them writes, so that all shard one list (a
+        process that read the cache after another had started writing would shard a shorter list, and keys would
+        fall to no process)."""
+        missing = cache.missing(keys)
+        self.accelerator.wait_for_everyone()
+        return missing
 
     def _my_batches(self, missing: list[str], batch_size: int, same_count: bool = False) -> list[list[str]]:
         """This process's share of `missing`, `batch_size` keys per forward. With `same_count` every process gets as

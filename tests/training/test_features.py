@@ -196,3 +196,44 @@ def test_mdpo_with_cached_features_equals_mdpo_without(tiny_models, sample_image
         _set_lora_b(trainer.model)
         losses[name] = _loss_and_grads(trainer, pairs)[0]
     assert losses["cached"] == pytest.approx(losses["plain"], abs=1e-5)
+
+
+def test_every_process_shards_the_missing_list_read_before_any_writes(tmp_path):
+    """Two processes (threads here) fill one feature cache: the one that reads the cache later must still see every
+    key missing, or keys its share would have had fall to no one."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    from capdpo.training.features import FeatureCache
+    from capdpo.training.trainer import CapdpoDPOTrainer
+
+    cache = FeatureCache(tmp_path, {"model": "m"})
+    cache.prepare()
+    keys = [f"img{i}" for i in range(6)]
+    barrier = threading.Barrier(2, timeout=30)
+    shares: dict[int, list[str]] = {}
+
+    def process(rank: int) -> None:
+        trainer = SimpleNamespace(
+            accelerator=SimpleNamespace(
+                wait_for_everyone=barrier.wait, state=SimpleNamespace(process_index=rank, num_processes=2)
+            )
+        )
+        if rank == 1:
+            time.sleep(0.3)  # reads the cache after rank 0 could have written
+        missing = CapdpoDPOTrainer._agreed_missing(trainer, cache, keys)
+        batches = CapdpoDPOTrainer._my_batches(trainer, missing, batch_size=2)
+        shares[rank] = [k for batch in batches for k in batch]
+        for key in shares[rank]:
+            cache.save(key, torch.zeros(2, 3))
+
+    threads = [threading.Thread(target=process, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(shares[0] + shares[1]) == keys and not set(shares[0]) & set(shares[1])
+    assert cache.missing(keys) == []
