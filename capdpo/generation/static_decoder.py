@@ -110,15 +110,18 @@ class StaticDecoder:
         total = prompt_len + gen.max_new_tokens
         device = input_ids.device
         batch = len(rows) if rows is not None else input_ids.shape[0]
-        # the row whose prompt slots each row's decode attention reads: the first row of its prompt (every row holds a
-        # copy; the rows of one prompt reading one of them can find it in L2). On the device before the prefill is
-        # queued, so that neither reading `rows` nor the copy waits for it
-        source = _first_rows(rows.tolist() if rows is not None else range(batch)).to(device)
+        # where rows share a prompt, the row whose prompt slots each row's decode attention reads: the first row of
+        # its prompt (every row holds a copy; the rows of one prompt reading one of them can find it in L2). On the
+        # device before the prefill is queued, so that neither reading `rows` nor the copy waits for it. Batches
+        # without shared prompts keep the kernel that reads each row's own slots
+        source = _first_rows(rows.tolist()) if rows is not None else None
+        shared = source is not None and bool((source != torch.arange(batch)).any())
+        source = source.to(device) if shared else None
         # what the kept graphs were captured for; the weights are read where they were at capture, so a caller
         # that replaces the model's tensors (not their values in place) calls release() first
         key = (
             batch, prompt_len, total, mask.dtype, str(device), self.decode_kernel,
-            self.decoder.config._attn_implementation,
+            self.decoder.config._attn_implementation, shared,
         )  # fmt: skip
         session = self._session if self._session is not None and self._session.key == key else None
         self._session = None  # a session of another shape frees its cache before this call allocates
@@ -161,7 +164,8 @@ class StaticDecoder:
             if session is None:
                 session = _DecodeSession(key, cache, batch, total, mask.dtype, device, logits.shape[-1])
             session.full_mask[:, :prompt_len] = mask  # generated positions are all real; causality hides the rest
-            session.source.copy_(source)
+            if shared:
+                session.source.copy_(source)
             session.real_len.copy_(mask.sum(-1))
             session.deltas.copy_(deltas)
             finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -238,7 +242,8 @@ class StaticDecoder:
             torch.add(session.step, session.key[1], out=session.position)
             for layer in session.cache.layers:
                 layer.window = window
-        step = decode_attention.decode_attention_end(session.position, session.source, session.key[1])
+        source = session.source if session.shared else None
+        step = decode_attention.decode_attention_end(session.position, source, session.key[1])
         with step if windowed else contextlib.nullcontext():
             hidden = self.decoder(
                 inputs_embeds=self.embed(session.token.view(batch, 1)),
@@ -486,6 +491,7 @@ class _DecodeSession:
         import torch
 
         self.key, self.cache = key, cache
+        self.shared = key[-1]  # rows share prompts: decode attention reads their prompt slots from `source`
         self.full_mask = torch.ones(batch, total, dtype=mask_dtype, device=device)
         self.real_len = torch.zeros(batch, dtype=torch.long, device=device)
         self.deltas = torch.zeros(batch, dtype=torch.long, device=device)

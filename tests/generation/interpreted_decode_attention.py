@@ -141,6 +141,14 @@ def static_decoder_with_the_kernel_gives_generates_tokens(model_dir: str, images
             assert len(calls) == layers * 9 and all(shape[2] == 1 for shape in calls)  # every step and layer
             first = [0, 1, 2, 0, 0]  # the engine keeps the batch's order: s0 and s1 continue r0's prompt
             assert all(src.tolist() == first and prompt > 0 for src, prompt in sources)
+        # a batch without shared prompts: every row reads its own slots (the kernel without a source)
+        sources.clear()
+        gen = Generation(max_new_tokens=10)
+        distinct = requests[:3]
+        assert [o.token_ids for o in fast.generate(distinct, gen)] == [
+            o.token_ids for o in Engine(lm, decoder="hf").generate(distinct, gen)
+        ]
+        assert sources and all(src is None for src, _ in sources)
         assert lm.model.config.get_text_config()._attn_implementation == "sdpa"  # put back after the loop
     finally:
         decode_attention.decode_attention = kernel
