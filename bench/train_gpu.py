@@ -122,6 +122,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-compile-layers", action="store_true", help="Stage 6 with its language-model layers run eagerly."
     )
     p.add_argument(
+        "--layers-changing-sizes",
+        action="store_true",
+        help="Compile the layers with only the sizes that change between steps symbolic (torch's automatic dynamic "
+        "shapes) instead of every size.",
+    )
+    p.add_argument(
         "--no-cache-image-features",
         action="store_true",
         help="Stage 6 running the vision tower in every step (no image features cached before training).",
@@ -458,6 +464,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     from capdpo.training.dpo import build_trainer
     from capdpo.training.dpo import dpo_arguments as dpo_args
 
+    if args.layers_changing_sizes:
+        from capdpo.models import patches
+
+        patches.LAYER_SIZES_SYMBOLIC = None
     dtype = torch.bfloat16 if cuda else torch.float32
     settings = TrainConfig(
         method="lora",
@@ -590,6 +600,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "gradient_checkpointing": not args.no_gradient_checkpointing,
         "checkpointing": "reentrant" if args.reentrant else "non-reentrant",
+        "compiled_layer_sizes": "changing symbolic" if args.layers_changing_sizes else "all symbolic",
         "zero_reductions": "deepspeed" if args.baseline or args.library_zero_reductions else "capdpo multi-tensor",
         "share_image_features": share,
         "share_prompt": packed,

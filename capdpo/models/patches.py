@@ -589,6 +589,12 @@ def compile_vision_blocks(model: Any, backend: str = "inductor") -> int:
     return _compile_each(blocks, backend, "the vision blocks")
 
 
+# how `_compile_each` compiles: True makes every size of a layer's graph symbolic (widths, heads included); None
+# (torch's automatic dynamic shapes) specialises the first call's sizes and makes only those that later change
+# symbolic. `bench/train_gpu.py --layers-changing-sizes` and `bench/generate.py --compile` time the second.
+LAYER_SIZES_SYMBOLIC: bool | None = True
+
+
 def _compile_each(modules: list[Any], backend: str, label: str) -> int:
     """Compile each module's whole call (sharing one graph); a compiler failure makes all of them eager."""
     import torch
@@ -600,7 +606,7 @@ def _compile_each(modules: list[Any], backend: str, label: str) -> int:
     state = {"eager": False, "label": label}
     for module in modules:
         if getattr(module, "_compiled_call_impl", None) is None:
-            compiled = with_backward(torch.compile(module._call_impl, backend=backend, dynamic=True))
+            compiled = with_backward(torch.compile(module._call_impl, backend=backend, dynamic=LAYER_SIZES_SYMBOLIC))
             module._compiled_call_impl = functools.partial(_compiled_or_eager_call, module, compiled, state)
     return len(modules)
 
