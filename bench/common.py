@@ -202,6 +202,33 @@ def hardware_rates(device: str, quick: bool = False) -> dict[str, float]:
     return {"matmul_flops": flops, "copy_bytes_per_s": bandwidth}
 
 
+def sustained_matmul_flops(device: str, m: int, k: int, n: int, seconds: float = 2.0) -> float:
+    """bf16 FLOP/s of [m, k] x [k, n] GEMMs run back to back for about `seconds` (NaN off CUDA).
+
+    `hardware_rates` times ~20 ms of square GEMMs, before the card heats up and its clock settles under the power
+    limit; a prefill runs its GEMMs for seconds. This rate, at one of the prefill's own shapes, says how much of the
+    gap to the floor the clock alone explains (reported beside the floor, never in place of it)."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return float("nan")
+    a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b.T
+    torch.cuda.synchronize()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):
+            a @ b.T
+        torch.cuda.synchronize()
+        count += 10
+    flops = 2 * m * k * n * count / (time.perf_counter() - start)
+    del a, b
+    torch.cuda.empty_cache()
+    return flops
+
+
 def param_counts(model: Any) -> dict[str, int]:
     """Matmul parameters by where they run: `vision` (patch embedding and blocks, on every patch),
     `vision_merger` (on every merged image token), `text_layers` (the decoder layers, on every token), `lm_head`

@@ -47,6 +47,8 @@ def test_benchmark_tiny_mode_runs_and_reports_ratios(tmp_path, script, extra):
         assert split["batch"] == best and 0 < split["prefill_s_per_batch"]
         assert split["prefill_s_per_batch"] + split["decode_s_per_batch"] == pytest.approx(per_batch)
         assert {"prefill_floor_s", "decode_floor_s"} <= split.keys()  # NaN here: the tiny mode measures no rates
+        # the same floor at the prefill MLP GEMM's sustained rate, reported beside it (NaN here too)
+        assert {"matmul_flops_sustained", "prefill_floor_sustained_s", "decode_floor_sustained_s"} <= split.keys()
         assert "rows, prefill:" in result.stdout and "rows, decode:" in result.stdout
         assert (
             data["pad_spread"] == 2
