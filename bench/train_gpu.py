@@ -19,6 +19,7 @@ honest speed and memory, never quality.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -329,6 +330,7 @@ def _timer_callback(
     writes its operator table (sorted by device time) to `profile_out`, and with `python` where the host's Python
     was while the device sat idle (`bench.common.python_idle_table`)."""
     import torch
+    import torch._dynamo.utils
     from transformers import TrainerCallback
 
     from bench.common import operator_table, profiler, python_idle_table
@@ -349,6 +351,26 @@ def _timer_callback(
             self.profiler: Any = None
             self.marks: list[tuple[str, Any]] = []  # (point, clock) of the step being run
             self.phases: list[dict[str, float]] = []
+            # host pauses inside each timed step: Python's cyclic garbage collector (milliseconds, and how many of
+            # its collections were full ones) and graphs torch.compile compiled
+            self.gc_ms: list[float] = []
+            self.full_gcs: list[int] = []
+            self.graphs: list[int] = []
+            self._gc = {"ms": 0.0, "full": 0, "since": None}
+            self.graphs_at_start = 0
+            gc.callbacks.append(self._on_gc)
+
+        def _on_gc(self, phase: str, info: dict) -> None:
+            if phase == "start":
+                self._gc["since"] = time.perf_counter()
+            elif self._gc["since"] is not None:
+                self._gc["ms"] += (time.perf_counter() - self._gc["since"]) * 1e3
+                self._gc["full"] += info.get("generation") == 2
+                self._gc["since"] = None
+
+        @staticmethod
+        def _graphs() -> int:
+            return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
         def _mark(self, point: str) -> None:
             if cuda:
@@ -400,6 +422,8 @@ def _timer_callback(
             if cuda:
                 torch.cuda.synchronize()
             self.start = time.perf_counter()
+            self._gc.update(ms=0.0, full=0)
+            self.graphs_at_start = self._graphs()
             self.marks = []
             self._mark("step_start")
 
@@ -425,6 +449,9 @@ def _timer_callback(
             if state.global_step > warmup:
                 self.step_seconds.append(end - self.start)
                 self.phases.append(self._phase_ms())
+                self.gc_ms.append(round(self._gc["ms"], 2))
+                self.full_gcs.append(self._gc["full"])
+                self.graphs.append(self._graphs() - self.graphs_at_start)
                 if last_end is not None:
                     self.loop_seconds.append(end - last_end)
 
@@ -575,6 +602,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
         peak = float(peak_t.item())
 
+    if timer._on_gc in gc.callbacks:
+        gc.callbacks.remove(timer._on_gc)
     seconds = timer.step_seconds
     mean = sum(seconds) / len(seconds) if seconds else float("nan")
     loops = timer.loop_seconds
@@ -633,6 +662,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         if timer.phases
         else None,
         "losses": timer.losses,
+        # per timed step: host milliseconds in Python's garbage collector, its full collections, graphs compiled
+        "gc_ms_per_step": timer.gc_ms,
+        "full_gc_per_step": timer.full_gcs,
+        "graphs_compiled_per_step": timer.graphs,
         "train_wall_seconds": round(wall, 2),
         "command": [sys.executable, *sys.argv] if argv is None else ["bench/train_gpu.py", *argv],
     }
