@@ -54,11 +54,27 @@ def parse_options(cls: type, argv: list[str] | None, description: str = "", requ
     return options
 
 
+# transformers 5 renamed its gradient-checkpointing methods; PEFT and TRL still call the old names (capdpo calls
+# neither), so every training or adapter-loading command would print their FutureWarnings
+_LIBRARY_DEPRECATIONS = (
+    r"`(is_gradient_checkpointing|gradient_checkpointing_enable|gradient_checkpointing_disable)` is deprecated"
+)
+
+
+def quiet_library_deprecations() -> None:
+    """Hide the dependencies' deprecation warnings that capdpo's command lines can do nothing about (only for a
+    capdpo command's process: a library user's own code keeps seeing them)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=_LIBRARY_DEPRECATIONS, category=FutureWarning)
+
+
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Run `main(argv)`; a user mistake is printed as one line on stderr and exits with code 2."""
     # Quiet the libraries' own advice (tokenizer fork warnings, hub telemetry); nothing here reaches the network.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    quiet_library_deprecations()
     try:
         main(argv)
     except CapdpoError as err:

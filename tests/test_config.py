@@ -95,3 +95,31 @@ def test_a_byte_order_mark_does_not_hide_the_first_key(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_bytes("\ufeffrun_dir: bom\n".encode())
     assert load_config("describe", ["--config", str(path)]).common.run_dir == "bom"
+
+
+def test_command_lines_hide_only_the_dependencies_gradient_checkpointing_deprecations() -> None:
+    """PEFT and TRL call transformers' old gradient-checkpointing names: a capdpo command hides those FutureWarnings
+    and no other warning, and one-line errors still exit with code 2."""
+    import warnings
+
+    import pytest
+
+    from capdpo.cli import run_cli
+    from capdpo.errors import ConfigError
+
+    def main(argv):  # noqa: ANN001, ANN202
+        warnings.warn(
+            "`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning, stacklevel=1
+        )
+        warnings.warn(
+            "`gradient_checkpointing_enable` is deprecated and will be removed in v6.", FutureWarning, stacklevel=1
+        )
+        warnings.warn("`some_other_option` is deprecated", FutureWarning, stacklevel=1)
+        raise ConfigError("stop here")
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(main, [])
+    assert exit_info.value.code == 2
+    assert [str(w.message) for w in seen] == ["`some_other_option` is deprecated"]
