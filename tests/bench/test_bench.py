@@ -289,3 +289,19 @@ def test_validation_floor_counts_the_prefix_once_and_each_suffix_on_it():
     expected = candidates / ((image + candidates * each) / 1e12)
     got = floor_candidates_per_s(candidates, prompt, suffix, shapes, params, rates, attention)
     assert got == pytest.approx(expected)
+
+
+def test_run_all_runs_the_benchmarks_and_prints_one_table(tmp_path):
+    """bench/run_all.py --tiny: each benchmark writes its JSON and the runner reads them back into one table."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run_all.py"), "--tiny", "--only", "generate", "validate",
+         "--out-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    generate, validate = (json.loads((tmp_path / f"{name}_gpu.json").read_text()) for name in ("generate", "validate"))
+    lines = result.stdout.splitlines()
+    row = next(line for line in lines if line.startswith("captioning 7B"))
+    assert f"{generate['speedup']:.2f}x" in row
+    row = next(line for line in lines if line.startswith("validation 3B"))
+    assert f"{validate['speedup']:.1f}x" in row
