@@ -146,6 +146,18 @@ class Stage:
             names.append(f"{self._stem}.rank{rank}.lock")
         for name in names:  # kept apart in .locks/ (the files stay; only the OS lock on them matters)
             self._locks.append(_claim(self.output.parent / ".locks" / name, self.name))
+        self._remove_orphan_temporaries(rank, world)
+
+    def _remove_orphan_temporaries(self, rank: int, world: int) -> None:
+        """Delete the temporary files (`jsonl.write_*`: `.NAME.XXXX.tmp`) that a killed run of this stage left beside
+        its outputs. Under the lock no other process writes them: each rank removes only those of the files it
+        writes (its shard's; rank 0 also the stage's own)."""
+        own = f".{self._stem}.rank{rank}." if world > 1 else f".{self._stem}."
+        shards = f".{self._stem}.rank"
+        for path in self.output.parent.glob(f".{self._stem}.*.tmp"):
+            stage_file = rank == 0 and not path.name.startswith(shards)
+            if path.is_file() and (path.name.startswith(own) or stage_file):
+                path.unlink(missing_ok=True)
 
     def release(self) -> None:
         """Give the stage's locks back (the holder notes stay; they only matter while a lock is held)."""

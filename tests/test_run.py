@@ -95,3 +95,36 @@ def test_the_same_process_may_claim_again(run_setup) -> None:
     second.claim()  # e.g. a stage rerun in one process after an error
     first.release()
     second.release()
+
+
+def test_claiming_removes_only_the_temporary_files_a_killed_run_of_this_process_would_have_written(
+    run_setup, monkeypatch
+) -> None:
+    """A SIGKILL mid-write leaves `jsonl`'s `.NAME.XXXX.tmp` behind; the next claim of the same stage removes it.
+    Under torchrun a rank removes only its own shard's (rank 0 also the stage's), never another rank's or stage's."""
+    from capdpo.run import Stage
+    from capdpo.sections import load_config
+
+    run_dir, config = run_setup
+    names = {
+        "stage": ".03_variants.jsonl.ab12.tmp",
+        "meta": ".03_variants.meta.json.cd34.tmp",
+        "rank0": ".03_variants.rank0.jsonl.ef56.tmp",
+        "rank1": ".03_variants.rank1.jsonl.gh78.tmp",
+        "other stage": ".02_descriptions.jsonl.ij90.tmp",
+        "not temporary": ".03_variants.jsonl.keep",
+    }
+
+    def claim_as(rank: int, world: int) -> set[str]:
+        for name in names.values():
+            (run_dir / name).write_text("half")
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        stage = Stage("variants", load_config("variants", ["--config", str(config)]))
+        stage.claim()
+        stage.release()
+        return {label for label, name in names.items() if not (run_dir / name).exists()}
+
+    assert claim_as(1, 2) == {"rank1"}
+    assert claim_as(0, 2) == {"stage", "meta", "rank0"}
+    assert claim_as(0, 1) == {"stage", "meta", "rank0", "rank1"}

@@ -486,3 +486,70 @@ def test_a_full_disk_while_exporting_leaves_no_temporary_folder(tmp_path: Path, 
     with pytest.raises(OSError):
         run(load_config("pairs", ["--config", str(config)]))
     assert not (tmp_path / "run" / "05_exports.tmp").exists() and not (tmp_path / "run" / "05_pairs.done").exists()
+
+
+# ---- crash and rerun -----------------------------------------------------------------------------------------------
+# runs stage 5 in a child process that kills itself (SIGKILL: no handler runs) at one point of its writing
+_KILLED_AT = """
+import os, signal, sys
+import capdpo.stages.build_dpo_dataset as stage
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+point = sys.argv[1]
+if point == "writing_pairs":  # five records into the pairs file's temporary file
+    real = stage.write_jsonl
+
+    def write_jsonl(path, records):
+        def records_then_die():
+            for i, record in enumerate(records):
+                if i == 5:
+                    die()
+                yield record
+        return real(path, records_then_die())
+
+    stage.write_jsonl = write_jsonl
+elif point == "writing_exports":  # the pairs file written, one export half written
+    def write_exports(pairs, folder, *args, **kwargs):
+        (folder / "trl_train.jsonl").write_text('{"prompt": "half')
+        die()
+
+    stage.write_exports = write_exports
+stage.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("point", ["writing_pairs", "writing_exports"])
+def test_killed_mid_write_then_rerun_gives_every_pair_once_and_the_same_files(tmp_path: Path, point: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    records = many_images(30)
+    reference_dir, crash_dir = tmp_path / "reference", tmp_path / "crash"
+    reference_dir.mkdir()
+    crash_dir.mkdir()
+    build(reference_dir, records, val_fraction=0.3)
+    reference = reference_dir / "run"
+    # the crashed run directory holds an earlier finished run with other settings, as a rerun after an edit would
+    build(crash_dir, records, val_fraction=0.0)
+    config = write_run(crash_dir, records, val_fraction=0.3)
+    run_dir = crash_dir / "run"
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_AT, point, "--config", str(config)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (run_dir / "05_pairs.done").exists()
+    result = run_script("5_build_dpo_dataset.py", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    pairs = read_jsonl(run_dir / "05_pairs.jsonl")
+    assert len(pairs) == len({p["id"] for p in pairs}) == 60
+    assert snapshot(run_dir) == snapshot(reference)
+    assert (run_dir / "05_pairs.done").exists()
+    # nothing of the killed run is left behind: the same files as a run that never crashed
+    listing = lambda d: sorted(p.name for p in d.iterdir())  # noqa: E731
+    assert listing(run_dir) == listing(reference)
