@@ -180,3 +180,39 @@ def test_sentences_short_of_k_rewrites_are_asked_again_in_warmer_rounds(run_setu
     assert other["sentences"] == 6 and ids.isdisjoint(
         {r["id"] for r in read_jsonl(run_dir / "x" / "03_variants.jsonl")}
     )
+
+
+def test_bad_input_is_a_one_line_error_naming_the_file_line_and_field(run_setup, tmp_path):
+    """Missing, unfinished or malformed descriptions and a missing model: exit code 2, one line naming the culprit,
+    and no record written."""
+    run_dir, config, descriptions = run_setup
+    source = run_dir / "02_descriptions.jsonl"
+
+    def refused(*extra: str) -> str:
+        result = run_script("3_regenerate_sentences.py", "--config", str(config), *extra)
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        output = run_dir / "03_variants.jsonl"
+        assert not (output.exists() and output.read_text()) and not (run_dir / "03_variants.done").exists()
+        return lines[0]
+
+    text = source.read_text()
+    source.unlink()
+    assert "02_descriptions.jsonl" in refused() and "not found" in refused()
+    source.write_text(text)
+    (run_dir / "02_descriptions.done").unlink()
+    assert "has not finished" in refused()
+    (run_dir / "02_descriptions.done").write_text("{}\n")
+    first, second = text.splitlines()[:2]
+    source.write_text(first + "\n" + second[: len(second) // 2] + "\n")  # a torn line in a finished file
+    message = refused()
+    assert "02_descriptions.jsonl:2" in message
+    broken = dict(descriptions[1])
+    del broken["sentences"]
+    write_jsonl(source, [descriptions[0], broken])
+    message = refused()
+    assert "02_descriptions.jsonl" in message and "sentences" in message
+    write_jsonl(source, descriptions)
+    message = refused("--strong_model", str(tmp_path / "no_model"))
+    assert "strong_model" in message and "no_model" in message
