@@ -122,3 +122,37 @@ def test_training_load_turns_the_cache_off_and_merges_a_given_adapter(tiny_model
     assert max((got[k] - v).abs().max().item() for k, v in expected.items()) < 1e-6
     untouched = load_for_training(str(tiny_models["strong"])).model.state_dict()
     assert any((got[k] - untouched[k]).abs().max().item() > 1e-4 for k in got)  # the adapter changed weights
+
+
+def test_pickled_weights_and_repository_code_are_refused_by_default(tmp_path, tiny_models):
+    """Weights load from safetensors only (a pickle can run code while it loads), and a model whose config asks for
+    its repository's own Python code is refused unless trust_remote_code is set: one-line errors naming the field."""
+    import json
+    import shutil
+
+    import torch
+
+    source = tiny_models["strong"]
+    pickled = tmp_path / "pickled"
+    shutil.copytree(source, pickled, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    from safetensors.torch import load_file
+
+    state = {}
+    for part in source.glob("*.safetensors"):
+        state.update(load_file(part))
+    torch.save(state, pickled / "pytorch_model.bin")
+    assert load_vlm(str(source)).model is not None  # the control: the same model as safetensors loads
+    with pytest.raises(InputError, match=r"strong_model: cannot load '.*pickled'"):
+        load_vlm(str(pickled), field="strong_model")
+
+    remote = tmp_path / "remote"
+    shutil.copytree(source, remote)
+    config = json.loads((remote / "config.json").read_text())
+    config["model_type"] = "capdpo_repository_model"
+    config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig"}
+    (remote / "config.json").write_text(json.dumps(config))
+    ran = tmp_path / "ran"
+    (remote / "configuration_custom.py").write_text(f"open({str(ran)!r}, 'w').write('ran')\n")
+    with pytest.raises(ConfigError, match=r"weak_model: '.*remote' needs trust_remote_code: true"):
+        load_vlm(str(remote), field="weak_model")
+    assert not ran.exists(), "the repository's code ran"
