@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,6 +58,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_blocks
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ")
         assert f"process {holder.pid} on " in lines[0] and "already running" in lines[0]
+        assert re.search(r", started \d{4}-\d\d-\d\d", lines[0]), lines[0]  # when the holder started
         assert not (run_dir / "02_descriptions.jsonl").exists()  # the refused run wrote nothing
     finally:
         holder.send_signal(signal.SIGKILL)

@@ -580,9 +580,20 @@ def test_the_data_report_shows_no_thumbnail_for_an_image_over_the_limits(tmp_pat
     assert thumbnail_uri(str(make_image(tmp_path / "ok.png"))) is not None
 
 
-def test_hf_cells_may_not_name_files_outside_the_dataset_and_huge_cells_are_not_read(tmp_path: Path) -> None:
+def test_hf_cells_may_not_name_files_outside_the_dataset_and_huge_cells_are_not_read(
+    tmp_path: Path, monkeypatch
+) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    read: list[int] = []  # the rows of each parquet row group read
+    plain_read = pq.ParquetFile.read_row_group
+
+    def recorded(self, i, *args, **kwargs):  # noqa: ANN001, ANN202
+        read.append(self.metadata.row_group(i).num_rows)
+        return plain_read(self, i, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", recorded)
 
     secret = make_image(tmp_path / "private" / "secret.png", colour=(1, 2, 3))
     inside = make_image(tmp_path / "data" / "inside.png", colour=(4, 5, 6))
@@ -604,6 +615,7 @@ def test_hf_cells_may_not_name_files_outside_the_dataset_and_huge_cells_are_not_
     kinds = sorted(e["kind"] for e in errors_of(run_dir))
     assert kinds == ["outside", "outside", "too_large"]
     assert all("leads outside the dataset folder" in e["reason"] for e in errors_of(run_dir) if e["kind"] == "outside")
+    assert read == [3], read  # rows.parquet's group of 3 rows was read; bomb.parquet's 1-row group never was
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".json", ".jsonl"])
