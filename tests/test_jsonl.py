@@ -101,3 +101,23 @@ def test_run_units_prepares_each_unfinished_unit_before_the_work_on_the_one_befo
     assert written == 4
     assert events == [("prepare", "a1"), ("prepare", "c1"), ("work", "a1"), ("prepare", "d1"), ("work", "c1"),
                       ("work", "d1")]  # fmt: skip
+
+
+def test_whole_files_are_written_to_a_unique_temporary_file_and_renamed_into_place(tmp_path) -> None:
+    """Two writers of one file never share a temporary file; a writer that fails leaves the old file whole."""
+    from capdpo.jsonl import _atomic, write_text
+
+    path = tmp_path / "stats.json"
+    write_text(path, "old\n")
+    with _atomic(path, "w") as first, _atomic(path, "w") as second:
+        first.write("first\n")
+        second.write("second\n")
+        temporaries = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp"))
+        assert len(temporaries) == 2 and all(t.startswith(".stats.json.") for t in temporaries)
+        assert path.read_text() == "old\n"  # nothing replaced before a writer finishes
+    assert path.read_text() == "first\n"  # the last writer to finish (the outer one) wins, whole
+    with pytest.raises(RuntimeError), _atomic(path, "w") as fh:
+        fh.write("half")
+        raise RuntimeError("killed mid-write")
+    assert path.read_text() == "first\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.json"]
