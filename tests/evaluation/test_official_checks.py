@@ -1,5 +1,5 @@
-"""scripts/check_amber_official.py: the parts that run without the official AMBER checkout (which capdpo does not
-ship): the responses it writes and how it reads the official script's printed figures."""
+"""scripts/check_{amber,pope}_official.py: the parts that run without the official checkouts (which capdpo does not
+ship): the responses they write, how they call the official scripts and read back their printed figures."""
 
 from __future__ import annotations
 
@@ -48,3 +48,25 @@ def test_one_seeded_response_per_query() -> None:
     answers = [r["response"] for r in first[3:]]
     exact = sum(a in ("Yes", "No") for a in answers)
     assert 0.7 * len(answers) < exact < len(answers)  # mostly exact answers, some other forms
+
+
+def _pope_check():
+    spec = importlib.util.spec_from_file_location("check_pope_official", ROOT / "scripts" / "check_pope_official.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pope_check_fills_in_the_official_scripts_two_paths_and_reads_its_printout(tmp_path) -> None:
+    """A stand-in for POPE's evaluate.py of the same shape: the paths reach it, and its printout is read back."""
+    answers, labels = tmp_path / "answers.jsonl", tmp_path / "labels.json"
+    answers.write_text("a\nb\nc\n")
+    labels.write_text("x\n")
+    source = (
+        "ans_file = ''\nlabel_file = ''\n"
+        "n = len(open(ans_file).read().splitlines()); m = len(open(label_file).read().splitlines())\n"
+        "print('TP\\tFP\\tTN\\tFN\\t')\nprint('{}\\t{}\\t{}\\t{}'.format(n, m, 0, 1))\n"
+        "print('Accuracy: {}'.format(0.5))\nprint('F1 score: {}'.format(1 / 3))\nprint('Yes ratio: {}'.format(0.25))\n"
+    )
+    figures = _pope_check().run_official(source, answers, labels)
+    assert figures == {"TP": 3, "FP": 1, "TN": 0, "FN": 1, "accuracy": 0.5, "f1": 1 / 3, "yes_ratio": 0.25}
