@@ -304,3 +304,32 @@ def test_requests_carry_the_image_seed_and_sampling_and_retry(sample_images, mon
         assert body["messages"][0]["content"][0]["image_url"]["url"] == sample_images[0].resolve().as_uri()
         assert body["repetition_penalty"] == 1.1 and "top_p" not in body
     assert backend.throughput()["requests"] == 1
+
+
+def test_stages_through_a_server_never_write_or_print_its_key(
+    tiny_models, sample_images, tmp_path, monkeypatch, capsys
+):
+    """The key of `server_key_env` goes in the Authorization header of each request and nowhere else: not in any
+    file of the run directory (records, provenance, resolved config, stats) nor in what the stages print."""
+    from tests.evaluation.stub_server import StubChatServer
+
+    secret = "sk-capdpo-never-written-7f3a"
+    monkeypatch.setenv("CAPDPO_TEST_SERVER_KEY", secret)
+    run_dir = tmp_path / "run"
+    write_images_stage(run_dir, sample_images[:2])
+    with StubChatServer(lambda user: "A red ball lies on the grass. A brown dog sits next to it.") as stub:
+        served = server_sections(stub.url, server_model="served-vlm", server_key_env="CAPDPO_TEST_SERVER_KEY")
+        config = write_config(tmp_path / "run.yaml", run_dir, tiny_models, describe={**DESCRIBE, **served},
+                              variants={**VARIANTS, **served})  # fmt: skip
+        describe.run(load_config("describe", ["--config", str(config)]))
+        variants.run(load_config("variants", ["--config", str(config)]))
+        assert stub.requests and all(r["headers"]["Authorization"] == f"Bearer {secret}" for r in stub.requests)
+    assert read_jsonl(run_dir / "03_variants.jsonl")  # the stages ran through the server
+    printed = capsys.readouterr()
+    assert secret not in printed.out and secret not in printed.err
+    files = [f for f in run_dir.rglob("*") if f.is_file()]
+    assert any(f.name.endswith(".config.yaml") for f in files)  # the resolved config was written, without the key
+    assert all(secret.encode() not in f.read_bytes() for f in files), [
+        f.name for f in files if secret.encode() in f.read_bytes()
+    ]
+    assert "CAPDPO_TEST_SERVER_KEY" in (run_dir / "02_descriptions.config.yaml").read_text()  # its name is kept

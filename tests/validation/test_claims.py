@@ -201,3 +201,33 @@ def test_ranks_decompose_only_the_sentences_of_their_own_units(tmp_path, tiny_mo
     assert len(merged) == len(records)
     assert not decomposed[0] & decomposed[1]
     assert decomposed[0] | decomposed[1] == {c["text"] for r in merged for c in r["candidates"]}
+
+
+def test_an_endpoints_key_goes_only_in_its_header_and_its_url_and_key_name_stay_out_of_the_ids(
+    tmp_path, tiny_models, sample_images, monkeypatch, capsys
+):
+    """`claims_key_env`'s key is sent as the endpoint's bearer token and written or printed nowhere; the endpoint's
+    URL and the key's variable name are how the decomposer is reached, so two runs that differ only there give
+    the same record ids."""
+    from tests.evaluation.stub_server import StubChatServer
+
+    secret = "sk-claims-never-written-51c"
+    monkeypatch.setenv("CAPDPO_CLAIMS_KEY", secret)
+    monkeypatch.setenv("CAPDPO_OTHER_KEY", "sk-other-key")
+    ids = {}
+    for name, key_env in (("a", "CAPDPO_CLAIMS_KEY"), ("b", "CAPDPO_OTHER_KEY")):
+        run_dir = tmp_path / name
+        write_variants(run_dir, write_images_stage(run_dir, sample_images[:1]), per_image=1)
+        with StubChatServer(lambda user: "1. The ball is red.\n2. The ball lies on the floor.") as stub:
+            settings = {"methods": ["claims"], "claims_max_new_tokens": 12, "batch_size": 4,
+                        "claims_base_url": stub.url, "claims_decomposer": "strong", "claims_key_env": key_env}  # fmt: skip
+            config = write_config(tmp_path / f"{name}.yaml", run_dir, tiny_models, validate=settings)
+            validate.run(load_config("validate", ["--config", str(config)]))
+            sent = {r["headers"].get("Authorization") for r in stub.requests}
+        assert sent == {f"Bearer {secret if name == 'a' else 'sk-other-key'}"}
+        ids[name] = [r["id"] for r in read_jsonl(run_dir / "04_scores.jsonl")]
+    assert ids["a"] and ids["a"] == ids["b"]
+    printed = capsys.readouterr()
+    assert secret not in printed.out and secret not in printed.err
+    files = [f for f in (tmp_path / "a").rglob("*") if f.is_file()]
+    assert len(files) > 5 and not [f.name for f in files if secret.encode() in f.read_bytes()]
