@@ -56,3 +56,26 @@ def kill_when(script: str, args: list[str], watch: Path, min_lines: int, timeout
             proc.kill()
             proc.wait()
     raise AssertionError(f"{script} did not write {min_lines} lines to {watch} in {timeout} s")
+
+
+def run_ranks(script: str, config: Path, world: int = 2, timeout: float = 600) -> None:
+    """Run a numbered script as `world` ranks of one torchrun-style job (RANK / WORLD_SIZE set), all at once;
+    fail the test with a rank's stderr if any rank fails."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / script), "--config", str(config)],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "PYTHONPATH": str(ROOT),
+                "RANK": str(r),
+                "WORLD_SIZE": str(world),
+                "LOCAL_RANK": str(r),
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for r in range(world)
+    ]
+    for p in procs:
+        assert p.wait(timeout=timeout) == 0, p.stderr.read().decode()[-2000:]

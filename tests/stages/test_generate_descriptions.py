@@ -131,11 +131,7 @@ def test_unfinished_or_missing_input_and_missing_model_are_one_line_errors(tmp_p
 
 
 def test_two_ranks_share_the_work_and_merge_into_the_single_process_result(tmp_path, tiny_models, sample_images):
-    import os
-    import subprocess
-    import sys
-
-    from tests.helpers import ROOT
+    from tests.helpers import run_ranks
 
     single_dir, sharded_dir = tmp_path / "single", tmp_path / "sharded"
     for d in (single_dir, sharded_dir):
@@ -143,18 +139,7 @@ def test_two_ranks_share_the_work_and_merge_into_the_single_process_result(tmp_p
     single = write_config(tmp_path / "single.yaml", single_dir, tiny_models, describe={"batch_size": 2})
     sharded = write_config(tmp_path / "sharded.yaml", sharded_dir, tiny_models, describe={"batch_size": 2})
     assert run_script("2_generate_descriptions.py", "--config", str(single)).returncode == 0
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(ROOT / "2_generate_descriptions.py"), "--config", str(sharded)],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for r in range(2)
-    ]
-    for p in procs:
-        assert p.wait(timeout=600) == 0, p.stderr.read().decode()[-2000:]
+    run_ranks("2_generate_descriptions.py", sharded)
     merged = read_jsonl(sharded_dir / "02_descriptions.jsonl")
     key = lambda r: r["id"]  # noqa: E731
     assert sorted(merged, key=key) == sorted(read_jsonl(single_dir / "02_descriptions.jsonl"), key=key)

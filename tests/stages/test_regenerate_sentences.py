@@ -216,3 +216,21 @@ def test_bad_input_is_a_one_line_error_naming_the_file_line_and_field(run_setup,
     write_jsonl(source, descriptions)
     message = refused("--strong_model", str(tmp_path / "no_model"))
     assert "strong_model" in message and "no_model" in message
+
+
+def test_two_ranks_share_the_work_and_merge_into_the_single_process_result(tmp_path, tiny_models, sample_images):
+    from tests.helpers import run_ranks
+
+    configs = {}
+    for name in ("single", "sharded"):
+        run_dir = tmp_path / name
+        write_descriptions(run_dir, write_images_stage(run_dir, sample_images[:4]))
+        configs[name] = write_config(tmp_path / f"{name}.yaml", run_dir, tiny_models, variants={"batch_size": 4})
+    assert run_script("3_regenerate_sentences.py", "--config", str(configs["single"])).returncode == 0
+    run_ranks("3_regenerate_sentences.py", configs["sharded"])
+    key = lambda r: r["id"]  # noqa: E731
+    single = sorted(read_jsonl(tmp_path / "single" / "03_variants.jsonl"), key=key)
+    merged = sorted(read_jsonl(tmp_path / "sharded" / "03_variants.jsonl"), key=key)
+    assert len(single) == 4 * 3 and merged == single  # sampled rewrites too: each request's seed is its own
+    assert (tmp_path / "sharded" / "03_variants.done").exists()
+    assert not list((tmp_path / "sharded").glob("03_variants.rank*"))

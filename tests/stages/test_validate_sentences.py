@@ -196,3 +196,21 @@ def test_bad_input_is_a_one_line_error_naming_the_file_line_and_field(tmp_path, 
     write_jsonl(source, variants)
     message = refused("--weak_model", str(tmp_path / "no_model"))
     assert "weak_model" in message and "no_model" in message
+
+
+def test_two_ranks_share_the_work_and_merge_into_the_single_process_result(tmp_path, tiny_models, sample_images):
+    from tests.helpers import run_ranks
+
+    configs = {}
+    for name in ("single", "sharded"):
+        run_dir = tmp_path / name
+        write_variants(run_dir, write_images_stage(run_dir, sample_images[:4]))
+        configs[name] = write_config(tmp_path / f"{name}.yaml", run_dir, tiny_models)
+    assert run_script("4_validate_sentences.py", "--config", str(configs["single"])).returncode == 0
+    run_ranks("4_validate_sentences.py", configs["sharded"])
+    key = lambda r: r["id"]  # noqa: E731
+    single = sorted(read_jsonl(tmp_path / "single" / "04_scores.jsonl"), key=key)
+    merged = sorted(read_jsonl(tmp_path / "sharded" / "04_scores.jsonl"), key=key)
+    assert len(single) == 4 * 2 and merged == single
+    assert (tmp_path / "sharded" / "04_scores.done").exists()
+    assert not list((tmp_path / "sharded").glob("04_scores.rank*"))
