@@ -231,6 +231,68 @@ def _by_hand_logps(strong: Path, pair: PairRecord) -> tuple[float, int]:
     return total, end + 1 - start
 
 
+def _by_hand_side_logps(model_path: Path, pair: PairRecord, side: str) -> tuple[float, int]:
+    """A side's completion log-prob computed independently, for any family: the conversation rendered by the chat
+    template and split where the model's own answer starts, the prompt tokenized as generation sees it and the rest
+    on its own, one plain forward, log-softmax in float64, summed from the first answer token
+    to the template's first end-of-turn token (Qwen's <|im_end|>, LLaVA's </s>), inclusive."""
+    from capdpo.images import load_image
+    from capdpo.models.loading import load_vlm
+
+    lm = load_vlm(str(model_path), device="cpu")
+    processor, tokenizer = lm.processor, lm.tokenizer
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": pair.prompt}]}
+    text = getattr(pair, side)
+    answer = f"{pair.assistant_prefix} {text}" if pair.assistant_prefix else text
+    full = processor.apply_chat_template(
+        [user, {"role": "assistant", "content": [{"type": "text", "text": answer}]}], tokenize=False
+    )
+    # the prompt: the generation prompt, or with an assistant prefix the rendered turn up to the prefix's end (the
+    # model continues its own answer: LLaVA's template puts a space after "ASSISTANT:" that the prefix then carries)
+    prompt_text = processor.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    if pair.assistant_prefix:
+        prompt_text = full[: full.index(answer) + len(pair.assistant_prefix)]
+    assert full.startswith(prompt_text)
+    inputs = processor(text=[prompt_text], images=[load_image(pair.image)], return_tensors="pt")
+    start = inputs["input_ids"].shape[1]
+    completion = torch.tensor([tokenizer(full[len(prompt_text) :], add_special_tokens=False)["input_ids"]])
+    for key, value in list(inputs.items()):  # per-token tensors grow by the completion (text tokens)
+        if torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == start:
+            fill = completion if key == "input_ids" else torch.full_like(completion, int(key == "attention_mask"))
+            inputs[key] = torch.cat([value, fill], dim=1)
+    ids = inputs["input_ids"][0].tolist()
+    end = min(i for i in range(start, len(ids)) if ids[i] in lm.end_of_turn_ids())
+    with torch.no_grad():
+        logprobs = torch.log_softmax(lm.model(**inputs).logits[0].double(), dim=-1)
+    return sum(logprobs[t - 1, ids[t]].item() for t in range(start, end + 1)), end + 1 - start
+
+
+@pytest.mark.parametrize("family", ["strong", "qwen3vl", "llava"])
+def test_both_sides_log_probs_cover_exactly_their_completion_tokens_in_every_family(
+    tiny_models, sample_images, tmp_path, family
+) -> None:
+    """The chosen and the rejected answer's summed log-probs, through the trainer and through the training loss's
+    metrics, equal a plain forward pass over the whole rendered conversation summed by hand over exactly the
+    answer's tokens and its end-of-turn token: context mode and sentence mode (an assistant prefix)."""
+    pairs = _pairs(sample_images[2])
+    trainer = _trainer(tiny_models[family], tmp_path, pairs, precompute_ref=False)
+    for pair in pairs:
+        batch = trainer._prepare_inputs(trainer.data_collator([pair_to_example(pair)]))
+        trainer.model.eval()
+        with torch.no_grad():
+            sums, counts, _, _ = trainer.completion_logps(trainer.model, trainer._model_inputs(trainer.model, batch))
+        trainer.model.train()
+        trainer._metrics["train"].clear()
+        with torch.no_grad():
+            trainer.compute_loss(trainer.model, batch)
+        settle_metrics(trainer._metrics)
+        for row, side in enumerate(("chosen", "rejected")):
+            expected, n_tokens = _by_hand_side_logps(tiny_models[family], pair, side)
+            assert int(counts[row]) == n_tokens, (pair.id, side)
+            assert sums[row].item() == pytest.approx(expected, abs=1e-4), (pair.id, side)
+            assert trainer._metrics["train"][f"logps/{side}"][0] == pytest.approx(expected, abs=1e-4), (pair.id, side)
+
+
 def test_completion_logprobs_cover_exactly_the_completion_tokens(tiny_models, sample_images, tmp_path) -> None:
     pairs = _pairs(sample_images[0])
     trainer = _trainer(tiny_models["strong"], tmp_path, pairs, precompute_ref=False)
