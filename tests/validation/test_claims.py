@@ -231,3 +231,37 @@ def test_an_endpoints_key_goes_only_in_its_header_and_its_url_and_key_name_stay_
     assert secret not in printed.out and secret not in printed.err
     files = [f for f in (tmp_path / "a").rglob("*") if f.is_file()]
     assert len(files) > 5 and not [f.name for f in files if secret.encode() in f.read_bytes()]
+
+
+def test_claims_settings_enter_the_record_ids_only_when_claims_is_listed(
+    tmp_path, tiny_models, sample_images, monkeypatch
+):
+    """Runs without `claims` keep the ids they always had whatever the claims_* settings; with it, a setting that
+    changes claims changes the ids, and how the decomposer is reached (URL, key variable) does not."""
+    from capdpo.run import Stage
+
+    class Planned(Exception):
+        pass
+
+    def planned_ids(self, ids):  # noqa: ANN001, ANN202 - stop where the stage has planned its records
+        raise Planned(sorted(ids))
+
+    monkeypatch.setattr(Stage, "open_output", planned_ids)
+    run_dir = tmp_path / "run"
+    write_variants(run_dir, write_images_stage(run_dir, sample_images[:1]), per_image=2)
+
+    def ids(**settings):  # noqa: ANN003, ANN202
+        config = write_config(tmp_path / "run.yaml", run_dir, tiny_models, validate=settings)
+        with pytest.raises(Planned) as caught:
+            validate.run(load_config("validate", ["--config", str(config)]))
+        return caught.value.args[0]
+
+    plain = ids(methods=["yesno"])
+    assert len(plain) == 2
+    assert ids(methods=["yesno"], claims_threshold=0.7, claims_max=3, claims_combine="mean") == plain
+    assert ids(methods=["yesno"], batch_size=3) == plain  # speed only
+    claims = ids(methods=["yesno", "claims"])
+    assert set(claims).isdisjoint(plain)
+    assert set(ids(methods=["yesno", "claims"], claims_threshold=0.7)).isdisjoint(claims)
+    reached = ids(methods=["yesno", "claims"], claims_base_url="http://127.0.0.1:9/v1", claims_key_env="OTHER_KEY")
+    assert reached == claims
