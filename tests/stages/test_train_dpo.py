@@ -325,6 +325,10 @@ def test_bad_input_gives_one_line_errors(tiny_models, sample_images, tmp_path, c
     assert "pair pair0" in message and "image tokens" in message and "max_length is 30" in message
 
     records = read_jsonl(run_dir / "05_pairs.jsonl")
+    duplicated = [*records, records[1]]
+    (run_dir / "05_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in duplicated))
+    message = _error_of(["--config", config], capsys)
+    assert f"pair id {records[1]['id']} appears twice" in message and f"record {len(duplicated)}" in message
     records[2]["image"] = str(tmp_path / "gone.png")
     (run_dir / "05_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     message = _error_of(["--config", config], capsys)
