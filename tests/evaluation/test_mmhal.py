@@ -129,6 +129,8 @@ def test_judge_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
 
 
 def test_changed_answer_is_judged_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from capdpo.evaluation.judge import default_prompt
+
     monkeypatch.delenv("CAPDPO_TEST_JUDGE_KEY", raising=False)
     records = json.loads(ANSWERS.read_text())[:4]
     answers = tmp_path / "answers.json"
@@ -151,6 +153,17 @@ def test_changed_answer_is_judged_again(tmp_path: Path, monkeypatch: pytest.Monk
         answers.write_text(json.dumps(records))
         main(args)
         assert len(server.requests) == 5  # only the changed question
+        main(args)
+        assert len(server.requests) == 5  # nothing changed: all from the cache
+        # the cache is keyed by the judge and the prompt too: another judge model, or another prompt, asks again
+        main([*args[:-1], "y"])
+        assert len(server.requests) == 9
+        prompt = tmp_path / "prompt.txt"
+        prompt.write_text(default_prompt("mmhal").read_text(encoding="utf-8") + "\nBe strict.\n", encoding="utf-8")
+        main([*args, "--prompt", str(prompt)])
+        assert len(server.requests) == 13
+        main(args)
+        assert len(server.requests) == 13  # the first judge and prompt: still cached
     assert json.loads((tmp_path / "m.json").read_text())["question_types"]["comparison"]["avg_score"] == 1.0
 
 
@@ -228,6 +241,11 @@ def test_published_protocol_end_to_end(tmp_path: Path) -> None:
         bodies = [r["body"] for r in server.requests]
     metrics = json.loads(out.read_text())
     assert metrics["protocol"] == "published"
+    # figures are comparable only with the same judge: the JSON names it and the prompt file's sha256
+    import hashlib
+
+    assert metrics["judge"]["prompt_sha256"] == hashlib.sha256(TEMPLATE.read_bytes()).hexdigest()
+    assert "gpt-4-0314" in json.dumps(metrics["judge"])
     template = TEMPLATE.read_text(encoding="utf-8")
     first = next(b for b in bodies if "[case=0]" in b["messages"][0]["content"])
     assert first["messages"] == [
