@@ -202,6 +202,17 @@ def test_published_protocol_end_to_end(tmp_path: Path) -> None:
     assert c["categories"]["detail"]["relative_score"] == 87.5  # 7 / 8
     assert c["categories"]["complex"]["relative_score"] == 103.2  # 8 / 7.75
 
+    # answers and references matched by question_id: the same files in reversed line order score the same
+    for flag in ("--answers", "--reference"):
+        path = Path(inputs[inputs.index(flag) + 1])
+        path.write_text("".join(reversed(path.read_text(encoding="utf-8").splitlines(keepends=True))))
+    shuffled = tmp_path / "shuffled.json"
+    main([*inputs, "--out", str(shuffled), "--judge_url", "http://127.0.0.1:9/v1", "--judge_model", "gpt-4-0314",
+          "--prompt", str(RULES), "--max_retries", "0", "--cache", str(tmp_path / "published.judge_cache.jsonl")])  # fmt: skip
+    again = json.loads(shuffled.read_text())
+    assert again["categories"] == m["categories"]
+    assert (again["relative_score"], again["unparseable"]) == (m["relative_score"], m["unparseable"])
+
 
 def test_published_protocol_needs_the_rules(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
