@@ -183,12 +183,14 @@ class PairEncoder:
     def encode_corrupted(self, pair: PairRecord, encoded: EncodedPair, corruption: Any) -> dict[str, Any]:
         """The image tensors of the pair's prompt with its corrupted image (`capdpo.training.conditional`); its
         tokens must be the true prompt's (the corrupted image has the true image's size)."""
+        import torch
+
         from capdpo.training.corruption import corrupted_image
 
         prompt_text, _ = self.render(pair, pair.chosen)
         image = corrupted_image(pair, load_image(pair.image), corruption)
         prompt = self.processor(text=[prompt_text], images=[image], return_tensors="pt")
-        if not bool((prompt["input_ids"] == encoded.prompt["input_ids"]).all()):
+        if not torch.equal(prompt["input_ids"], encoded.prompt["input_ids"]):  # other lengths too: not an exception
             raise InputError(
                 f"pairs: pair {pair.id}: its corrupted image gives other prompt tokens than its image; check "
                 "rejected_image and the processor's pixel limits"

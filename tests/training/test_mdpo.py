@@ -151,3 +151,24 @@ def test_rejected_image_is_optional_and_checked_before_training(sample_images, t
     encoder = PairEncoder(load_vlm(str(tiny_models["strong"])).processor)
     with pytest.raises(InputError, match=r"pairs.jsonl: record 1: pair ctx: rejected_image .*missing.png not found"):
         check_pairs([(1, pair)], encoder, tmp_path / "pairs.jsonl")
+
+
+def test_a_corrupted_image_that_changes_the_prompts_tokens_is_an_error_naming_the_pair(
+    sample_images, tiny_models, monkeypatch
+) -> None:
+    """The conditional row must hold the true prompt's tokens; an image of another size (its image tokens change)
+    is refused with the pair's id, never scored against the wrong tokens."""
+    from PIL import Image
+
+    from capdpo.models.loading import load_vlm
+    from capdpo.training import corruption
+    from capdpo.training.data import PairEncoder
+
+    pair = _pairs(sample_images[0])[0]
+    encoder = PairEncoder(load_vlm(str(tiny_models["strong"])).processor)
+    encoded = encoder.encode(pair)
+    noise = Corruption("noise")
+    assert set(encoder.encode_corrupted(pair, encoded, noise)) >= {"pixel_values"}  # the control: same size, fine
+    monkeypatch.setattr(corruption, "corrupted_image", lambda p, image, c: Image.new("RGB", (224, 224)))
+    with pytest.raises(InputError, match=f"pair {pair.id}: its corrupted image gives other prompt tokens"):
+        encoder.encode_corrupted(pair, encoded, noise)
