@@ -27,6 +27,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from official_compare import finish  # noqa: E402
 
 _STUB_SPACY = """
 import hashlib
@@ -160,20 +163,16 @@ def main() -> None:
             rows.append({"section": ".".join(path) or "overall", "figure": name, "official": value, "capdpo": got})
             print(f"{'.'.join(path) or 'overall':<18} {name:<10} official {value:>6}  capdpo {got!s:>6}"
                   f"{'' if same else '  DIFFERENT'}")  # fmt: skip
-    count = len(rows)
-    print(f"\n{count} figures on {len(annotations)} responses (seed {args.seed}, similarity {args.similarity}): "
-          f"{'all equal' if not differ and count else f'{differ} different'}")  # fmt: skip
-    if args.out:
-        commit = subprocess.run(["git", "-C", str(official), "rev-parse", "HEAD"], capture_output=True, text=True)
-        result = {
-            "official_commit": commit.stdout.strip() if commit.returncode == 0 else "unknown (not a git checkout)",
-            "seed": args.seed,
-            "similarity": args.similarity,
-            "responses": len(annotations),
-            "figures": rows,
-        }
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # fmt: skip
-    sys.exit(0 if count and not differ else 1)
+    finish(
+        rows,
+        differ,
+        f"on {len(annotations)} responses (seed {args.seed}, similarity {args.similarity})",
+        official,
+        args.out,
+        seed=args.seed,
+        similarity=args.similarity,
+        responses=len(annotations),
+    )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from official_compare import finish  # noqa: E402
+
 ANSWERS = [
     "Yes", "No", "yes", "no", "Yes, there is.", "No, there is not.", "No.", "There is no dog in the image.",
     "There is not a cat.", "I do not think so", "Not at all", "NO", "Nope", "Yes. No.", "The answer is no",
@@ -92,19 +96,15 @@ def main() -> None:
                 rows.append({"file": labels.name, "figure": name, "official": value, "capdpo": ours.get(name)})
                 print(f"{labels.name:<28} {name:<10} official {value!s:<20} capdpo {ours.get(name)!s:<20}"
                       f"{'' if same else 'DIFFERENT'}")  # fmt: skip
-    count = len(rows)
-    print(f"\n{count} figures over {len(files)} question file(s) (seed {args.seed}): "
-          f"{'all equal' if count and not differ else f'{differ} different'}")  # fmt: skip
-    if args.out:
-        commit = subprocess.run(["git", "-C", args.official, "rev-parse", "HEAD"], capture_output=True, text=True)
-        result = {
-            "official_commit": commit.stdout.strip() if commit.returncode == 0 else "unknown (not a git checkout)",
-            "seed": args.seed,
-            "question_files": [f.name for f in files],
-            "figures": rows,
-        }
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # fmt: skip
-    sys.exit(0 if count and not differ else 1)
+    finish(
+        rows,
+        differ,
+        f"over {len(files)} question file(s) (seed {args.seed})",
+        args.official,
+        args.out,
+        seed=args.seed,
+        question_files=[f.name for f in files],
+    )
 
 
 if __name__ == "__main__":

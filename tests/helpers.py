@@ -79,3 +79,61 @@ def run_ranks(script: str, config: Path, world: int = 2, timeout: float = 600) -
     ]
     for p in procs:
         assert p.wait(timeout=timeout) == 0, p.stderr.read().decode()[-2000:]
+
+
+def check_bad_inputs(
+    script: str, config: Path, source: Path, records: list[dict], field: str, model_flag: str, output_stem: str
+) -> None:
+    """A stage's input file (`source`, whose finished `records` are on disk) missing, unfinished, torn or without
+    `field`, and a missing model for `model_flag`: each run exits with code 2, prints one line naming the file
+    (and line, and field, or the flag), and writes no record and no completion marker."""
+    from capdpo.jsonl import write_jsonl
+
+    run_dir, done = source.parent, source.with_suffix(".done")
+
+    def refused(*extra: str) -> str:
+        result = run_script(script, "--config", str(config), *extra)
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        output = run_dir / f"{output_stem}.jsonl"
+        assert not (output.exists() and output.read_text()) and not (run_dir / f"{output_stem}.done").exists()
+        return lines[0]
+
+    text = source.read_text()
+    source.unlink()
+    message = refused()
+    assert source.name in message and "not found" in message
+    source.write_text(text)
+    done.unlink()
+    assert "has not finished" in refused()
+    done.write_text("{}\n")
+    first, second = text.splitlines()[:2]
+    source.write_text(first + "\n" + second[: len(second) // 2] + "\n")  # a torn line in a finished file
+    assert f"{source.name}:2" in refused()
+    broken = {k: v for k, v in records[1].items() if k != field}
+    write_jsonl(source, [records[0], broken])
+    message = refused()
+    assert f"{source.name}:2" in message and field in message
+    write_jsonl(source, records)
+    missing = str(run_dir.parent / "no_model")
+    message = refused(f"--{model_flag}", missing)
+    assert model_flag in message and "no_model" in message
+
+
+def check_ranks_merge(script: str, configs: dict[str, Path], output: str, records: int) -> None:
+    """`script` run once in one process (configs["single"]) and as two ranks (configs["sharded"]): the merged
+    `output` holds exactly the single run's `records` records, the completion marker, and no rank file."""
+    from capdpo.jsonl import read_jsonl
+
+    assert run_script(script, "--config", str(configs["single"])).returncode == 0
+    run_ranks(script, configs["sharded"])
+    import yaml
+
+    single_dir, sharded_dir = (Path(yaml.safe_load(configs[n].read_text())["run_dir"]) for n in ("single", "sharded"))
+    key = lambda r: r["id"]  # noqa: E731
+    single = sorted(read_jsonl(single_dir / f"{output}.jsonl"), key=key)
+    merged = sorted(read_jsonl(sharded_dir / f"{output}.jsonl"), key=key)
+    assert len(single) == records and merged == single
+    assert (sharded_dir / f"{output}.done").exists()
+    assert not list(sharded_dir.glob(f"{output}.rank*"))

@@ -182,55 +182,25 @@ def test_sentences_short_of_k_rewrites_are_asked_again_in_warmer_rounds(run_setu
     )
 
 
-def test_bad_input_is_a_one_line_error_naming_the_file_line_and_field(run_setup, tmp_path):
+def test_bad_input_is_a_one_line_error_naming_the_file_line_and_field(run_setup):
     """Missing, unfinished or malformed descriptions and a missing model: exit code 2, one line naming the culprit,
     and no record written."""
+    from tests.helpers import check_bad_inputs
+
     run_dir, config, descriptions = run_setup
     source = run_dir / "02_descriptions.jsonl"
-
-    def refused(*extra: str) -> str:
-        result = run_script("3_regenerate_sentences.py", "--config", str(config), *extra)
-        assert result.returncode == 2, result.stderr[-2000:]
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), lines
-        output = run_dir / "03_variants.jsonl"
-        assert not (output.exists() and output.read_text()) and not (run_dir / "03_variants.done").exists()
-        return lines[0]
-
-    text = source.read_text()
-    source.unlink()
-    assert "02_descriptions.jsonl" in refused() and "not found" in refused()
-    source.write_text(text)
-    (run_dir / "02_descriptions.done").unlink()
-    assert "has not finished" in refused()
-    (run_dir / "02_descriptions.done").write_text("{}\n")
-    first, second = text.splitlines()[:2]
-    source.write_text(first + "\n" + second[: len(second) // 2] + "\n")  # a torn line in a finished file
-    message = refused()
-    assert "02_descriptions.jsonl:2" in message
-    broken = dict(descriptions[1])
-    del broken["sentences"]
-    write_jsonl(source, [descriptions[0], broken])
-    message = refused()
-    assert "02_descriptions.jsonl" in message and "sentences" in message
-    write_jsonl(source, descriptions)
-    message = refused("--strong_model", str(tmp_path / "no_model"))
-    assert "strong_model" in message and "no_model" in message
+    check_bad_inputs(
+        "3_regenerate_sentences.py", config, source, descriptions, "sentences", "strong_model", "03_variants"
+    )
 
 
 def test_two_ranks_share_the_work_and_merge_into_the_single_process_result(tmp_path, tiny_models, sample_images):
-    from tests.helpers import run_ranks
+    """Sampled rewrites too: each request's seed is its own, so the ranks' records are the single run's."""
+    from tests.helpers import check_ranks_merge
 
     configs = {}
     for name in ("single", "sharded"):
         run_dir = tmp_path / name
         write_descriptions(run_dir, write_images_stage(run_dir, sample_images[:4]))
         configs[name] = write_config(tmp_path / f"{name}.yaml", run_dir, tiny_models, variants={"batch_size": 4})
-    assert run_script("3_regenerate_sentences.py", "--config", str(configs["single"])).returncode == 0
-    run_ranks("3_regenerate_sentences.py", configs["sharded"])
-    key = lambda r: r["id"]  # noqa: E731
-    single = sorted(read_jsonl(tmp_path / "single" / "03_variants.jsonl"), key=key)
-    merged = sorted(read_jsonl(tmp_path / "sharded" / "03_variants.jsonl"), key=key)
-    assert len(single) == 4 * 3 and merged == single  # sampled rewrites too: each request's seed is its own
-    assert (tmp_path / "sharded" / "03_variants.done").exists()
-    assert not list((tmp_path / "sharded").glob("03_variants.rank*"))
+    check_ranks_merge("3_regenerate_sentences.py", configs, "03_variants", 4 * 3)

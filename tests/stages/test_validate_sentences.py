@@ -165,52 +165,21 @@ def test_validation_is_deterministic_and_crash_safe(tmp_path, tiny_models, sampl
 def test_bad_input_is_a_one_line_error_naming_the_file_line_and_field(tmp_path, tiny_models, sample_images):
     """Missing, unfinished or malformed variants and a missing model: exit code 2, one line naming the culprit,
     and no record written."""
+    from tests.helpers import check_bad_inputs
+
     run_dir = tmp_path / "run"
-    images = write_images_stage(run_dir, sample_images[:2])
+    variants = write_variants(run_dir, write_images_stage(run_dir, sample_images[:2]))
     config = write_config(tmp_path / "run.yaml", run_dir, tiny_models)
-    source = run_dir / "03_variants.jsonl"
-
-    def refused(*extra: str) -> str:
-        result = run_script("4_validate_sentences.py", "--config", str(config), *extra)
-        assert result.returncode == 2, result.stderr[-2000:]
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), lines
-        output = run_dir / "04_scores.jsonl"
-        assert not (output.exists() and output.read_text()) and not (run_dir / "04_scores.done").exists()
-        return lines[0]
-
-    message = refused()
-    assert "03_variants.jsonl" in message and "not found" in message
-    variants = write_variants(run_dir, images)
-    (run_dir / "03_variants.done").unlink()
-    assert "has not finished" in refused()
-    (run_dir / "03_variants.done").write_text("{}\n")
-    first, second = source.read_text().splitlines()[:2]
-    source.write_text(first + "\n" + second[: len(second) // 2] + "\n")  # a torn line in a finished file
-    assert "03_variants.jsonl:2" in refused()
-    broken = dict(variants[1])
-    del broken["variants"]
-    write_jsonl(source, [variants[0], broken])
-    message = refused()
-    assert "03_variants.jsonl:2" in message and "variants" in message
-    write_jsonl(source, variants)
-    message = refused("--weak_model", str(tmp_path / "no_model"))
-    assert "weak_model" in message and "no_model" in message
+    check_bad_inputs("4_validate_sentences.py", config, run_dir / "03_variants.jsonl", variants, "variants",
+                     "weak_model", "04_scores")  # fmt: skip
 
 
 def test_two_ranks_share_the_work_and_merge_into_the_single_process_result(tmp_path, tiny_models, sample_images):
-    from tests.helpers import run_ranks
+    from tests.helpers import check_ranks_merge
 
     configs = {}
     for name in ("single", "sharded"):
         run_dir = tmp_path / name
         write_variants(run_dir, write_images_stage(run_dir, sample_images[:4]))
         configs[name] = write_config(tmp_path / f"{name}.yaml", run_dir, tiny_models)
-    assert run_script("4_validate_sentences.py", "--config", str(configs["single"])).returncode == 0
-    run_ranks("4_validate_sentences.py", configs["sharded"])
-    key = lambda r: r["id"]  # noqa: E731
-    single = sorted(read_jsonl(tmp_path / "single" / "04_scores.jsonl"), key=key)
-    merged = sorted(read_jsonl(tmp_path / "sharded" / "04_scores.jsonl"), key=key)
-    assert len(single) == 4 * 2 and merged == single
-    assert (tmp_path / "sharded" / "04_scores.done").exists()
-    assert not list((tmp_path / "sharded").glob("04_scores.rank*"))
+    check_ranks_merge("4_validate_sentences.py", configs, "04_scores", 4 * 2)
