@@ -153,9 +153,8 @@ class Stage:
         its outputs. Under the lock no other process writes them: each rank removes only those of the files it
         writes (its shard's; rank 0 also the stage's own)."""
         own = f".{self._stem}.rank{rank}." if world > 1 else f".{self._stem}."
-        shards = f".{self._stem}.rank"
         for path in self.output.parent.glob(f".{self._stem}.*.tmp"):
-            stage_file = rank == 0 and not path.name.startswith(shards)
+            stage_file = rank == 0 and ".rank" not in path.name  # any rank's file (e.g. a claims cache) has it
             if path.is_file() and (path.name.startswith(own) or stage_file):
                 path.unlink(missing_ok=True)
 

@@ -113,6 +113,7 @@ def test_claiming_removes_only_the_temporary_files_a_killed_run_of_this_process_
         "meta": ".03_variants.meta.json.cd34.tmp",
         "rank0": ".03_variants.rank0.jsonl.ef56.tmp",
         "rank1": ".03_variants.rank1.jsonl.gh78.tmp",
+        "rank1 cache": ".03_variants.cache.rank1.jsonl.kl12.tmp",
         "other stage": ".02_descriptions.jsonl.ij90.tmp",
         "not temporary": ".03_variants.jsonl.keep",
     }
@@ -129,4 +130,4 @@ def test_claiming_removes_only_the_temporary_files_a_killed_run_of_this_process_
 
     assert claim_as(1, 2) == {"rank1"}
     assert claim_as(0, 2) == {"stage", "meta", "rank0"}
-    assert claim_as(0, 1) == {"stage", "meta", "rank0", "rank1"}
+    assert claim_as(0, 1) == {"stage", "meta", "rank0", "rank1", "rank1 cache"}
