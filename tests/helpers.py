@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,19 +83,31 @@ def run_ranks(script: str, config: Path, world: int = 2, timeout: float = 600) -
 
 
 def check_bad_inputs(
-    script: str, config: Path, source: Path, records: list[dict], field: str, model_flag: str, output_stem: str
+    main: Any,
+    capsys: Any,
+    config: Path,
+    source: Path,
+    records: list[dict],
+    field: str,
+    model_flag: str,
+    output_stem: str,
 ) -> None:
     """A stage's input file (`source`, whose finished `records` are on disk) missing, unfinished, torn or without
-    `field`, and a missing model for `model_flag`: each run exits with code 2, prints one line naming the file
-    (and line, and field, or the flag), and writes no record and no completion marker."""
+    `field`, and a missing model for `model_flag`: each run of the stage's command line (`main`, in this process)
+    exits with code 2, prints one line naming the file (and line, and field, or the flag), and writes no record and
+    no completion marker."""
+    import pytest
+
     from capdpo.jsonl import write_jsonl
 
     run_dir, done = source.parent, source.with_suffix(".done")
 
     def refused(*extra: str) -> str:
-        result = run_script(script, "--config", str(config), *extra)
-        assert result.returncode == 2, result.stderr[-2000:]
-        lines = result.stderr.strip().splitlines()
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--config", str(config), *extra])
+        assert exit_info.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), lines
         output = run_dir / f"{output_stem}.jsonl"
         assert not (output.exists() and output.read_text()) and not (run_dir / f"{output_stem}.done").exists()
@@ -116,8 +129,7 @@ def check_bad_inputs(
     message = refused()
     assert f"{source.name}:2" in message and field in message
     write_jsonl(source, records)
-    missing = str(run_dir.parent / "no_model")
-    message = refused(f"--{model_flag}", missing)
+    message = refused(f"--{model_flag}", str(run_dir.parent / "no_model"))
     assert model_flag in message and "no_model" in message
 
 

@@ -182,16 +182,14 @@ def test_sentences_short_of_k_rewrites_are_asked_again_in_warmer_rounds(run_setu
     )
 
 
-def test_bad_input_is_a_one_line_error_naming_the_file_line_and_field(run_setup):
+def test_bad_input_is_a_one_line_error_naming_the_file_line_and_field(run_setup, capsys):
     """Missing, unfinished or malformed descriptions and a missing model: exit code 2, one line naming the culprit,
     and no record written."""
     from tests.helpers import check_bad_inputs
 
     run_dir, config, descriptions = run_setup
     source = run_dir / "02_descriptions.jsonl"
-    check_bad_inputs(
-        "3_regenerate_sentences.py", config, source, descriptions, "sentences", "strong_model", "03_variants"
-    )
+    check_bad_inputs(variants.main, capsys, config, source, descriptions, "sentences", "strong_model", "03_variants")
 
 
 def test_two_ranks_share_the_work_and_merge_into_the_single_process_result(tmp_path, tiny_models, sample_images):

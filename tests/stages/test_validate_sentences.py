@@ -162,7 +162,7 @@ def test_validation_is_deterministic_and_crash_safe(tmp_path, tiny_models, sampl
             assert 0.0 <= cand["score"] <= 1.0 and set(cand["details"]) == {"yesno", "pairwise"}
 
 
-def test_bad_input_is_a_one_line_error_naming_the_file_line_and_field(tmp_path, tiny_models, sample_images):
+def test_bad_input_is_a_one_line_error_naming_the_file_line_and_field(tmp_path, tiny_models, sample_images, capsys):
     """Missing, unfinished or malformed variants and a missing model: exit code 2, one line naming the culprit,
     and no record written."""
     from tests.helpers import check_bad_inputs
@@ -170,7 +170,7 @@ def test_bad_input_is_a_one_line_error_naming_the_file_line_and_field(tmp_path, 
     run_dir = tmp_path / "run"
     variants = write_variants(run_dir, write_images_stage(run_dir, sample_images[:2]))
     config = write_config(tmp_path / "run.yaml", run_dir, tiny_models)
-    check_bad_inputs("4_validate_sentences.py", config, run_dir / "03_variants.jsonl", variants, "variants",
+    check_bad_inputs(validate.main, capsys, config, run_dir / "03_variants.jsonl", variants, "variants",
                      "weak_model", "04_scores")  # fmt: skip
 
 
