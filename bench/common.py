@@ -120,6 +120,12 @@ def image_tokens(shapes: Shapes, patch: int = 14, merge: int = 2) -> int:
     return (side // merge) ** 2
 
 
+def prompt_tokens(shapes: Shapes) -> float:
+    """Tokens of a prompt of `synthetic_batch`'s layout: the text before, vision start, image tokens, vision end, the
+    instruction."""
+    return shapes.text_before + shapes.text_after + image_tokens(shapes) + 2
+
+
 def synthetic_batch(batch: int, shapes: Shapes, device: str, seed: int = 0, text_after: list[int] | None = None,
                     vocab: int = 150000) -> dict[str, Any]:  # fmt: skip
     """Processor-like inputs: [text][vision_start][image pads][vision_end][text], random text ids and pixels.

@@ -32,9 +32,9 @@ from bench.common import (  # noqa: E402
     decode_flops,
     environment,
     hardware_rates,
-    image_tokens,
     param_counts,
     prefill_flops,
+    prompt_tokens,
     repeat_rows,
     sustained_matmul_flops,
     sync,
@@ -60,7 +60,7 @@ def floor_seconds(
     first token) and of the `new_tokens` - 1 decode steps (each reading the weights and the KV cache written so far
     at the memory's bandwidth or doing its FLOPs at the matmul rate, whichever is slower). The bandwidth is that of
     a device-to-device copy, which `hardware_rates` counts as bytes read plus bytes written."""
-    prompt = shapes.text_before + shapes.text_after + image_tokens(shapes) + 2
+    prompt = prompt_tokens(shapes)
     prefill = batch * prefill_flops(prompt, shapes, params, attention)
     weight_bytes = 2 * (params["text_layers"] + params["lm_head"])  # bf16; the embedding lookup reads only B rows
     t_decode = 0.0
@@ -291,7 +291,7 @@ def main() -> None:
         }
         split |= {"prefill_floor_s": floors[0], "decode_floor_s": floors[1]}
         # the same floor at the rate of the prefill's largest GEMM (the MLP's, at its rows) held for seconds
-        tokens = min(b, args.prefill_rows) * (shapes.text_before + image_tokens(shapes) + 2 + shapes.text_after)
+        tokens = min(b, args.prefill_rows) * prompt_tokens(shapes)
         sustained = sustained_matmul_flops(device, tokens, cfg.hidden_size, cfg.intermediate_size)
         at_sustained = floor_seconds(
             b, T, floor_shapes, params, rates | {"matmul_flops": sustained}, kv_bytes, attention

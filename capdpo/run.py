@@ -149,7 +149,7 @@ class Stage:
         self._remove_orphan_temporaries(rank, world)
 
     def _remove_orphan_temporaries(self, rank: int, world: int) -> None:
-        """Delete the temporary files (`jsonl.write_*`: `.NAME.XXXX.tmp`) that a killed run of this stage left beside
+        """Delete the temporary files (`jsonl.write_*`: `.NAME.<random>.tmp`) that a killed run of this stage left beside
         its outputs. Under the lock no other process writes them: each rank removes only those of the files it
         writes (its shard's; rank 0 also the stage's own)."""
         own = f".{self._stem}.rank{rank}." if world > 1 else f".{self._stem}."

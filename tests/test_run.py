@@ -102,7 +102,7 @@ def test_the_same_process_may_claim_again(run_setup) -> None:
 def test_claiming_removes_only_the_temporary_files_a_killed_run_of_this_process_would_have_written(
     run_setup, monkeypatch
 ) -> None:
-    """A SIGKILL mid-write leaves `jsonl`'s `.NAME.XXXX.tmp` behind; the next claim of the same stage removes it.
+    """A SIGKILL mid-write leaves `jsonl`'s `.NAME.<random>.tmp` behind; the next claim of the same stage removes it.
     Under torchrun a rank removes only its own shard's (rank 0 also the stage's), never another rank's or stage's."""
     from capdpo.run import Stage
     from capdpo.sections import load_config
